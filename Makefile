@@ -1,0 +1,25 @@
+# Two set-up commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test synth clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/dogbreed synth
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+synth: $(STAMP)
+	$(BIN)/dogbreed synth
+
+clean:
+	rm -rf build .pytest_cache

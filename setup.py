@@ -1,0 +1,35 @@
+"""Dog-breed classifier on Amazon SageMaker: the pipeline as code.
+
+The core install is what AWS CodeBuild needs to synthesize and publish the
+pipeline (the SageMaker SDK, boto3, rich). Torch and the test tools live in the
+``dev`` extra.
+"""
+from setuptools import find_packages, setup
+
+DEV = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy",
+    "Pillow",
+    "matplotlib",
+    "pytest",
+    "jsonschema",
+    "moto[server]>=5.1,<6",
+    "cfn-lint",
+    "parliament",
+]
+
+setup(
+    name="dogbreed-pipeline",
+    version="0.1.0",
+    description="A SageMaker Pipeline for a PyTorch dog-breed classifier, built offline and published from CodeBuild.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "steps", "steps.*"]),
+    install_requires=[
+        "sagemaker>=2.257.7,<3",
+        "boto3",
+        "rich>=13",
+    ],
+    extras_require={"dev": DEV},
+    entry_points={"console_scripts": ["dogbreed=pipeline.cli:main"]},
+)
