@@ -1,0 +1,60 @@
+"""The contract between the container scripts and the pipeline definition.
+
+Standard library only: the pipeline loads this file by path (it never imports
+torch), and the scripts import it beside themselves inside the containers.
+Metric names, the metric log line, file names and JSON paths live here once.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+# Training -> tuner: one line per epoch, e.g.
+#   epoch=3 train_loss=0.412300 val_loss=0.523400 val_accuracy=0.851200
+METRIC_NAMES = ("train_loss", "val_loss", "val_accuracy")
+OBJECTIVE_METRIC = "val_loss"
+OBJECTIVE_TYPE = "Minimize"
+_FLOAT = r"([-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+# Channels the training job reads (SM_CHANNEL_TRAIN, SM_CHANNEL_VALID); the
+# test split is never given to training.
+TRAIN_CHANNEL = "train"
+VALID_CHANNEL = "valid"
+PRETRAINED_CHANNEL = "pretrained"
+SPLITS = ("train", "valid", "test")
+
+# Files in the model directory (model.tar.gz) written by train.py.
+MODEL_FILE = "model.pth"
+CLASSES_FILE = "classes.json"
+MODEL_INFO_FILE = "model_info.json"
+MODEL_CODE_DIR = "code"  # inference code packed beside the weights
+INFERENCE_SCRIPT = "inference.py"
+
+# Files written by preprocess.py and evaluate.py.
+MANIFEST_FILE = "manifest.json"
+EVALUATION_FILE = "evaluation.json"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+
+# Where the ConditionStep reads the test accuracy in evaluation.json.
+ACCURACY_JSON_PATH = "multiclass_classification_metrics.accuracy.value"
+
+
+def format_metric_line(epoch: int, metrics: Mapping[str, float]) -> str:
+    """The line the tuner parses; every name in METRIC_NAMES must be present."""
+    missing = [name for name in METRIC_NAMES if name not in metrics]
+    if missing:
+        raise ValueError(f"metric line lacks {', '.join(missing)}")
+    values = " ".join(f"{name}={metrics[name]:.6f}" for name in METRIC_NAMES)
+    return f"epoch={epoch} {values}"
+
+
+def metric_regex(name: str) -> str:
+    """The regex whose first group captures ``name`` from a metric line."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRIC_NAMES)}")
+    return rf"epoch=[0-9]+ .*\b{re.escape(name)}={_FLOAT}"
+
+
+def metric_definitions() -> list[dict[str, str]]:
+    """SageMaker ``MetricDefinitions`` for every metric the training script logs."""
+    return [{"Name": name, "Regex": metric_regex(name)} for name in METRIC_NAMES]
