@@ -5,12 +5,15 @@ the standard library only.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torchvision import models, transforms
 
@@ -75,3 +78,70 @@ def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "c
     model.load_state_dict(state)
     model.to(device).eval()
     return model, classes, info
+
+
+# Images are refused above this many pixels before they are decoded (decompression
+# bombs); 50 megapixels is more than any camera photo of a dog needs.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageRejected(ValueError):
+    """Bytes that are not a usable image; the message says why in a few words.
+
+    ``too_large`` tells a too-many-pixels refusal (HTTP 413) from bytes that are
+    empty, not an image or damaged (HTTP 400).
+    """
+
+    def __init__(self, reason: str, too_large: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.too_large = too_large
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """The image upright (EXIF orientation applied) in 8-bit RGB, transparent parts on white.
+
+    Training data (preprocess.py) and endpoint requests (inference.py) both pass
+    through here, so the model sees the same kind of pixels in both.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        # 16/32-bit grayscale: a plain convert would clip everything above 255 to white.
+        image = image.convert("I").point(lambda value: value / 257).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def image_from_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None) -> Image.Image:
+    """Decode, verify and convert one image (see ``rgb_image``); raise ``ImageRejected`` if unusable.
+
+    The pixel count is read from the header and checked before any decoding. The
+    data is decoded twice: ``verify`` finds damage that a plain decode lets pass
+    (a PNG checksum), a full ``load`` finds truncation.
+    """
+    if not data:
+        raise ImageRejected("empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"{width}x{height} is {width * height:,} pixels, above the limit of {max_pixels:,}", too_large=True)
+            image.verify()
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            image.load()
+            return rgb_image(image)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageRejected(f"too many pixels: {error}", too_large=True) from None
+    except UnidentifiedImageError:
+        allowed = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise ImageRejected(f"not an image in a format Pillow can read{allowed}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
+        raise ImageRejected(f"damaged or truncated image data: {error}") from None
