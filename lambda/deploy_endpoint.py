@@ -1,0 +1,308 @@
+"""Deploy an approved model package to a real-time endpoint (the Deploy... LambdaSteps).
+
+Creates a SageMaker model from the package and an endpoint config, both named
+after a hash of their content, then creates the endpoint or switches it to the
+new config with a blue/green update. It returns at once: waiting for the
+endpoint is the Check... step's job, because an endpoint takes longer to come up
+than a LambdaStep should run. Running it twice with the same event changes
+nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from events import (
+    NAME_HINT,
+    NAME_PATTERN,
+    EventError,
+    client,
+    error_code,
+    error_message,
+    log,
+    read_int,
+    read_str,
+    read_str_list,
+    request_id,
+)
+
+VARIANT_NAME = "AllTraffic"
+HASH_LENGTH = 10
+MAX_NAME_LENGTH = 63
+BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+# Blue/green: shift all traffic at once, then keep the old fleet while the
+# rollback alarms watch the new one, so an alarm can switch traffic back.
+BAKE_SECONDS_WITH_ALARMS = 300
+MAX_UPDATE_SECONDS = 3600
+
+MODEL_PACKAGE_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[a-zA-Z0-9/-]+$")
+ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
+INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+
+
+class DeployError(RuntimeError):
+    """The deployment cannot go ahead; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    model_package_arn: str
+    endpoint_name: str
+    instance_type: str
+    initial_instance_count: int
+    model_role_arn: str
+    data_capture_s3_uri: str
+    data_capture_percentage: int
+    kms_key_id: str
+    rollback_alarm_names: tuple[str, ...]
+
+
+def parse_event(event: Mapping[str, Any]) -> DeployRequest:
+    """The deploy request in ``event``; raises EventError naming the first bad field."""
+    endpoint_name = read_str(event, "endpoint_name", pattern=NAME_PATTERN, hint=NAME_HINT)
+    alarms = read_str_list(event, "rollback_alarm_names") or default_rollback_alarms(endpoint_name)
+    return DeployRequest(
+        model_package_arn=read_str(event, "model_package_arn", pattern=MODEL_PACKAGE_ARN, hint="a SageMaker model package ARN (arn:aws:sagemaker:<region>:<account>:model-package/<group>/<version>)"),
+        endpoint_name=endpoint_name,
+        instance_type=read_str(event, "instance_type", pattern=INSTANCE_TYPE, hint="a SageMaker instance type such as ml.m5.large"),
+        initial_instance_count=read_int(event, "initial_instance_count", minimum=1, maximum=100),
+        model_role_arn=read_str(event, "model_role_arn", pattern=ROLE_ARN, hint="an IAM role ARN (arn:aws:iam::<account>:role/<name>)"),
+        data_capture_s3_uri=read_str(event, "data_capture_s3_uri", default="", pattern=S3_URI, hint="an s3://bucket/prefix URI, or empty to turn capture off", allow_empty=True),
+        data_capture_percentage=read_int(event, "data_capture_percentage", default=100, minimum=1, maximum=100),
+        kms_key_id=read_str(event, "kms_key_id", default="", allow_empty=True),
+        rollback_alarm_names=alarms,
+    )
+
+
+def default_rollback_alarms(endpoint_name: str) -> tuple[str, ...]:
+    """Alarm names from ROLLBACK_ALARM_NAME_PATTERN (e.g. ``{endpoint_name}-5xx-errors``); none when unset."""
+    pattern = os.environ.get("ROLLBACK_ALARM_NAME_PATTERN", "").strip()
+    if not pattern:
+        return ()
+    return tuple(name.strip() for name in pattern.format(endpoint_name=endpoint_name).split(",") if name.strip())
+
+
+def content_name(prefix: str, content: Mapping[str, Any]) -> str:
+    """``prefix-<hash of content>``, cut to SageMaker's 63-character limit; equal content, equal name."""
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:HASH_LENGTH]
+    head = prefix[: MAX_NAME_LENGTH - HASH_LENGTH - 1].rstrip("-")
+    return f"{head}-{digest}"
+
+
+def model_spec(request: DeployRequest) -> dict[str, Any]:
+    """CreateModel arguments, ModelName included."""
+    content = {
+        "ExecutionRoleArn": request.model_role_arn,
+        "Containers": [{"ModelPackageName": request.model_package_arn}],
+    }
+    return {"ModelName": content_name(request.endpoint_name, content), **content}
+
+
+def endpoint_config_spec(request: DeployRequest, model_name: str) -> dict[str, Any]:
+    """CreateEndpointConfig arguments, EndpointConfigName included."""
+    content: dict[str, Any] = {
+        "ProductionVariants": [
+            {
+                "VariantName": VARIANT_NAME,
+                "ModelName": model_name,
+                "InstanceType": request.instance_type,
+                "InitialInstanceCount": request.initial_instance_count,
+                "InitialVariantWeight": 1.0,
+            }
+        ],
+    }
+    if request.data_capture_s3_uri:
+        capture: dict[str, Any] = {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": request.data_capture_percentage,
+            "DestinationS3Uri": request.data_capture_s3_uri,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        }
+        if request.kms_key_id:
+            capture["KmsKeyId"] = request.kms_key_id
+        content["DataCaptureConfig"] = capture
+    if request.kms_key_id:
+        content["KmsKeyId"] = request.kms_key_id
+    return {"EndpointConfigName": content_name(request.endpoint_name, content), **content}
+
+
+def deployment_config(alarm_names: tuple[str, ...]) -> dict[str, Any]:
+    """Blue/green update settings; with alarms, traffic returns to the old fleet when one fires while baking."""
+    bake = BAKE_SECONDS_WITH_ALARMS if alarm_names else 0
+    config: dict[str, Any] = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": bake},
+            "TerminationWaitInSeconds": bake,
+            "MaximumExecutionTimeoutInSeconds": MAX_UPDATE_SECONDS,
+        }
+    }
+    if alarm_names:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": name} for name in alarm_names]}
+    return config
+
+
+def approved_package(sagemaker: Any, arn: str) -> Mapping[str, Any]:
+    """The model package description; refuses a package that is not Approved."""
+    try:
+        package = sagemaker.describe_model_package(ModelPackageName=arn)
+    except Exception as error:  # botocore ClientError: not found, no access, throttled
+        raise DeployError(f"cannot read model package {arn}: {error_message(error)}") from None
+    status = package.get("ModelApprovalStatus", "")
+    if status != "Approved":
+        raise DeployError(
+            f"model package {arn} has approval status {status or 'unset'!r}, not 'Approved': "
+            "approve it in the model registry (or run the pipeline with ModelApprovalStatus=Approved) and deploy again"
+        )
+    return package
+
+
+def _exists(describe: Any, **name: str) -> bool:
+    try:
+        describe(**name)
+    except Exception as error:
+        if error_code(error) == "ValidationException" and "could not find" in error_message(error).lower():
+            return False
+        raise
+    return True
+
+
+def ensure_created(describe: Any, create: Any, spec: Mapping[str, Any], name_key: str) -> bool:
+    """Create the named resource unless it exists; True when this call created it."""
+    name = spec[name_key]
+    if _exists(describe, **{name_key: name}):
+        return False
+    try:
+        create(**spec)
+    except Exception as error:
+        if "already exist" in error_message(error).lower():  # created by a concurrent run with the same content
+            return False
+        raise
+    return True
+
+
+def describe_endpoint_or_none(sagemaker: Any, name: str) -> Mapping[str, Any] | None:
+    try:
+        return sagemaker.describe_endpoint(EndpointName=name)
+    except Exception as error:
+        if error_code(error) == "ValidationException" and "could not find" in error_message(error).lower():
+            return None
+        raise
+
+
+def scaling_resource_id(endpoint_name: str, variant_name: str = VARIANT_NAME) -> str:
+    return f"endpoint/{endpoint_name}/variant/{variant_name}"
+
+
+def current_instance_type(sagemaker: Any, endpoint: Mapping[str, Any]) -> str:
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    for variant in config.get("ProductionVariants", []):
+        if variant.get("VariantName") == VARIANT_NAME:
+            return str(variant.get("InstanceType", ""))
+    return ""
+
+
+def release_autoscaling(autoscaling: Any, endpoint_name: str) -> bool:
+    """Remove the variant's scaling policies and target; True when there was a target.
+
+    SageMaker refuses an update that changes the instance type of a variant
+    registered for auto scaling; the Check... step registers it again.
+    """
+    resource_id = scaling_resource_id(endpoint_name)
+    targets = autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource_id], ScalableDimension=SCALABLE_DIMENSION)
+    if not targets.get("ScalableTargets"):
+        return False
+    policies = autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
+    for policy in policies.get("ScalingPolicies", []):
+        autoscaling.delete_scaling_policy(
+            PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION
+        )
+    autoscaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
+    return True
+
+
+def update_arguments(request: DeployRequest, config_name: str, keep_instance_count: bool) -> dict[str, Any]:
+    """UpdateEndpoint arguments; an auto-scaled fleet keeps its current instance count."""
+    arguments: dict[str, Any] = {
+        "EndpointName": request.endpoint_name,
+        "EndpointConfigName": config_name,
+        "DeploymentConfig": deployment_config(request.rollback_alarm_names),
+    }
+    if keep_instance_count:
+        arguments["RetainAllVariantProperties"] = True
+        arguments["ExcludeRetainedVariantProperties"] = [
+            {"VariantPropertyType": "DesiredWeight"},
+            {"VariantPropertyType": "DataCaptureConfig"},
+        ]
+    return arguments
+
+
+def is_autoscaled(autoscaling: Any, endpoint_name: str) -> bool:
+    """Whether the variant is registered for auto scaling (its instance count is then the scaler's)."""
+    targets = autoscaling.describe_scalable_targets(
+        ServiceNamespace="sagemaker", ResourceIds=[scaling_resource_id(endpoint_name)], ScalableDimension=SCALABLE_DIMENSION
+    )
+    return bool(targets.get("ScalableTargets"))
+
+
+def create_or_update_endpoint(request: DeployRequest, config_name: str) -> str:
+    """Point the endpoint at ``config_name``; returns 'created', 'updated' or 'unchanged'."""
+    sagemaker = client("sagemaker")
+    endpoint = describe_endpoint_or_none(sagemaker, request.endpoint_name)
+    if endpoint is None:
+        try:
+            sagemaker.create_endpoint(EndpointName=request.endpoint_name, EndpointConfigName=config_name)
+            return "created"
+        except Exception as error:
+            if "already exist" not in error_message(error).lower():
+                raise
+            endpoint = sagemaker.describe_endpoint(EndpointName=request.endpoint_name)
+    if endpoint["EndpointConfigName"] == config_name:
+        return "unchanged"
+    status = endpoint.get("EndpointStatus", "")
+    if status in BUSY_STATUSES:
+        raise DeployError(
+            f"endpoint {request.endpoint_name} is {status} (config {endpoint['EndpointConfigName']}); "
+            "wait until it is InService and run the step again"
+        )
+    if status == "Failed":
+        raise DeployError(
+            f"endpoint {request.endpoint_name} is Failed ({endpoint.get('FailureReason', 'no reason given')}) and cannot be updated; "
+            "delete it and run the step again to create it afresh"
+        )
+    autoscaling = client("application-autoscaling")
+    autoscaled = is_autoscaled(autoscaling, request.endpoint_name)
+    if autoscaled and current_instance_type(sagemaker, endpoint) != request.instance_type:
+        release_autoscaling(autoscaling, request.endpoint_name)
+        autoscaled = False
+    sagemaker.update_endpoint(**update_arguments(request, config_name, keep_instance_count=autoscaled))
+    return "updated"
+
+
+def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
+    started = time.monotonic()
+    request = parse_event(event)
+    sagemaker = client("sagemaker")
+    approved_package(sagemaker, request.model_package_arn)
+    model = model_spec(request)
+    ensure_created(sagemaker.describe_model, sagemaker.create_model, model, "ModelName")
+    config = endpoint_config_spec(request, model["ModelName"])
+    ensure_created(sagemaker.describe_endpoint_config, sagemaker.create_endpoint_config, config, "EndpointConfigName")
+    action = create_or_update_endpoint(request, config["EndpointConfigName"])
+    result = {
+        "endpoint_name": request.endpoint_name,
+        "endpoint_config_name": config["EndpointConfigName"],
+        "model_name": model["ModelName"],
+        "action": action,
+    }
+    log(function="deploy-endpoint", request_id=request_id(context), latency_ms=round((time.monotonic() - started) * 1000), **result)
+    return result
+
+
+__all__ = ["handler", "parse_event", "DeployError", "EventError"]

@@ -1,0 +1,158 @@
+"""Typed event fields, AWS clients and the one-line log record shared by the handlers.
+
+Standard library and boto3 only: the three functions ship as one zip and must
+start fast. Pipeline parameters reach a LambdaStep either as JSON numbers or as
+strings, so the number readers accept both.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import sys
+import time
+from typing import Any, Mapping, Pattern
+
+import boto3
+from botocore.config import Config
+
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+NAME_HINT = "1 to 63 letters, digits and hyphens, starting and ending with a letter or digit"
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+
+_MISSING = object()
+
+
+class EventError(ValueError):
+    """An event field is missing or has a value that cannot work; the message names the field."""
+
+
+def _raw(event: Mapping[str, Any], name: str, default: Any) -> Any:
+    if not isinstance(event, Mapping):
+        raise EventError(f"the event must be a JSON object, got {type(event).__name__}")
+    value = event.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if default is _MISSING:
+            raise EventError(f"event field {name!r} is missing")
+        return default
+    return value
+
+
+def read_str(
+    event: Mapping[str, Any],
+    name: str,
+    *,
+    default: Any = _MISSING,
+    pattern: Pattern[str] | None = None,
+    hint: str = "",
+    allow_empty: bool = False,
+) -> str:
+    """``event[name]`` as a string; ``pattern`` (with ``hint`` for the message) must match when given."""
+    value = _raw(event, name, default)
+    if not isinstance(value, str):
+        raise EventError(f"event field {name!r} must be a string, got {type(value).__name__} {value!r}")
+    value = value.strip()
+    if not value:
+        if allow_empty:
+            return ""
+        raise EventError(f"event field {name!r} is empty")
+    if pattern is not None and not pattern.match(value):
+        raise EventError(f"event field {name!r} = {value!r} is not {hint or 'valid'}")
+    return value
+
+
+def read_int(
+    event: Mapping[str, Any],
+    name: str,
+    *,
+    default: Any = _MISSING,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int:
+    """``event[name]`` as an int, from a JSON integer, an integral float or a decimal string."""
+    value = _raw(event, name, default)
+    if isinstance(value, bool):
+        raise EventError(f"event field {name!r} must be an integer, got a boolean")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and _INTEGER.match(value.strip()):
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise EventError(f"event field {name!r} must be an integer, got {type(value).__name__} {value!r}")
+    _check_range(name, value, minimum, maximum)
+    return value
+
+
+def read_float(
+    event: Mapping[str, Any],
+    name: str,
+    *,
+    default: Any = _MISSING,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> float:
+    """``event[name]`` as a finite float, from a JSON number or a decimal string."""
+    value = _raw(event, name, default)
+    if isinstance(value, bool):
+        raise EventError(f"event field {name!r} must be a number, got a boolean")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise EventError(f"event field {name!r} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EventError(f"event field {name!r} must be a finite number, got {value!r}")
+    _check_range(name, float(value), minimum, maximum)
+    return float(value)
+
+
+def read_str_list(event: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A list of strings, given either as a JSON list or as one comma-separated string; absent means empty."""
+    value = _raw(event, name, [])
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise EventError(f"event field {name!r} must be a list of strings or a comma-separated string, got {value!r}")
+    return tuple(item.strip() for item in value if item.strip())
+
+
+def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise EventError(f"event field {name!r} = {value} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise EventError(f"event field {name!r} = {value} is above the maximum {maximum}")
+
+
+@functools.lru_cache(maxsize=None)
+def client(service: str, read_timeout: float = 20.0) -> Any:
+    """One boto3 client per service for the life of the execution environment (reused across warm invocations)."""
+    config = Config(
+        connect_timeout=5,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": 3},
+        user_agent_extra="dogbreed-lambda",
+    )
+    return boto3.client(service, config=config)
+
+
+def error_code(error: Exception) -> str:
+    """The AWS error code of a botocore ClientError, or '' for anything else."""
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def error_message(error: Exception) -> str:
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Message", "")) or str(error)
+
+
+def log(**fields: Any) -> None:
+    """One JSON line on stdout, which Lambda sends to CloudWatch Logs."""
+    record = {"time": round(time.time(), 3), **fields}
+    sys.stdout.write(json.dumps(record, default=str, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def request_id(context: Any) -> str:
+    return str(getattr(context, "aws_request_id", "") or "local")

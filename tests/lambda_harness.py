@@ -1,0 +1,115 @@
+"""What the Lambda tests share: loading a handler the way Lambda does, moto set-up, a Lambda context.
+
+``lambda`` is a Python keyword, so the handlers are loaded by path with their
+folder on ``sys.path`` (the Lambda runtime puts the zip root there too). Each
+test loads them afresh, so boto3 clients cached by a handler never outlive the
+moto mock they were made under.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import pytest
+
+LAMBDA_DIR = Path(__file__).resolve().parents[1] / "lambda"
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+SHARED_MODULES = ("events",)
+
+
+def load_handler(name: str) -> ModuleType:
+    """A fresh copy of ``lambda/<name>.py`` and of the modules it shares with the other handlers."""
+    if str(LAMBDA_DIR) not in sys.path:
+        sys.path.insert(0, str(LAMBDA_DIR))
+    for module in (*SHARED_MODULES, name):
+        sys.modules.pop(module, None)
+    spec = importlib.util.spec_from_file_location(name, LAMBDA_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class LambdaContext:
+    """The two members of the Lambda runtime's context object that the handlers read."""
+
+    def __init__(self, budget_seconds: float = 60.0, request_id: str = "req-0001") -> None:
+        self._deadline = time.monotonic() + budget_seconds
+        self.aws_request_id = request_id
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch):
+    """moto in-process, with fake credentials so nothing can reach a real account."""
+    from moto import mock_aws
+
+    for variable in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    with mock_aws():
+        yield
+
+
+def model_package(status: str = "Approved", group: str = "dogbreed-models") -> str:
+    """A registered model package (in moto) with the given approval status; returns its ARN."""
+    sagemaker = boto3.client("sagemaker", region_name=REGION)
+    try:
+        sagemaker.create_model_package_group(ModelPackageGroupName=group)
+    except sagemaker.exceptions.ClientError:
+        pass  # the group exists from an earlier package in the same test
+    return sagemaker.create_model_package(
+        ModelPackageGroupName=group,
+        ModelApprovalStatus=status,
+        InferenceSpecification={
+            "Containers": [{"Image": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312", "ModelDataUrl": "s3://bucket/model.tar.gz"}],
+            "SupportedContentTypes": ["image/jpeg", "image/png"],
+            "SupportedResponseMIMETypes": ["application/json"],
+        },
+    )["ModelPackageArn"]
+
+
+def sagemaker_backend() -> Any:
+    from moto.sagemaker.models import sagemaker_backends
+
+    return sagemaker_backends[ACCOUNT][REGION]
+
+
+@pytest.fixture
+def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Teach moto's SageMaker the UpdateEndpoint call it lacks; returns the requests it received.
+
+    The stand-in does what SageMaker ends with after a successful update: the
+    endpoint serves the new config's variants and is InService.
+    """
+    from moto.sagemaker.models import FakeEndpoint
+    from moto.sagemaker.responses import SageMakerResponse
+
+    received: list[dict[str, Any]] = []
+
+    def update_endpoint(self: SageMakerResponse) -> str:
+        import json
+
+        params = json.loads(self.body)
+        received.append(params)
+        backend = self.sagemaker_backend
+        endpoint = backend.endpoints[params["EndpointName"]]
+        config = backend.describe_endpoint_config(params["EndpointConfigName"])
+        endpoint.endpoint_config_name = params["EndpointConfigName"]
+        endpoint.production_variants = FakeEndpoint._process_production_variants(endpoint, config["ProductionVariants"])
+        endpoint.endpoint_status = "InService"
+        return json.dumps({"EndpointArn": endpoint.arn})
+
+    monkeypatch.setattr(SageMakerResponse, "update_endpoint", update_endpoint, raising=False)
+    return received

@@ -1,0 +1,213 @@
+"""lambda/deploy_endpoint.py against moto: create, idempotent re-run, blue/green update, refusals."""
+from __future__ import annotations
+
+import re
+
+import boto3
+import pytest
+
+from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
+
+MODEL_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model"
+SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+
+def deploy_event(package_arn: str, **overrides) -> dict:
+    event = {
+        "model_package_arn": package_arn,
+        "endpoint_name": "dogbreed-single-instance",
+        "instance_type": "ml.m5.large",
+        "initial_instance_count": 1,
+        "model_role_arn": MODEL_ROLE,
+        "data_capture_s3_uri": "",
+        "kms_key_id": "",
+    }
+    event.update(overrides)
+    return event
+
+
+def sagemaker():
+    return boto3.client("sagemaker", region_name=REGION)
+
+
+def test_first_deploy_creates_model_config_and_endpoint(aws):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package()
+    result = deploy.handler(deploy_event(arn, initial_instance_count="2"), LambdaContext())
+
+    assert result["action"] == "created"
+    assert set(result) == {"endpoint_name", "endpoint_config_name", "model_name", "action"}
+    assert all(isinstance(value, str) for value in result.values())
+    model = sagemaker().describe_model(ModelName=result["model_name"])
+    assert model["ExecutionRoleArn"] == MODEL_ROLE
+    assert model["Containers"] == [{"ModelPackageName": arn}]
+    config = sagemaker().describe_endpoint_config(EndpointConfigName=result["endpoint_config_name"])
+    (variant,) = config["ProductionVariants"]
+    assert (variant["VariantName"], variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (
+        "AllTraffic", result["model_name"], "ml.m5.large", 2)
+    assert "DataCaptureConfig" not in config or not config["DataCaptureConfig"]
+    endpoint = sagemaker().describe_endpoint(EndpointName="dogbreed-single-instance")
+    assert endpoint["EndpointConfigName"] == result["endpoint_config_name"]
+    for name in (result["model_name"], result["endpoint_config_name"]):
+        assert SAGEMAKER_NAME.match(name) and name.startswith("dogbreed-single-instance-")
+
+
+def test_second_deploy_with_the_same_event_changes_nothing(aws):
+    deploy = load_handler("deploy_endpoint")
+    event = deploy_event(model_package())
+    first = deploy.handler(event, None)
+    second = deploy.handler(dict(event), None)
+
+    assert second == {**first, "action": "unchanged"}
+    assert len(sagemaker().list_models()["Models"]) == 1
+    assert len(sagemaker().list_endpoint_configs()["EndpointConfigs"]) == 1
+    assert len(sagemaker().list_endpoints()["Endpoints"]) == 1
+
+
+def test_names_follow_the_content_and_fit_sagemaker_limits(aws):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package()
+    long_name = "e" * 40 + "-" + "x" * 22  # 63 characters, the longest endpoint name
+    plain = deploy.handler(deploy_event(arn, endpoint_name=long_name), None)
+    captured = deploy.handler(deploy_event(arn, endpoint_name="dogbreed-multi-instance", data_capture_s3_uri="s3://bucket/dogbreed/data-capture", data_capture_percentage="25", kms_key_id="alias/dogbreed"), None)
+
+    for name in (plain["model_name"], plain["endpoint_config_name"]):
+        assert len(name) <= 63 and SAGEMAKER_NAME.match(name)
+    config = sagemaker().describe_endpoint_config(EndpointConfigName=captured["endpoint_config_name"])
+    capture = config["DataCaptureConfig"]
+    assert capture["EnableCapture"] is True
+    assert capture["InitialSamplingPercentage"] == 25
+    assert capture["DestinationS3Uri"] == "s3://bucket/dogbreed/data-capture"
+    assert capture["KmsKeyId"] == "alias/dogbreed"
+    assert config["KmsKeyId"] == "alias/dogbreed"
+    assert {option["CaptureMode"] for option in capture["CaptureOptions"]} == {"Input", "Output"}
+
+
+def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoint_in_moto, monkeypatch):
+    monkeypatch.setenv("ROLLBACK_ALARM_NAME_PATTERN", "{endpoint_name}-5xx-errors")
+    deploy = load_handler("deploy_endpoint")
+    first = deploy.handler(deploy_event(model_package()), None)
+    version_2 = model_package()
+    second = deploy.handler(deploy_event(version_2), None)
+
+    assert second["action"] == "updated"
+    assert second["model_name"] != first["model_name"]
+    assert second["endpoint_config_name"] != first["endpoint_config_name"]
+    assert sagemaker().describe_endpoint(EndpointName="dogbreed-single-instance")["EndpointConfigName"] == second["endpoint_config_name"]
+    (update,) = update_endpoint_in_moto
+    policy = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
+    assert policy["TerminationWaitInSeconds"] > 0  # the old fleet stays while the alarm watches
+    assert update["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "dogbreed-single-instance-5xx-errors"}]}
+    assert "RetainAllVariantProperties" not in update  # not auto-scaled: the event's instance count applies
+    assert deploy.handler(deploy_event(version_2), None)["action"] == "unchanged"
+    assert len(update_endpoint_in_moto) == 1
+
+
+def _register_scaling(endpoint_name: str) -> None:
+    autoscaling = boto3.client("application-autoscaling", region_name=REGION)
+    resource = f"endpoint/{endpoint_name}/variant/AllTraffic"
+    autoscaling.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension="sagemaker:variant:DesiredInstanceCount", MinCapacity=1, MaxCapacity=4)
+    autoscaling.put_scaling_policy(
+        PolicyName=f"{endpoint_name}-invocations-per-instance", ServiceNamespace="sagemaker", ResourceId=resource,
+        ScalableDimension="sagemaker:variant:DesiredInstanceCount", PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={"TargetValue": 50.0, "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}},
+    )
+
+
+def _scalable_targets(endpoint_name: str) -> list:
+    autoscaling = boto3.client("application-autoscaling", region_name=REGION)
+    return autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[f"endpoint/{endpoint_name}/variant/AllTraffic"])["ScalableTargets"]
+
+
+def test_an_auto_scaled_endpoint_keeps_its_instance_count_on_a_model_update(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    _register_scaling("dogbreed-single-instance")
+    deploy.handler(deploy_event(model_package()), None)
+
+    (update,) = update_endpoint_in_moto
+    assert update["RetainAllVariantProperties"] is True
+    excluded = {item["VariantPropertyType"] for item in update["ExcludeRetainedVariantProperties"]}
+    assert excluded == {"DesiredWeight", "DataCaptureConfig"}  # only the scaler's instance count is kept
+    assert _scalable_targets("dogbreed-single-instance")  # a model change may keep auto scaling
+
+
+def test_an_instance_type_change_releases_auto_scaling_first(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package()
+    deploy.handler(deploy_event(arn), None)
+    _register_scaling("dogbreed-single-instance")
+    result = deploy.handler(deploy_event(arn, instance_type="ml.c5.xlarge"), None)
+
+    assert result["action"] == "updated"
+    assert _scalable_targets("dogbreed-single-instance") == []
+    (update,) = update_endpoint_in_moto
+    assert "RetainAllVariantProperties" not in update
+    config = sagemaker().describe_endpoint_config(EndpointConfigName=result["endpoint_config_name"])
+    assert config["ProductionVariants"][0]["InstanceType"] == "ml.c5.xlarge"
+
+
+def test_an_endpoint_that_is_still_updating_is_not_touched(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    sagemaker_backend().endpoints["dogbreed-single-instance"].endpoint_status = "Updating"
+
+    with pytest.raises(deploy.DeployError, match=r"dogbreed-single-instance is Updating .*wait until it is InService"):
+        deploy.handler(deploy_event(model_package()), None)
+    assert update_endpoint_in_moto == []
+
+
+@pytest.mark.parametrize("status", ["PendingManualApproval", "Rejected"])
+def test_a_package_that_is_not_approved_is_refused(aws, status):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package(status=status)
+
+    with pytest.raises(deploy.DeployError, match=rf"approval status '{status}', not 'Approved'"):
+        deploy.handler(deploy_event(arn), None)
+    assert sagemaker().list_models()["Models"] == []
+    assert sagemaker().list_endpoints()["Endpoints"] == []
+
+
+def test_an_unknown_package_is_refused_with_its_arn(aws):
+    deploy = load_handler("deploy_endpoint")
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/dogbreed-models/42"
+
+    with pytest.raises(deploy.DeployError, match=r"cannot read model package .*dogbreed-models/42"):
+        deploy.handler(deploy_event(arn), None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"endpoint_name": None}, r"'endpoint_name' is missing"),
+        ({"endpoint_name": "dog_breed"}, r"'endpoint_name' = 'dog_breed' is not 1 to 63 letters"),
+        ({"endpoint_name": "x" * 64}, r"'endpoint_name'"),
+        ({"initial_instance_count": "two"}, r"'initial_instance_count' must be an integer, got str 'two'"),
+        ({"initial_instance_count": 0}, r"'initial_instance_count' = 0 is below the minimum 1"),
+        ({"initial_instance_count": True}, r"'initial_instance_count' must be an integer, got a boolean"),
+        ({"instance_type": "m5.large"}, r"'instance_type' = 'm5.large' is not a SageMaker instance type"),
+        ({"model_role_arn": "dogbreed-sagemaker-model"}, r"'model_role_arn' .* is not an IAM role ARN"),
+        ({"model_package_arn": 7}, r"'model_package_arn' must be a string, got int"),
+        ({"model_package_arn": "arn:aws:sagemaker:us-east-1:123456789012:model/x"}, r"'model_package_arn' .* is not a SageMaker model package ARN"),
+        ({"data_capture_s3_uri": "bucket/prefix"}, r"'data_capture_s3_uri' = 'bucket/prefix' is not an s3://"),
+        ({"data_capture_percentage": "150"}, r"'data_capture_percentage' = 150 is above the maximum 100"),
+    ],
+)
+def test_a_bad_event_names_the_field(aws, change, message):
+    deploy = load_handler("deploy_endpoint")
+    event = deploy_event(f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/dogbreed-models/1")
+    for key, value in change.items():
+        if value is None:
+            event.pop(key)
+        else:
+            event[key] = value
+
+    with pytest.raises(deploy.EventError, match=message):
+        deploy.handler(event, None)
+
+
+def test_an_event_that_is_not_an_object_is_refused(aws):
+    deploy = load_handler("deploy_endpoint")
+    with pytest.raises(deploy.EventError, match="must be a JSON object, got list"):
+        deploy.handler(["endpoint_name"], None)
