@@ -1,0 +1,134 @@
+"""Assemble the DAG and render its JSON definition: settings + source tree -> definition.
+
+Synth is a pure function: no AWS call, no clock, no randomness. The SDK gets a
+session with static, unusable credentials and a fixed configuration (telemetry
+off, no user defaults files), and every S3 location it would otherwise derive
+from the default bucket or a timestamp is given explicitly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import steps  # noqa: F401  (imports the SDK without touching the network)
+
+import boto3
+from sagemaker import image_uris
+from sagemaker.workflow.pipeline import Pipeline
+from sagemaker.workflow.pipeline_context import PipelineSession
+from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
+
+from pipeline.assets import Assets, build_assets
+from pipeline.settings import Settings
+from steps.context import BuildContext
+from steps.deploy import check_step, deploy_step
+from steps.evaluate import evaluate_step
+from steps.parameters import define_parameters
+from steps.prepare import prepare_data_step
+from steps.quality_gate import quality_gate_step
+from steps.register import register_step
+from steps.train import train_step
+from steps.tune import tune_step
+from steps.variants import VARIANTS
+
+SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
+
+
+@dataclass(frozen=True)
+class Synth:
+    definition: str  # pretty-printed JSON with sorted keys
+    assets: Assets
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.definition)
+
+
+def load_contract(source_dir: Path) -> ModuleType:
+    """code/contract.py, the names the container scripts and the definition share."""
+    path = source_dir / "code" / "contract.py"
+    spec = importlib.util.spec_from_file_location("dogbreed_code_contract", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the definition takes metric names and file names from it")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
+    """A PipelineSession that cannot reach AWS, installed as boto3's default while the
+    SDK builds (some SDK objects create clients from the default session)."""
+    boto_session = boto3.Session(region_name=settings.region, **OFFLINE_CREDENTIALS)
+    previous = boto3.DEFAULT_SESSION
+    sdk_logger = logging.getLogger("sagemaker")
+    previous_level = sdk_logger.level
+    boto3.DEFAULT_SESSION = boto_session
+    sdk_logger.setLevel(logging.ERROR)  # the SDK narrates what it leaves out of a pipeline definition
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
+    finally:
+        boto3.DEFAULT_SESSION = previous
+        sdk_logger.setLevel(previous_level)
+
+
+def framework_image(settings: Settings, scope: str, instance_type: str) -> str:
+    version = settings.training_framework_version if scope == "training" else settings.inference_framework_version
+    return image_uris.retrieve(
+        "pytorch", region=settings.region, version=version, py_version=settings.python_version,
+        instance_type=instance_type, image_scope=scope,
+    )
+
+
+def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -> Pipeline:
+    """The whole DAG, with one function per step and the twins built by calling it twice."""
+    ctx = BuildContext(
+        settings=settings,
+        session=session,
+        parameters=define_parameters(settings),
+        code_uri=assets.code.s3_uri,
+        contract=load_contract(settings.source_dir),
+        training_image=framework_image(settings, "training", settings.training_instance_type),
+        inference_image=framework_image(settings, "inference", settings.endpoint_instance_type),
+    )
+    prepare = prepare_data_step(ctx)
+    tuning = tune_step(ctx, prepare)
+    trainings, evaluations, gates = [], [], []
+    for variant in VARIANTS:
+        training = train_step(ctx, variant, prepare, tuning)
+        evaluation = evaluate_step(ctx, variant, prepare, training)
+        register = register_step(ctx, variant, training, evaluation)
+        deploy = deploy_step(ctx, variant, register)
+        check = check_step(ctx, variant, deploy)
+        trainings.append(training)
+        evaluations.append(evaluation)
+        gates.append(quality_gate_step(ctx, variant, evaluation, if_steps=[register, deploy, check]))
+    return Pipeline(
+        name=settings.pipeline_name,
+        parameters=ctx.parameters.as_list(),
+        steps=[prepare, tuning, *trainings, *evaluations, *gates],
+        sagemaker_session=session,
+        pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
+    )
+
+
+def render(document: dict) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def synth(settings: Settings) -> Synth:
+    """The pipeline definition and the assets it refers to, built offline."""
+    assets = build_assets(settings)
+    with offline_sdk(settings) as session:
+        document = json.loads(get_pipeline(settings, assets, session).definition())
+    return Synth(definition=render(document), assets=assets)

@@ -1,0 +1,187 @@
+"""One typed settings object: command-line flags, then environment, then defaults.
+
+Settings are what a build needs to know about the account it targets (roles,
+bucket, function names, framework versions). What a *run* may vary is a
+pipeline parameter instead (see ``pipeline.parameters``), so it never needs a
+rebuild.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+# Framework versions: the SageMaker image registry must know them (checked by tests).
+TRAINING_FRAMEWORK_VERSION = "2.8"
+INFERENCE_FRAMEWORK_VERSION = "2.6"
+PYTHON_VERSION = "py312"
+
+PLACEHOLDER_ACCOUNT = "111122223333"
+LAMBDA_ALIAS = "live"
+LAMBDA_FUNCTIONS = ("deploy-endpoint", "check-endpoint", "invoke-endpoint")
+
+# Environment variables, named as the SageMaker project templates name them in CodeBuild.
+ENVIRONMENT = {
+    "region": "AWS_REGION",
+    "account": "AWS_ACCOUNT_ID",
+    "project_name": "SAGEMAKER_PROJECT_NAME",
+    "project_id": "SAGEMAKER_PROJECT_ID",
+    "pipeline_role_arn": "SAGEMAKER_PIPELINE_ROLE_ARN",
+    "job_role_arn": "SAGEMAKER_JOB_ROLE_ARN",
+    "model_role_arn": "SAGEMAKER_MODEL_ROLE_ARN",
+    "bucket": "ARTIFACT_BUCKET",
+    "prefix": "ARTIFACT_PREFIX",
+    "model_package_group": "MODEL_PACKAGE_GROUP_NAME",
+    "kms_key_id": "KMS_KEY_ID",
+    "spot_training": "SPOT_TRAINING",
+}
+
+_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
+_ACCOUNT = re.compile(r"^[0-9]{12}$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_ROLE = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    region: str = "us-east-1"
+    account: str = PLACEHOLDER_ACCOUNT
+    project_name: str = "dogbreed"
+    project_id: str = ""
+    pipeline_role_arn: str = ""
+    job_role_arn: str = ""
+    model_role_arn: str = ""
+    bucket: str = ""
+    prefix: str = "dogbreed"
+    model_package_group: str = ""
+    kms_key_id: str = ""
+    spot_training: bool = False
+    processing_instance_type: str = "ml.m5.xlarge"
+    training_instance_type: str = "ml.m5.2xlarge"
+    endpoint_instance_type: str = "ml.m5.large"
+    training_framework_version: str = TRAINING_FRAMEWORK_VERSION
+    inference_framework_version: str = INFERENCE_FRAMEWORK_VERSION
+    python_version: str = PYTHON_VERSION
+    tags: tuple[tuple[str, str], ...] = ()
+    source_dir: Path = field(default_factory=lambda: default_source_dir())
+
+    def __post_init__(self) -> None:
+        derived = {
+            "pipeline_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-pipeline",
+            "job_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-sagemaker-jobs",
+            "model_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-sagemaker-model",
+            "bucket": f"{self.project_name}-artifacts-{self.account}-{self.region}",
+            "model_package_group": f"{self.project_name}-models",
+        }
+        for name, value in derived.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "source_dir", Path(self.source_dir).resolve())
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            ("region", _REGION, "an AWS region such as us-east-1"),
+            ("account", _ACCOUNT, "a 12-digit AWS account id"),
+            ("project_name", _NAME, "letters, digits and hyphens, at most 40 characters"),
+            ("bucket", _BUCKET, "an S3 bucket name"),
+            ("pipeline_role_arn", _ROLE, "an IAM role ARN"),
+            ("job_role_arn", _ROLE, "an IAM role ARN"),
+            ("model_role_arn", _ROLE, "an IAM role ARN"),
+        ]
+        for name, pattern, expected in checks:
+            value = getattr(self, name)
+            if not pattern.match(value):
+                raise SettingsError(f"{name}={value!r} is not {expected} (flag --{name.replace('_', '-')}, env {ENVIRONMENT.get(name, '-')})")
+        if self.prefix.startswith("/") or self.prefix.endswith("/"):
+            raise SettingsError(f"prefix={self.prefix!r} must not start or end with '/'")
+        for name in ("code", "lambda"):
+            if not (self.source_dir / name).is_dir():
+                raise SettingsError(f"source_dir={self.source_dir} has no {name}/ folder: run from the project checkout or pass --source-dir")
+
+    # Names derived from the settings, each defined once.
+    @property
+    def pipeline_name(self) -> str:
+        return f"{self.project_name}-pipeline"
+
+    def lambda_function_name(self, function: str) -> str:
+        if function not in LAMBDA_FUNCTIONS:
+            raise KeyError(f"unknown Lambda function {function!r}; known: {', '.join(LAMBDA_FUNCTIONS)}")
+        return f"{self.project_name}-{function}"
+
+    def lambda_arn(self, function: str) -> str:
+        name = self.lambda_function_name(function)
+        return f"arn:aws:lambda:{self.region}:{self.account}:function:{name}:{LAMBDA_ALIAS}"
+
+    def s3_uri(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, self.prefix, *parts])
+
+    def all_tags(self) -> list[dict[str, str]]:
+        """Tags from settings, plus the SageMaker project tags when the project is known."""
+        tags = dict(self.tags)
+        if self.project_id:
+            tags.setdefault("sagemaker:project-name", self.project_name)
+            tags.setdefault("sagemaker:project-id", self.project_id)
+        return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["source_dir"] = str(self.source_dir)
+        data["tags"] = dict(self.tags)
+        return data
+
+
+def default_source_dir() -> Path:
+    """The project checkout: the working directory when it holds code/, else beside this package."""
+    cwd = Path.cwd()
+    if (cwd / "code").is_dir() and (cwd / "lambda").is_dir():
+        return cwd
+    return Path(__file__).resolve().parents[1]
+
+
+def parse_tags(pairs: list[str] | tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    tags = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"tag {pair!r} is not KEY=VALUE")
+        tags.append((key, value))
+    return tuple(tags)
+
+
+def _coerce(name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind in ("bool", bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("", "0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r} is not a boolean (true/false)")
+    return raw
+
+
+def load_settings(flags: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags (None means not given), then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, variable in ENVIRONMENT.items():
+        if environ.get(variable):
+            values[name] = _coerce(name, environ[variable])
+    if not values.get("region") and environ.get("AWS_DEFAULT_REGION"):
+        values["region"] = environ["AWS_DEFAULT_REGION"]
+    known = {f.name for f in fields(Settings)}
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name not in known:
+            raise SettingsError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, value) if isinstance(value, str) else value
+    return Settings(**values)

@@ -1,0 +1,68 @@
+"""DeploySingleInstance / CheckSingleInstance and twins: Lambda steps that put a model
+behind an endpoint and prove the endpoint answers.
+
+The functions are published by ``dogbreed upsert``; the definition refers to
+them by ARN so that building it never creates a Lambda function.
+"""
+from __future__ import annotations
+
+from sagemaker.lambda_helper import Lambda
+from sagemaker.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
+from sagemaker.workflow.step_collections import RegisterModel
+
+from steps.context import BuildContext
+from steps.variants import Variant
+
+DEPLOY_OUTPUTS = ("endpoint_name", "endpoint_config_name", "model_name", "action")
+CHECK_OUTPUTS = ("endpoint_name", "status", "top_label", "latency_ms")
+
+
+def endpoint_name(ctx: BuildContext, variant: Variant) -> str:
+    return f"{ctx.settings.project_name}-{variant.slug}"
+
+
+def _outputs(names: tuple[str, ...]) -> list[LambdaOutput]:
+    return [LambdaOutput(output_name=name, output_type=LambdaOutputTypeEnum.String) for name in names]
+
+
+def _function(ctx: BuildContext, function: str) -> Lambda:
+    return Lambda(function_arn=ctx.settings.lambda_arn(function), session=ctx.session)
+
+
+def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) -> LambdaStep:
+    params = ctx.parameters
+    return LambdaStep(
+        name=variant.step("Deploy"),
+        display_name=f"Deploy ({variant.title})",
+        description=f"Creates or updates the endpoint {endpoint_name(ctx, variant)} from the registered model package; "
+                    "returns at once, without waiting for the endpoint.",
+        lambda_func=_function(ctx, "deploy-endpoint"),
+        inputs={
+            "model_package_arn": register.properties.ModelPackageArn,
+            "endpoint_name": endpoint_name(ctx, variant),
+            "instance_type": params.endpoint_instance_type,
+            "initial_instance_count": params.endpoint_initial_instance_count,
+            "model_role_arn": ctx.settings.model_role_arn,
+            "data_capture_s3_uri": params.data_capture_s3_uri,
+            "kms_key_id": ctx.settings.kms_key_id,
+        },
+        outputs=_outputs(DEPLOY_OUTPUTS),
+    )
+
+
+def check_step(ctx: BuildContext, variant: Variant, deploy: LambdaStep) -> LambdaStep:
+    params = ctx.parameters
+    return LambdaStep(
+        name=variant.step("Check"),
+        display_name=f"Check ({variant.title})",
+        description="Waits for the endpoint to be InService, sets its auto scaling, sends it a real image and "
+                    "checks the answer.",
+        lambda_func=_function(ctx, "check-endpoint"),
+        inputs={
+            "endpoint_name": deploy.properties.Outputs["endpoint_name"],
+            "min_capacity": params.endpoint_min_capacity,
+            "max_capacity": params.endpoint_max_capacity,
+            "target_invocations_per_instance": params.endpoint_target_invocations,
+        },
+        outputs=_outputs(CHECK_OUTPUTS),
+    )

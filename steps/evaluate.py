@@ -1,0 +1,50 @@
+"""EvaluateSingleInstance / EvaluateMultiInstance: test-split metrics of a trained model."""
+from __future__ import annotations
+
+from sagemaker.processing import ProcessingInput, ProcessingOutput
+from sagemaker.workflow.functions import Join
+from sagemaker.workflow.properties import PropertyFile
+from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+
+from steps.context import CACHE, BuildContext, retry_policies
+from steps.prepare import channel_uri
+from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.variants import Variant
+
+MODEL_DIR = f"{PROCESSING_ROOT}/input/model"
+TEST_DIR = f"{PROCESSING_ROOT}/input/test"
+OUTPUT_DIR = f"{PROCESSING_ROOT}/output/evaluation"
+OUTPUT_NAME = "evaluation"
+
+
+def evaluation_property_file(variant: Variant, contract) -> PropertyFile:
+    return PropertyFile(name=f"Evaluation{variant.suffix}", output_name=OUTPUT_NAME, path=contract.EVALUATION_FILE)
+
+
+def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, training: TrainingStep) -> ProcessingStep:
+    name = variant.step("Evaluate")
+    processor = script_processor(ctx, "evaluate.py", base_job_name=f"{ctx.settings.project_name}-evaluate-{variant.slug}")
+    step_args = processor.run(
+        inputs=[
+            ProcessingInput(source=training.properties.ModelArtifacts.S3ModelArtifacts, destination=MODEL_DIR, input_name="model"),
+            ProcessingInput(source=channel_uri(prepare, "test"), destination=TEST_DIR, input_name="test"),
+            code_input(ctx),
+        ],
+        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(name))],
+        arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR],
+    )
+    return ProcessingStep(
+        name=name,
+        display_name=f"Evaluate ({variant.title})",
+        description=f"Measures the {variant.title} model on the held-out test split: accuracy, top-5 accuracy, "
+                    f"weighted precision/recall/F1 and a confusion matrix, written to {ctx.contract.EVALUATION_FILE}.",
+        step_args=step_args,
+        property_files=[evaluation_property_file(variant, ctx.contract)],
+        cache_config=CACHE,
+        retry_policies=retry_policies(),
+    )
+
+
+def evaluation_uri(ctx: BuildContext, evaluation: ProcessingStep) -> Join:
+    output = evaluation.properties.ProcessingOutputConfig.Outputs[OUTPUT_NAME].S3Output.S3Uri
+    return Join(on="/", values=[output, ctx.contract.EVALUATION_FILE])

@@ -1,0 +1,59 @@
+"""Pipeline parameters: everything a run may vary without a rebuild.
+
+Each parameter is defined once here; the definition lists them in this order,
+and Studio shows them with their defaults when someone starts a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
+
+
+@dataclass(frozen=True)
+class Parameters:
+    input_data_url: ParameterString
+    processing_instance_type: ParameterString
+    training_instance_type: ParameterString
+    multi_instance_count: ParameterInteger
+    backbone: ParameterString
+    image_size: ParameterInteger
+    pretrained_weights: ParameterString
+    tuning_max_jobs: ParameterInteger
+    tuning_max_parallel_jobs: ParameterInteger
+    accuracy_threshold: ParameterFloat
+    model_approval_status: ParameterString
+    endpoint_instance_type: ParameterString
+    endpoint_initial_instance_count: ParameterInteger
+    endpoint_min_capacity: ParameterInteger
+    endpoint_max_capacity: ParameterInteger
+    endpoint_target_invocations: ParameterFloat
+    data_capture_s3_uri: ParameterString
+
+    def as_list(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def define_parameters(settings) -> Parameters:
+    return Parameters(
+        input_data_url=ParameterString("InputDataUrl", default_value=settings.s3_uri("data", "dogImages")),
+        processing_instance_type=ParameterString("ProcessingInstanceType", default_value=settings.processing_instance_type),
+        training_instance_type=ParameterString("TrainingInstanceType", default_value=settings.training_instance_type),
+        multi_instance_count=ParameterInteger("MultiInstanceCount", default_value=7),
+        backbone=ParameterString("Backbone", default_value="resnet50", enum_values=["resnet18", "resnet34", "resnet50"]),
+        image_size=ParameterInteger("ImageSize", default_value=224),
+        pretrained_weights=ParameterString("PretrainedWeights", default_value="imagenet"),
+        tuning_max_jobs=ParameterInteger("TuningMaxJobs", default_value=8),
+        tuning_max_parallel_jobs=ParameterInteger("TuningMaxParallelJobs", default_value=2),
+        accuracy_threshold=ParameterFloat("AccuracyThreshold", default_value=0.7),
+        model_approval_status=ParameterString(
+            "ModelApprovalStatus", default_value="Approved",
+            enum_values=["Approved", "PendingManualApproval", "Rejected"],
+        ),
+        endpoint_instance_type=ParameterString("EndpointInstanceType", default_value=settings.endpoint_instance_type),
+        endpoint_initial_instance_count=ParameterInteger("EndpointInitialInstanceCount", default_value=1),
+        endpoint_min_capacity=ParameterInteger("EndpointMinCapacity", default_value=1),
+        endpoint_max_capacity=ParameterInteger("EndpointMaxCapacity", default_value=5),
+        endpoint_target_invocations=ParameterFloat("EndpointTargetInvocationsPerInstance", default_value=100.0),
+        data_capture_s3_uri=ParameterString("DataCaptureS3Uri", default_value=""),
+    )

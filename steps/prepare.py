@@ -1,0 +1,42 @@
+"""PrepareData: validate the raw image folders and write train/valid/test channels."""
+from __future__ import annotations
+
+from sagemaker.processing import ProcessingInput, ProcessingOutput
+from sagemaker.workflow.steps import ProcessingStep
+
+from steps.context import CACHE, BuildContext, retry_policies
+from steps.processing import PROCESSING_ROOT, code_input, script_processor
+
+STEP_NAME = "PrepareData"
+INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
+OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
+OUTPUTS = ("train", "valid", "test", "manifest")
+
+
+def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
+    processor = script_processor(ctx, "preprocess.py", base_job_name=f"{ctx.settings.project_name}-prepare")
+    step_args = processor.run(
+        inputs=[
+            ProcessingInput(source=ctx.parameters.input_data_url, destination=INPUT_DIR, input_name="data"),
+            code_input(ctx),
+        ],
+        outputs=[
+            ProcessingOutput(output_name=name, source=f"{OUTPUT_DIR}/{name}", destination=ctx.execution_path(STEP_NAME, name))
+            for name in OUTPUTS
+        ],
+        arguments=["--input", INPUT_DIR, "--output", OUTPUT_DIR],
+    )
+    return ProcessingStep(
+        name=STEP_NAME,
+        display_name="Prepare data",
+        description="Validates every image, converts it to RGB, resizes it to a 256-pixel short side and writes "
+                    "train/valid/test channels with a manifest of classes, counts and dropped files.",
+        step_args=step_args,
+        cache_config=CACHE,
+        retry_policies=retry_policies(),
+    )
+
+
+def channel_uri(step: ProcessingStep, name: str):
+    """The S3 URI of one of PrepareData's outputs, as a property reference."""
+    return step.properties.ProcessingOutputConfig.Outputs[name].S3Output.S3Uri

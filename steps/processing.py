@@ -1,0 +1,47 @@
+"""The container-script pattern shared by the processing steps.
+
+A processing job gets the content-addressed ``code/`` tarball as an input,
+unpacks it, and runs one script from it with ``python3``. This is what the
+SDK's FrameworkProcessor does, minus the bootstrap script it would upload
+while the definition is being built.
+"""
+from __future__ import annotations
+
+from sagemaker.processing import ProcessingInput, Processor
+
+from steps.context import BuildContext
+
+PROCESSING_ROOT = "/opt/ml/processing"
+CODE_INPUT = f"{PROCESSING_ROOT}/input/code"
+CODE_DIR = f"{PROCESSING_ROOT}/code"
+BOOTSTRAP = (
+    "set -euo pipefail; "
+    f"mkdir -p {CODE_DIR}; "
+    f"tar -xzf {CODE_INPUT}/sourcedir.tar.gz -C {CODE_DIR}; "
+    f"cd {CODE_DIR}; "
+    "if [ -f requirements.txt ]; then python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt; fi; "
+    'script="$1"; shift; exec python3 "$script" "$@"'
+)
+
+
+def script_processor(ctx: BuildContext, script: str, base_job_name: str) -> Processor:
+    """A processor on the training framework image that runs ``code/<script>``."""
+    settings = ctx.settings
+    return Processor(
+        role=settings.job_role_arn,
+        image_uri=ctx.training_image,
+        instance_count=1,
+        instance_type=ctx.parameters.processing_instance_type,
+        entrypoint=["/bin/bash", "-c", BOOTSTRAP, "bootstrap", script],
+        volume_size_in_gb=50,
+        volume_kms_key=settings.kms_key_id or None,
+        output_kms_key=settings.kms_key_id or None,
+        max_runtime_in_seconds=4 * 3600,
+        base_job_name=base_job_name,
+        sagemaker_session=ctx.session,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
+
+
+def code_input(ctx: BuildContext) -> ProcessingInput:
+    return ProcessingInput(source=ctx.code_uri, destination=CODE_INPUT, input_name="code")

@@ -1,0 +1,53 @@
+"""RegisterSingleInstance / RegisterMultiInstance: a model package with its evaluation."""
+from __future__ import annotations
+
+from sagemaker.model import Model
+from sagemaker.model_metrics import MetricsSource, ModelMetrics
+from sagemaker.workflow.step_collections import RegisterModel
+from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+
+from steps.context import BuildContext, retry_policies
+from steps.evaluate import evaluation_uri
+from steps.variants import Variant
+
+CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
+RESPONSE_TYPES = ["application/json"]
+INFERENCE_INSTANCES = ["ml.m5.large", "ml.m5.xlarge", "ml.c5.xlarge", "ml.g4dn.xlarge"]
+
+
+def inference_environment(ctx: BuildContext) -> dict[str, str]:
+    """The PyTorch inference container runs code/inference.py, which train.py packs into the model."""
+    return {
+        "SAGEMAKER_PROGRAM": ctx.contract.INFERENCE_SCRIPT,
+        "SAGEMAKER_SUBMIT_DIRECTORY": f"/opt/ml/model/{ctx.contract.MODEL_CODE_DIR}",
+        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+        "SAGEMAKER_REGION": ctx.settings.region,
+        "TS_DEFAULT_RESPONSE_TIMEOUT": "60",
+    }
+
+
+def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep) -> RegisterModel:
+    model = Model(
+        image_uri=ctx.inference_image,
+        model_data=training.properties.ModelArtifacts.S3ModelArtifacts,
+        role=ctx.settings.model_role_arn,
+        env=inference_environment(ctx),
+        sagemaker_session=ctx.session,
+    )
+    metrics = ModelMetrics(model_statistics=MetricsSource(s3_uri=evaluation_uri(ctx, evaluation), content_type="application/json"))
+    return RegisterModel(
+        name=variant.step("Register"),
+        display_name=f"Register ({variant.title})",
+        description=f"Registers the {variant.title} model in the model package group with its test metrics.",
+        model=model,
+        content_types=CONTENT_TYPES,
+        response_types=RESPONSE_TYPES,
+        inference_instances=INFERENCE_INSTANCES,
+        transform_instances=["ml.m5.xlarge"],
+        model_package_group_name=ctx.settings.model_package_group,
+        approval_status=ctx.parameters.model_approval_status,
+        model_metrics=metrics,
+        framework="PYTORCH",
+        framework_version=ctx.settings.inference_framework_version,
+        register_model_step_retry_policies=retry_policies()[:1],
+    )

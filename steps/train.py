@@ -1,0 +1,42 @@
+"""TrainSingleInstance and TrainMultiInstance: the final models, on the tuned hyperparameters."""
+from __future__ import annotations
+
+from sagemaker.workflow.steps import ProcessingStep, TrainingStep, TuningStep
+
+from steps.context import CACHE, BuildContext, retry_policies
+from steps.prepare import channel_uri
+from steps.training import pytorch_estimator, static_hyperparameters, training_channels
+from steps.tune import best_hyperparameters
+from steps.variants import MULTI, Variant
+
+
+def instance_count(ctx: BuildContext, variant: Variant):
+    return ctx.parameters.multi_instance_count if variant == MULTI else 1
+
+
+def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tuning: TuningStep) -> TrainingStep:
+    name = variant.step("Train")
+    hyperparameters = {
+        **static_hyperparameters(ctx, augment=True, cache_features=False),
+        **best_hyperparameters(tuning),
+    }
+    estimator = pytorch_estimator(
+        ctx,
+        instance_count=instance_count(ctx, variant),
+        hyperparameters=hyperparameters,
+        output_path=ctx.settings.s3_uri("jobs", name),
+        base_job_name=f"{ctx.settings.project_name}-train-{variant.slug}",
+        checkpoint_s3_uri=ctx.execution_path(name, "checkpoints"),
+        encrypt_traffic=variant == MULTI,
+    )
+    step_args = estimator.fit(inputs=training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")))
+    count = "MultiInstanceCount instances in one torch.distributed group" if variant == MULTI else "one instance"
+    return TrainingStep(
+        name=name,
+        display_name=f"Train ({variant.title})",
+        description=f"Trains the classifier on {count}, with augmentation, on the best hyperparameters "
+                    "of the tuning step; early stopping on validation loss keeps the best epoch.",
+        step_args=step_args,
+        cache_config=CACHE,
+        retry_policies=retry_policies(),
+    )

@@ -1,0 +1,73 @@
+"""The estimator that runs code/train.py, shared by tuning and both training steps."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from sagemaker.inputs import TrainingInput
+from sagemaker.pytorch import PyTorch
+
+from steps.context import BuildContext
+
+TRAIN_SCRIPT = "train.py"
+MAX_RUNTIME_SECONDS = 8 * 3600
+
+
+def static_hyperparameters(ctx: BuildContext, *, augment: bool, cache_features: bool) -> dict:
+    params = ctx.parameters
+    return {
+        "backbone": params.backbone,
+        "image_size": params.image_size,
+        "pretrained_weights": params.pretrained_weights,
+        "freeze_backbone": "true",
+        "augment": "true" if augment else "false",
+        "cache_features": "true" if cache_features else "false",
+        "seed": "42",
+        "patience": "3",
+    }
+
+
+def pytorch_estimator(
+    ctx: BuildContext,
+    *,
+    instance_count,
+    hyperparameters: Mapping[str, object],
+    output_path: str,
+    base_job_name: str,
+    checkpoint_s3_uri=None,
+    encrypt_traffic: bool = False,
+) -> PyTorch:
+    settings = ctx.settings
+    spot = settings.spot_training and checkpoint_s3_uri is not None
+    return PyTorch(
+        entry_point=TRAIN_SCRIPT,
+        source_dir=ctx.code_uri,
+        image_uri=ctx.training_image,
+        role=settings.job_role_arn,
+        instance_count=instance_count,
+        instance_type=ctx.parameters.training_instance_type,
+        hyperparameters=dict(hyperparameters),
+        metric_definitions=ctx.contract.metric_definitions(),
+        output_path=output_path,
+        code_location=settings.s3_uri("assets", "code"),
+        base_job_name=base_job_name,
+        sagemaker_session=ctx.session,
+        volume_size=50,
+        volume_kms_key=settings.kms_key_id or None,
+        output_kms_key=settings.kms_key_id or None,
+        max_run=MAX_RUNTIME_SECONDS,
+        use_spot_instances=spot,
+        max_wait=2 * MAX_RUNTIME_SECONDS if spot else None,
+        checkpoint_s3_uri=checkpoint_s3_uri,
+        encrypt_inter_container_traffic=encrypt_traffic,
+        disable_profiler=True,
+        debugger_hook_config=False,
+        environment={"PYTHONUNBUFFERED": "1"},
+    )
+
+
+def training_channels(train_uri, valid_uri) -> dict[str, TrainingInput]:
+    """The channels train.py reads; the test split is never among them."""
+    return {
+        "train": TrainingInput(s3_data=train_uri, content_type="application/x-image"),
+        "valid": TrainingInput(s3_data=valid_uri, content_type="application/x-image"),
+    }

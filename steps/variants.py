@@ -1,0 +1,19 @@
+"""The two models the pipeline trains side by side, and the names of their steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    suffix: str  # CamelCase, ends every step name of this model: TrainSingleInstance
+    slug: str  # kebab-case, for endpoint and job names
+    title: str  # for display names
+
+    def step(self, verb: str) -> str:
+        return f"{verb}{self.suffix}"
+
+
+SINGLE = Variant("SingleInstance", "single-instance", "single instance")
+MULTI = Variant("MultiInstance", "multi-instance", "multi instance")
+VARIANTS = (SINGLE, MULTI)
