@@ -113,3 +113,45 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
 
     monkeypatch.setattr(SageMakerResponse, "update_endpoint", update_endpoint, raising=False)
     return received
+
+
+@pytest.fixture
+def runtime_takes_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Let moto's SageMaker runtime take binary bodies; returns the requests it received.
+
+    moto decodes every request body as UTF-8, so a JPEG crashes it before the
+    call is answered: this keeps the body as bytes, records it, and hands moto a
+    base64 text of it to key its answer cache on.
+    """
+    import base64
+
+    from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
+
+    received: list[dict[str, Any]] = []
+    answer = SageMakerRuntimeResponse.invoke_endpoint
+
+    def invoke_endpoint(self: SageMakerRuntimeResponse):
+        raw = self.body if isinstance(self.body, bytes) else str(self.body).encode()
+        received.append({
+            "endpoint": self.path.split("/")[2],
+            "content_type": self.headers.get("Content-Type"),
+            "accept": self.headers.get("Accept"),
+            "custom_attributes": self.headers.get("X-Amzn-SageMaker-Custom-Attributes"),
+            "body": raw,
+        })
+        self.body = base64.b64encode(raw).decode()
+        return answer(self)
+
+    monkeypatch.setattr(SageMakerRuntimeResponse, "use_raw_body", True, raising=False)
+    monkeypatch.setattr(SageMakerRuntimeResponse, "invoke_endpoint", invoke_endpoint)
+    return received
+
+
+def endpoint_answers(body: Any, content_type: str = "application/json") -> None:
+    """Queue the next answer moto's SageMaker runtime gives to InvokeEndpoint."""
+    import json
+
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    text = body if isinstance(body, str) else json.dumps(body)
+    sagemakerruntime_backends[ACCOUNT][REGION].results_queue.append((text, content_type, "AllTraffic", ""))
