@@ -174,10 +174,16 @@ def configure_autoscaling(autoscaling: Any, request: CheckRequest, variant_name:
 
 
 def sample_invocation(num_classes: int) -> dict[str, Any]:
-    """InvokeEndpoint arguments that ask for the whole distribution over the classes."""
+    """InvokeEndpoint arguments that ask for the whole distribution and the logits.
+
+    code/inference.py reads ``top_k`` and ``return_logits`` from the
+    CustomAttributes header and cuts top_k to the model's class count, so
+    asking for one more than expected reveals a model with more classes.
+    """
     return {
         "ContentType": SAMPLE_CONTENT_TYPE,
         "Accept": "application/json",
+        "CustomAttributes": f"top_k={num_classes + 1};return_logits=true",
         "Body": SAMPLE_IMAGE.read_bytes(),
     }
 
@@ -199,7 +205,11 @@ def invoke_sample(runtime: Any, request: CheckRequest) -> tuple[str, bytes, floa
 
 
 def validated_top_label(content_type: str, body: bytes, num_classes: int) -> str:
-    """The most probable label, once the answer has the shape and numbers a classifier must give."""
+    """The most probable label, once the answer has the shape and numbers a classifier must give.
+
+    Expected: ``{"predictions": [{"top_k": [{"label", "index", "probability"}, ...], "logits": [...]}]}``
+    with every class ranked, as code/inference.py answers the request of sample_invocation.
+    """
     if not content_type.lower().startswith("application/json"):
         raise CheckFailed("content type", f"expected application/json, got {content_type or '(none)'!r}")
     try:
@@ -212,12 +222,25 @@ def validated_top_label(content_type: str, body: bytes, num_classes: int) -> str
     ranked = predictions[0].get("top_k")
     if not isinstance(ranked, list) or not ranked:
         raise CheckFailed("response format", "predictions[0].top_k is missing or empty")
+    labels, probabilities = ranked_labels(ranked)
+    logits = predictions[0].get("logits")
+    if logits is not None:
+        check_logits(logits, ranked, num_classes)
+    if len(ranked) != num_classes:
+        raise CheckFailed("class count", f"the answer ranks {len(ranked)} classes, expected {num_classes}")
+    total = math.fsum(probabilities)
+    if abs(total - 1.0) > PROBABILITY_TOLERANCE:
+        raise CheckFailed("probabilities", f"the probabilities sum to {total:.6f}, not 1")
+    return labels[0]
+
+
+def ranked_labels(ranked: list[Any]) -> tuple[list[str], list[float]]:
     labels, probabilities = [], []
     for position, item in enumerate(ranked):
         if not isinstance(item, dict) or not isinstance(item.get("label"), str) or not item["label"]:
             raise CheckFailed("response format", f"predictions[0].top_k[{position}] has no label")
         probability = item.get("probability")
-        if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not math.isfinite(probability):
+        if not _is_number(probability):
             raise CheckFailed("probabilities", f"top_k[{position}] has probability {probability!r}, not a number")
         if not 0.0 <= probability <= 1.0:
             raise CheckFailed("probabilities", f"top_k[{position}] has probability {probability}, outside [0, 1]")
@@ -227,12 +250,27 @@ def validated_top_label(content_type: str, body: bytes, num_classes: int) -> str
         raise CheckFailed("response format", "a label appears twice in top_k")
     if any(later > earlier for earlier, later in zip(probabilities, probabilities[1:])):
         raise CheckFailed("probabilities", "top_k is not sorted by falling probability")
-    if len(ranked) != num_classes:
-        raise CheckFailed("class count", f"the answer covers {len(ranked)} classes, expected {num_classes}")
-    total = math.fsum(probabilities)
-    if abs(total - 1.0) > PROBABILITY_TOLERANCE:
-        raise CheckFailed("probabilities", f"the probabilities sum to {total:.6f}, not 1")
-    return labels[0]
+    return labels, probabilities
+
+
+def check_logits(logits: Any, ranked: list[dict[str, Any]], num_classes: int) -> None:
+    """One logit per class, and the best class's probability is their softmax."""
+    if not isinstance(logits, list) or not all(_is_number(value) for value in logits):
+        raise CheckFailed("response format", "predictions[0].logits is not a list of numbers")
+    if len(logits) != num_classes:
+        raise CheckFailed("class count", f"the model has {len(logits)} outputs (logits), expected {num_classes}")
+    best = ranked[0]
+    index = best.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(logits):
+        raise CheckFailed("response format", f"top_k[0] has index {index!r}, not a class index below {len(logits)}")
+    peak = max(logits)
+    softmax = math.exp(logits[index] - peak) / math.fsum(math.exp(value - peak) for value in logits)
+    if abs(softmax - best["probability"]) > PROBABILITY_TOLERANCE:
+        raise CheckFailed("probabilities", f"top_k[0] has probability {best['probability']:.6f}, but the softmax of the logits gives {softmax:.6f}")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:

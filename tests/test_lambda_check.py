@@ -1,6 +1,7 @@
 """lambda/check_endpoint.py against moto: waiting within the budget, auto scaling, checking the answer."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -9,8 +10,9 @@ import time
 
 import boto3
 import pytest
+from PIL import Image
 
-from lambda_harness import ACCOUNT, REGION, LambdaContext, endpoint_answers, load_handler, model_package, sagemaker_backend
+from lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, endpoint_answers, load_handler, model_package, sagemaker_backend
 from lambda_harness import aws as aws_only
 from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
 
@@ -29,16 +31,26 @@ def class_names(count: int) -> list[str]:
     return [f"{index + 1:03d}.Breed_{index}" for index in range(count)]
 
 
-def distribution(count: int = 133, seed: int = 0) -> list[dict]:
-    """A softmax over ``count`` classes, ranked as a classifier endpoint ranks it."""
+def random_logits(count: int = 133, seed: int = 0) -> list[float]:
     rng = random.Random(seed)
-    logits = [rng.gauss(0, 2) for _ in range(count)]
+    return [rng.gauss(0, 2) for _ in range(count)]
+
+
+def distribution(count: int = 133, seed: int = 0, logits: list[float] | None = None) -> list[dict]:
+    """A softmax over ``count`` classes, ranked as a classifier endpoint ranks it."""
+    logits = logits or random_logits(count, seed)
     top = max(logits)
     weights = [math.exp(value - top) for value in logits]
     total = sum(weights)
-    ranked = sorted(range(count), key=lambda index: -weights[index])
-    names = class_names(count)
+    ranked = sorted(range(len(logits)), key=lambda index: -weights[index])
+    names = class_names(len(logits))
     return [{"label": names[index], "index": index, "probability": weights[index] / total} for index in ranked]
+
+
+def answer(count: int = 133, seed: int = 0) -> dict:
+    """What the endpoint answers for one image asked with all classes and the logits."""
+    logits = random_logits(count, seed)
+    return {"predictions": [{"top_k": distribution(logits=logits), "logits": logits}]}
 
 
 def deployed_endpoint() -> dict:
@@ -73,14 +85,14 @@ def scaling_state() -> tuple[list, list]:
 def test_a_healthy_endpoint_passes_and_gets_auto_scaling(aws):
     deployed = deployed_endpoint()
     check = load_handler("check_endpoint")
-    answer = distribution()
-    endpoint_answers({"predictions": [{"top_k": answer}]})
+    expected = answer()
+    endpoint_answers(expected)
 
     result = check.handler(check_event(endpoint_config_name=deployed["endpoint_config_name"]), LambdaContext(120))
 
     assert result["endpoint_name"] == ENDPOINT
     assert result["status"] == "InService"
-    assert result["top_label"] == answer[0]["label"]
+    assert result["top_label"] == expected["predictions"][0]["top_k"][0]["label"]
     assert isinstance(result["latency_ms"], float) and result["latency_ms"] >= 0
     (target,) , (policy,) = scaling_state()
     assert (target["MinCapacity"], target["MaxCapacity"], target["ScalableDimension"]) == (1, 5, DIMENSION)
@@ -90,27 +102,50 @@ def test_a_healthy_endpoint_passes_and_gets_auto_scaling(aws):
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
 
 
-def test_the_endpoint_receives_the_real_sample_image(aws):
+def test_the_endpoint_receives_the_real_sample_image_and_is_asked_for_every_class(aws):
     deployed_endpoint()
     check = load_handler("check_endpoint")
-    arguments = check.sample_invocation(133)
+    endpoint_answers(answer())
+    check.handler(check_event(), None)
 
-    assert arguments["ContentType"] == "image/jpeg"
-    assert arguments["Accept"] == "application/json"
-    from PIL import Image
-    import io
-
-    with Image.open(io.BytesIO(arguments["Body"])) as image:
+    (sent,) = aws
+    assert (sent["endpoint"], sent["content_type"], sent["accept"]) == (ENDPOINT, "image/jpeg", "application/json")
+    assert sent["custom_attributes"] == "top_k=134;return_logits=true"
+    assert sent["body"] == (LAMBDA_DIR / "sample.jpg").read_bytes()
+    with Image.open(io.BytesIO(sent["body"])) as image:
         image.load()
         assert image.format == "JPEG" and image.mode == "RGB" and min(image.size) >= 32
+
+
+def test_the_check_accepts_what_the_inference_script_answers(aws):
+    """The endpoint side of the contract: code/inference.py's own request handling, on a real (untrained) network."""
+    import torch
+
+    import common
+    import inference
+
+    deployed_endpoint()
+    check = load_handler("check_endpoint")
+    classes = class_names(133)
+    torch.manual_seed(0)
+    model = inference.Classifier(common.build_model("resnet18", len(classes)).eval(), classes, {"backbone": "resnet18", "image_size": 64}, torch.device("cpu"), common.eval_transform(64))
+    arguments = check.sample_invocation(len(classes))
+    options = dict(pair.split("=", 1) for pair in arguments["CustomAttributes"].split(";"))
+    status, body, content_type = inference.handle(arguments["Body"], arguments["ContentType"], arguments["Accept"], options, model)
+    assert status == 200, body
+    endpoint_answers(body.decode(), content_type)
+
+    result = check.handler(check_event(), None)
+
+    assert result["top_label"] == json.loads(body)["predictions"][0]["top_k"][0]["label"]
 
 
 def test_a_second_check_replaces_the_scaling_settings_instead_of_adding(aws):
     deployed_endpoint()
     check = load_handler("check_endpoint")
-    endpoint_answers({"predictions": [{"top_k": distribution(seed=1)}]})
+    endpoint_answers(answer(seed=1))
     check.handler(check_event(), None)
-    endpoint_answers({"predictions": [{"top_k": distribution(seed=2)}]})
+    endpoint_answers(answer(seed=2))
     check.handler(check_event(min_capacity="2", max_capacity="4", target_invocations_per_instance="120.5"), None)
 
     (target,), (policy,) = scaling_state()
@@ -123,7 +158,7 @@ def test_capacity_defaults_come_from_the_function_environment(aws, monkeypatch):
     monkeypatch.setenv("MAX_CAPACITY", "3")
     deployed_endpoint()
     check = load_handler("check_endpoint")
-    endpoint_answers({"predictions": [{"top_k": distribution()}]})
+    endpoint_answers(answer())
     event = check_event()
     del event["min_capacity"], event["max_capacity"]
     check.handler(event, None)
@@ -137,7 +172,7 @@ def test_the_check_waits_for_an_endpoint_that_comes_up(aws):
     backend_endpoint = sagemaker_backend().endpoints[ENDPOINT]
     backend_endpoint.endpoint_status = "Creating"
     check = load_handler("check_endpoint")
-    endpoint_answers({"predictions": [{"top_k": distribution()}]})
+    endpoint_answers(answer())
     timer = threading.Timer(0.3, lambda: setattr(backend_endpoint, "endpoint_status", "InService"))
     timer.start()
     try:
@@ -209,14 +244,17 @@ def _reorder(items: list[dict]) -> list[dict]:
         ("<html>error</html>", "application/json", r"^response format check failed: the body is not JSON"),
         ({"predictions": [{"top_k": distribution()}] * 2}, "application/json", r"^response format check failed: .*one entry for the one image"),
         ({"predictions": [{"labels": []}]}, "application/json", r"^response format check failed: predictions\[0\]\.top_k is missing"),
-        ({"predictions": [{"top_k": distribution(count=10)}]}, "application/json", r"^class count check failed: the answer covers 10 classes, expected 133"),
+        ({"predictions": [{"top_k": distribution(count=10)}]}, "application/json", r"^class count check failed: the answer ranks 10 classes, expected 133"),
+        ({"predictions": [{"top_k": distribution(), "logits": random_logits(134)}]}, "application/json", r"^class count check failed: the model has 134 outputs \(logits\), expected 133"),
+        ({"predictions": [{"top_k": distribution(seed=3), "logits": random_logits(seed=4)}]}, "application/json", r"^probabilities check failed: top_k\[0\] has probability .* but the softmax of the logits gives"),
+        ({"predictions": [{"top_k": distribution(), "logits": "none"}]}, "application/json", r"^response format check failed: predictions\[0\]\.logits is not a list of numbers"),
         ({"predictions": [{"top_k": distribution()[:-1] + [{"label": "133.Extra", "probability": 0.2}]}]}, "application/json", r"^probabilities check failed"),
         ({"predictions": [{"top_k": _reorder(distribution())}]}, "application/json", r"^probabilities check failed: top_k is not sorted"),
         ({"predictions": [{"top_k": [{"label": "001.A", "probability": 1.5}] + distribution()[1:]}]}, "application/json", r"^probabilities check failed: top_k\[0\] has probability 1.5, outside \[0, 1\]"),
         ({"predictions": [{"top_k": [dict(item, probability=item["probability"] * 0.9) for item in distribution()]}]}, "application/json", r"^probabilities check failed: the probabilities sum to 0.9"),
         ({"predictions": [{"top_k": [{"probability": 0.5}]}]}, "application/json", r"^response format check failed: predictions\[0\]\.top_k\[0\] has no label"),
     ],
-    ids=["content-type", "not-json", "two-entries", "no-top-k", "class-count", "extra-mass", "unsorted", "above-one", "sum-short", "no-label"],
+    ids=["content-type", "not-json", "two-entries", "no-top-k", "class-count", "logit-count", "logits-disagree", "logits-not-numbers", "extra-mass", "unsorted", "above-one", "sum-short", "no-label"],
 )
 def test_a_wrong_answer_fails_the_named_check(aws, body, content_type, message):
     deployed_endpoint()
