@@ -1,0 +1,931 @@
+"""Train the dog-breed classifier: a torchvision ResNet with a new classification head.
+
+Runs unchanged inside SageMaker's PyTorch training container (hyperparameters
+arrive as ``--name value`` strings, data in ``SM_CHANNEL_*``, outputs go to
+``SM_MODEL_DIR``) and on any machine with torch, torchvision and Pillow::
+
+    python train.py --data ./dogImages --backbone resnet50 --epochs 10
+
+Distributed when ``SM_HOSTS`` lists several hosts (one process per host, as
+SageMaker starts it) or under ``torchrun``; only rank 0 writes the model and
+the checkpoints. Every epoch prints one metric line (see contract.py) that the
+tuner parses.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
+from torchvision import datasets, models
+
+import common
+import contract
+
+LOG = logging.getLogger("train")
+CHECKPOINT_FORMAT = 1
+METRICS_HISTORY_FILE = "metrics_history.json"
+INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "requirements.txt")
+DEFAULT_MASTER_PORT = "29500"
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# Settings that change the trained weights: a checkpoint is only resumed by a
+# run whose settings are the same. Epochs, patience and the speed settings may change.
+RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment", "learning_rate",
+               "momentum", "weight_decay", "batch_size", "seed", "world_size")
+
+
+class TrainingInputError(ValueError):
+    """Bad data, arguments or checkpoint: the message says what, where, and what to do."""
+
+
+# ----------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------
+
+def text(value: str) -> str:
+    """A string hyperparameter; SageMaker may JSON-encode strings, so one level of quotes is removed."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+def boolean(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = text(value).lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _number(kind: type, minimum: float, value: str) -> Any:
+    try:
+        number = kind(text(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if not number >= minimum or (kind is float and not math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    return _number(int, 1, value)
+
+
+def non_negative_int(value: str) -> int:
+    return _number(int, 0, value)
+
+
+def non_negative_float(value: str) -> float:
+    return _number(float, 0.0, value)
+
+
+def optional_path(value: str) -> str | None:
+    value = text(value)
+    return None if value.lower() in ("", "none") else value
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def sagemaker_hosts() -> list[str]:
+    raw = os.environ.get("SM_HOSTS")
+    if not raw:
+        return []
+    try:
+        hosts = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise TrainingInputError(f"SM_HOSTS is not JSON ({err}): {raw!r}; expected a list such as [\"algo-1\", \"algo-2\"]") from None
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise TrainingInputError(f"SM_HOSTS must be a JSON list of host names, got {raw!r}")
+    return hosts
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def processes_on_this_machine() -> int:
+    """How many training processes share this machine's cores.
+
+    torchrun says so in LOCAL_WORLD_SIZE; a local run of an N-host job starts N
+    processes with SM_HOSTS listing N hosts and MASTER_ADDR on the loopback.
+    """
+    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    try:
+        hosts = sagemaker_hosts()
+    except TrainingInputError:
+        hosts = []
+    if len(hosts) > 1 and is_loopback(os.environ.get("MASTER_ADDR", "")):
+        return len(hosts)
+    return 1
+
+
+def cpus_per_process() -> int:
+    return max(1, usable_cpus() // processes_on_this_machine())
+
+
+def default_num_threads() -> int:
+    """OMP_NUM_THREADS when set, else this process's share of the cores, so N local processes do not oversubscribe."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    return int(configured) if configured.isdigit() and int(configured) > 0 else cpus_per_process()
+
+
+def default_num_workers() -> int:
+    """Data-loading processes: on a GPU decoding is the bottleneck; on a CPU the model is, so fewer."""
+    share = cpus_per_process()
+    if torch.cuda.is_available():
+        return min(8, share)
+    return min(4, share // 2)
+
+
+def default_checkpoint_dir() -> str | None:
+    return SAGEMAKER_CHECKPOINT_DIR if os.path.isdir(SAGEMAKER_CHECKPOINT_DIR) else None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Every option accepts the dash and the underscore spelling (``--learning-rate``, ``--learning_rate``)."""
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        description="Train a ResNet dog-breed classifier on ImageFolder splits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+
+    def add(name: str, **kwargs: Any) -> None:
+        flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        parser.add_argument(*flags, dest=name.replace("-", "_"), **kwargs)
+
+    add("data", type=text, default=env.get("SM_CHANNEL_TRAINING", "./data"),
+        help="folder holding the train/ and valid/ ImageFolder splits (default $SM_CHANNEL_TRAINING)")
+    add("train-dir", type=text, default=env.get("SM_CHANNEL_TRAIN"),
+        help="training split, one folder per class (default $SM_CHANNEL_TRAIN, else <data>/train)")
+    add("valid-dir", type=text, default=env.get("SM_CHANNEL_VALID"),
+        help="validation split, same class folders as the training split (default $SM_CHANNEL_VALID, else <data>/valid)")
+    add("model-dir", type=text, default=env.get("SM_MODEL_DIR", "./model"),
+        help="where the model, classes, model info and inference code are written (default $SM_MODEL_DIR)")
+    add("output-data-dir", type=optional_path, default=env.get("SM_OUTPUT_DATA_DIR"),
+        help="where the per-epoch metrics history is written (default $SM_OUTPUT_DATA_DIR; none to skip)")
+    add("checkpoint-dir", type=optional_path, default=default_checkpoint_dir(),
+        help=f"where a checkpoint is written every epoch and resumed from (default {SAGEMAKER_CHECKPOINT_DIR} when it exists; none to skip)")
+    add("learning-rate", type=non_negative_float, default=0.01, help="SGD learning rate")
+    add("momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    add("weight-decay", type=non_negative_float, default=1e-4, help="SGD weight decay")
+    add("batch-size", type=positive_int, default=32, help="images per batch on each process")
+    add("epochs", type=positive_int, default=10, help="most epochs to train")
+    add("patience", type=non_negative_int, default=3,
+        help="stop after this many epochs without a lower validation loss (0: never stop early)")
+    add("backbone", type=text, choices=common.BACKBONES, default="resnet50", help="torchvision ResNet")
+    add("freeze-backbone", type=boolean, nargs="?", const=True, default=True,
+        help="train only the new head; the backbone, batch-norm statistics included, stays as loaded")
+    add("pretrained-weights", type=text, default=None,
+        help="backbone weights: a state dict file (or a folder with one), 'imagenet' for torchvision's download, "
+             "or 'none' for random weights (default: the file in $SM_CHANNEL_PRETRAINED if set, else 'imagenet')")
+    add("image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="side of the square input, at least 32")
+    add("augment", type=boolean, nargs="?", const=True, default=True,
+        help="random resized crop and horizontal flip on training images")
+    add("cache-features", type=boolean, nargs="?", const=True, default=False,
+        help="compute the frozen backbone's features once and train the head on them "
+             "(needs --freeze-backbone true and --augment false)")
+    add("num-workers", type=non_negative_int, default=default_num_workers(), help="data-loading processes")
+    add("num-threads", type=positive_int, default=default_num_threads(),
+        help="torch CPU threads of this process (default $OMP_NUM_THREADS, else the cores divided by the processes on this machine)")
+    add("seed", type=non_negative_int, default=0, help="seed for initialisation, shuffling and augmentation")
+    return parser
+
+
+def is_platform_hyperparameter(flag: str) -> bool:
+    """Names SageMaker adds on its own, such as ``_tuning_objective_metric``."""
+    name = flag.lstrip("-").split("=", 1)[0]
+    return name.startswith("_") or name.startswith("sagemaker_")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args, unknown = parser.parse_known_args(argv)
+    rejected, skipping_value = [], False
+    for token in unknown:
+        if token.startswith("--"):
+            skipping_value = is_platform_hyperparameter(token) and "=" not in token
+            if not is_platform_hyperparameter(token):
+                rejected.append(token)
+        elif skipping_value:
+            skipping_value = False
+        else:
+            rejected.append(token)
+    if rejected:
+        parser.error(f"unrecognized arguments: {' '.join(rejected)} (see --help for the hyperparameter names)")
+    try:
+        check_args(args)
+    except TrainingInputError as err:
+        parser.error(str(err))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.cache_features and (not args.freeze_backbone or args.augment):
+        raise TrainingInputError(
+            "--cache-features needs a backbone that does not change (--freeze-backbone true) and images that do not "
+            f"change between epochs (--augment false); got --freeze-backbone {str(args.freeze_backbone).lower()} "
+            f"--augment {str(args.augment).lower()}. Turn caching off or set both.")
+    if args.image_size < 32:
+        raise TrainingInputError(f"--image-size must be at least 32 pixels for a ResNet, got {args.image_size}")
+    if str(args.model_dir).startswith("s3://"):
+        raise TrainingInputError(f"--model-dir must be a local folder, got {args.model_dir}; SageMaker uploads $SM_MODEL_DIR itself")
+
+
+# ----------------------------------------------------------------------------
+# Processes, devices, seeds
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str) -> DistInfo:
+    """Join the process group that torchrun or SageMaker's host list describes, or run alone.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/MASTER_PORT. SageMaker
+    starts one process per host with SM_HOSTS and SM_CURRENT_HOST; the first host
+    is the master unless MASTER_ADDR/MASTER_PORT say otherwise (local runs).
+    """
+    env = os.environ
+    timeout = timedelta(minutes=30)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        if world_size > 1:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+        return DistInfo(rank, world_size, local_rank)
+    hosts = sagemaker_hosts()
+    if len(hosts) <= 1:
+        return DistInfo()
+    current = env.get("SM_CURRENT_HOST", "")
+    if current not in hosts:
+        raise TrainingInputError(f"SM_CURRENT_HOST {current!r} is not in SM_HOSTS {hosts}; set it to this process's host name")
+    rank = hosts.index(current)
+    address = env.get("MASTER_ADDR", hosts[0])
+    port = env.get("MASTER_PORT", DEFAULT_MASTER_PORT)
+    if "SM_NETWORK_INTERFACE_NAME" in env and not is_loopback(address):
+        env.setdefault("GLOO_SOCKET_IFNAME", env["SM_NETWORK_INTERFACE_NAME"])
+        env.setdefault("NCCL_SOCKET_IFNAME", env["SM_NETWORK_INTERFACE_NAME"])
+    local_rank = rank if is_loopback(address) else 0
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
+                            world_size=len(hosts), timeout=timeout)
+    return DistInfo(rank, len(hosts), local_rank)
+
+
+def training_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed that depends on every part (seed, epoch, rank or sample index), the same on every machine."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_logging(dist_info: DistInfo) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [rank {dist_info.rank}/{dist_info.world_size}] %(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+def split_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    data = Path(args.data)
+    train_dir = Path(args.train_dir) if args.train_dir else data / "train"
+    valid_dir = Path(args.valid_dir) if args.valid_dir else data / "valid"
+    return train_dir, valid_dir
+
+
+def split_classes(folder: Path, split: str) -> list[str]:
+    if not folder.is_dir():
+        raise TrainingInputError(
+            f"the {split} split is missing: {folder} is not a folder. Expected one folder per class "
+            f"({folder}/001.Affenpinscher/*.jpg); pass --{split}-dir, or --data with {split}/ inside")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise TrainingInputError(f"the {split} split at {folder} is empty: it holds no class folders")
+    return classes
+
+
+def check_splits(train_dir: Path, valid_dir: Path) -> list[str]:
+    """The class names, in index order, after checking that both splits hold the same class folders."""
+    train_classes = split_classes(train_dir, "train")
+    valid_classes = split_classes(valid_dir, "valid")
+    if train_classes != valid_classes:
+        only_train = sorted(set(train_classes) - set(valid_classes))
+        only_valid = sorted(set(valid_classes) - set(train_classes))
+        raise TrainingInputError(
+            f"the class folders differ between {train_dir} and {valid_dir}: "
+            f"only in train: {', '.join(only_train[:5]) or '-'}{' ...' if len(only_train) > 5 else ''}; "
+            f"only in valid: {', '.join(only_valid[:5]) or '-'}{' ...' if len(only_valid) > 5 else ''}. "
+            "Both splits need the same class folders, so that class indices mean the same")
+    if len(train_classes) < 2:
+        raise TrainingInputError(f"the train split at {train_dir} has {len(train_classes)} class folder; a classifier needs at least 2")
+    return train_classes
+
+
+def image_folder(folder: Path, split: str, transform: Any) -> datasets.ImageFolder:
+    try:
+        dataset = datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:
+        raise TrainingInputError(f"the {split} split at {folder} has a class folder without images: {err}") from None
+    return dataset
+
+
+def load_data(train_dir: Path, valid_dir: Path, image_size: int, augment: bool) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """The training and validation ImageFolders; the test split is never read here."""
+    check_splits(train_dir, valid_dir)
+    train_set = image_folder(train_dir, "train", common.train_transform(image_size, augment))
+    valid_set = image_folder(valid_dir, "valid", common.eval_transform(image_size))
+    return train_set, valid_set
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs so that each sample's augmentation depends only on (seed, epoch, index).
+
+    That makes augmentation independent of worker processes and ranks, and a
+    resumed run sees exactly the images an uninterrupted run would have seen.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.sampler:
+            yield index, derived_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Applies the wrapped dataset's random transform under the seed its sampler chose."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def shard_indices(length: int, dist_info: DistInfo, pad: bool) -> list[int]:
+    """This rank's share of ``range(length)``; padded to the same length on every rank when ``pad``."""
+    indices = list(range(dist_info.rank, length, dist_info.world_size))
+    if pad:
+        per_rank = math.ceil(length / dist_info.world_size)
+        indices += indices[: per_rank - len(indices)]
+    return indices
+
+
+def loader_options(args: argparse.Namespace, device: torch.device, workers: int) -> dict[str, Any]:
+    return {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": device.type == "cuda",
+            "persistent_workers": workers > 0}
+
+
+def make_train_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+                      seeded: bool, workers: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 shuffle=True, seed=args.seed)
+    # Batch norm cannot train on a batch of one image: drop such a last batch (same decision on every rank).
+    drop_last = not args.freeze_backbone and len(sampler) % args.batch_size == 1
+    if seeded:
+        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(sampler, args.seed), drop_last=drop_last,
+                          **loader_options(args, device, workers))
+    return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **loader_options(args, device, workers))
+
+
+def make_eval_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+                     workers: int) -> DataLoader:
+    """Unpadded shards, so that the all-reduced sums count every validation image exactly once."""
+    shard = Subset(dataset, shard_indices(len(dataset), dist_info, pad=False))
+    return DataLoader(shard, shuffle=False, **loader_options(args, device, workers))
+
+
+# ----------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------
+
+def pretrained_source(value: str | None) -> str | None:
+    """'imagenet', a path, or None for random weights; the pretrained channel is the default when present."""
+    if value is None:
+        return os.environ.get("SM_CHANNEL_PRETRAINED") or "imagenet"
+    if value.lower() == "none":
+        return None
+    return "imagenet" if value.lower() == "imagenet" else value
+
+
+def weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pth", ".pt", ".bin"))
+        if len(files) == 1:
+            return files[0]
+        raise TrainingInputError(
+            f"the pretrained weights folder {path} holds {len(files)} .pth/.pt files ({', '.join(f.name for f in files) or 'none'}); "
+            "it must hold exactly one state dict, or pass --pretrained-weights <file>")
+    raise TrainingInputError(f"--pretrained-weights {path} does not exist; pass a state dict file, 'imagenet' or 'none'")
+
+
+def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    weights = models.get_model_weights(backbone).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # network errors come as URLError, OSError, RuntimeError, ...
+        filename = weights.url.rsplit("/", 1)[-1]
+        raise TrainingInputError(
+            f"cannot download torchvision's ImageNet weights for {backbone} from {weights.url} ({err}). "
+            f"Jobs with network isolation cannot download: put {filename} in the '{contract.PRETRAINED_CHANNEL}' "
+            "channel, or pass --pretrained-weights <file>, or --pretrained-weights none to train from random weights") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TrainingInputError(f"cannot read the pretrained weights {path} as a torch state dict: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TrainingInputError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, source: str | None, backbone: str) -> None:
+    """Load every backbone weight from ``source``; the head is new, so the source's head is ignored."""
+    if source is None:
+        return
+    if source == "imagenet":
+        origin, state = "torchvision's ImageNet weights", imagenet_state_dict(backbone)
+    else:
+        path = weights_file(Path(source))
+        origin, state = str(path), read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise TrainingInputError(f"the weights in {origin} do not fit {backbone}: {err}") from None
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise TrainingInputError(
+            f"the weights in {origin} do not fit {backbone}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}; "
+            "pass the state dict of the same backbone")
+
+
+def feature_extractor(model: nn.Module) -> nn.Module:
+    """The ResNet up to its pooled, flattened features; shares its modules with ``model``."""
+    children = [module for name, module in model.named_children() if name != "fc"]
+    return nn.Sequential(*children, nn.Flatten(1))
+
+
+@dataclass
+class Parts:
+    """What the optimizer trains (``trainable``, DDP-wrapped when distributed) and what runs frozen before it."""
+
+    trainable: nn.Module
+    frozen: nn.Module | None
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        return self.trainable.module if isinstance(self.trainable, DistributedDataParallel) else self.trainable
+
+
+def model_parts(model: nn.Module, freeze_backbone: bool, cached: bool, device: torch.device, dist_info: DistInfo) -> Parts:
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if freeze_backbone:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in model.fc.parameters():
+            parameter.requires_grad_(True)
+        frozen = None if cached else feature_extractor(model).eval()
+        trainable: nn.Module = model.fc
+    else:
+        frozen, trainable = None, model
+    if dist_info.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trainable = DistributedDataParallel(trainable, device_ids=device_ids)
+    return Parts(trainable, frozen)
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """A short hash of the trainable parameters, logged so that ranks can be compared."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------
+# Features cache
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset: datasets.ImageFolder, args: argparse.Namespace,
+                     dist_info: DistInfo, device: torch.device, workers: int) -> TensorDataset:
+    """Features and labels of every image: each rank computes 1/N of them and all ranks gather the whole set."""
+    indices = shard_indices(len(dataset), dist_info, pad=True)
+    loader = DataLoader(Subset(dataset, indices), shuffle=False, **loader_options(args, device, workers))
+    chunks = []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            chunks.append(backbone(images).float())
+    features = torch.cat(chunks)
+    index_tensor = torch.tensor(indices, device=device)
+    if dist_info.enabled:
+        gathered_features = [torch.empty_like(features) for _ in range(dist_info.world_size)]
+        gathered_indices = [torch.empty_like(index_tensor) for _ in range(dist_info.world_size)]
+        dist.all_gather(gathered_features, features)
+        dist.all_gather(gathered_indices, index_tensor)
+        features, index_tensor = torch.cat(gathered_features), torch.cat(gathered_indices)
+    everything = torch.empty((len(dataset), features.shape[1]), dtype=features.dtype, device=device)
+    everything[index_tensor] = features
+    return TensorDataset(everything.cpu(), torch.tensor(dataset.targets, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    inputs = inputs.to(device, non_blocking=True)
+    if device.type == "cuda" and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def all_reduce_sums(values: Sequence[float], device: torch.device, dist_info: DistInfo) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist_info.enabled:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    device: torch.device, dist_info: DistInfo) -> dict[str, float]:
+    """One pass over this rank's shard; the loss is the mean over all ranks' samples, whatever the batch size."""
+    parts.trainable.train()
+    if parts.frozen is not None:
+        parts.frozen.eval()
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    started = time.perf_counter()
+    for inputs, targets in loader:
+        inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
+        with autocast(device):
+            if parts.frozen is not None:
+                with torch.no_grad():
+                    inputs = parts.frozen(inputs)
+            loss = criterion(parts.trainable(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * len(targets)
+        count += len(targets)
+    seconds = time.perf_counter() - started
+    total_loss, total_count = all_reduce_sums([loss_sum.item(), count], device, dist_info)
+    return {"train_loss": total_loss / max(total_count, 1), "train_images": total_count,
+            "rank_images": count, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(parts: Parts, loader: DataLoader, device: torch.device, dist_info: DistInfo) -> dict[str, float]:
+    """Mean loss and accuracy over the whole validation split, the same on every rank.
+
+    Runs the unwrapped model: the shards may differ in length by one batch, and
+    DDP's forward would then wait for collectives that other ranks never call.
+    """
+    model = parts.trainable_module
+    model.eval()
+    if parts.frozen is not None:
+        parts.frozen.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
+        with autocast(device):
+            if parts.frozen is not None:
+                inputs = parts.frozen(inputs)
+            logits = model(inputs).float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == targets).sum().item()
+        count += len(targets)
+    total_loss, total_correct, total_count = all_reduce_sums([loss_sum, correct, count], device, dist_info)
+    return {"val_loss": total_loss / total_count, "val_accuracy": total_correct / total_count}
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and outputs
+# ----------------------------------------------------------------------------
+
+def checkpoint_path(checkpoint_dir: Path) -> Path:
+    """One file per job: tuning trials that share a checkpoint location do not resume each other's runs."""
+    job = os.environ.get("TRAINING_JOB_NAME")
+    return checkpoint_dir / (f"checkpoint-{job}.pth" if job else "checkpoint.pth")
+
+
+def run_config(args: argparse.Namespace, classes: list[str], world_size: int) -> dict[str, Any]:
+    values = {**vars(args), "classes": classes, "world_size": world_size}
+    return {key: values[key] for key in RESUME_KEYS}
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder and rename, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def atomic_torch_save(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, lambda p: torch.save(value, p))
+
+
+def read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TrainingInputError(f"cannot read the checkpoint {path} ({err}); delete it to start over") from None
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingInputError(f"{path} is not a checkpoint of this script (format {checkpoint.get('format')!r}); delete it to start over")
+    saved = checkpoint["config"]
+    differences = [f"{key} {saved.get(key)!r} -> {config[key]!r}" for key in RESUME_KEYS
+                   if key != "classes" and saved.get(key) != config[key]]
+    if saved.get("classes") != config["classes"]:
+        differences.append("the class folders")
+    if differences:
+        raise TrainingInputError(
+            f"the checkpoint {path} was written by a run with other settings ({'; '.join(differences)}); "
+            "point --checkpoint-dir at an empty folder, or delete the checkpoint to start over")
+    return checkpoint
+
+
+def shared_checkpoint(path: Path | None, config: dict[str, Any], dist_info: DistInfo) -> dict[str, Any] | None:
+    """Rank 0's checkpoint, sent to every rank: optimizer state must be the same everywhere to stay in step."""
+    checkpoint = read_checkpoint(path, config) if path is not None and dist_info.is_main else None
+    if dist_info.enabled:
+        box = [checkpoint]
+        dist.broadcast_object_list(box, src=0)
+        checkpoint = box[0]
+    return checkpoint
+
+
+def copy_inference_code(destination: Path) -> list[str]:
+    """Copy the inference files beside this script into ``destination`` (replaced as a whole)."""
+    source = Path(__file__).resolve().parent
+    names = [name for name in INFERENCE_FILES if (source / name).is_file()]
+    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(source / name, staging / name)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)
+    return names
+
+
+def model_info(args: argparse.Namespace, classes: list[str], best: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "resize_size": common.resize_size(args.image_size),
+        "num_classes": len(classes),
+        "normalization": {"mean": list(common.IMAGENET_MEAN), "std": list(common.IMAGENET_STD)},
+        "best_epoch": best["epoch"],
+        "metrics": best["metrics"],
+        "epochs_trained": summary["epochs_trained"],
+        "stopped_early": summary["stopped_early"],
+        "world_size": summary["world_size"],
+        "hyperparameters": {k: v for k, v in vars(args).items()},
+        "torch_version": torch.__version__,
+    }
+
+
+def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: list[str], info: dict[str, Any]) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(model_dir / contract.MODEL_FILE, state)
+    atomic_write_json(model_dir / contract.CLASSES_FILE, classes)
+    atomic_write_json(model_dir / contract.MODEL_INFO_FILE, info)
+    copied = copy_inference_code(model_dir / contract.MODEL_CODE_DIR)
+    LOG.info("wrote %s, %s, %s and %s/ (%s) to %s", contract.MODEL_FILE, contract.CLASSES_FILE,
+             contract.MODEL_INFO_FILE, contract.MODEL_CODE_DIR, ", ".join(copied), model_dir)
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, print one metric line per epoch, and (rank 0) write the best epoch's model. Returns a summary."""
+    torch.set_num_threads(args.num_threads)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist_info = init_distributed(backend)
+    try:
+        return run(args, dist_info)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+    configure_logging(dist_info)
+    device = training_device(dist_info.local_rank)
+    LOG.info("device %s, %d CPU threads, %d data workers, torch %s", device, torch.get_num_threads(),
+             args.num_workers, torch.__version__)
+    train_dir, valid_dir = split_dirs(args)
+    train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
+    classes = train_set.classes
+    if len(train_set) < dist_info.world_size:
+        raise TrainingInputError(f"the train split at {train_dir} has {len(train_set)} images, fewer than the {dist_info.world_size} processes")
+    LOG.info("%d classes; %d training images in %s, %d validation images in %s",
+             len(classes), len(train_set), train_dir, len(valid_set), valid_dir)
+
+    seed_everything(args.seed)
+    model = common.build_model(args.backbone, len(classes))
+    load_backbone_weights(model, pretrained_source(args.pretrained_weights), args.backbone)
+    config = run_config(args, classes, dist_info.world_size)
+    ckpt_file = checkpoint_path(Path(args.checkpoint_dir)) if args.checkpoint_dir else None
+    checkpoint = shared_checkpoint(ckpt_file, config, dist_info)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+
+    setup_started = time.perf_counter()
+    parts = model_parts(model, args.freeze_backbone, args.cache_features, device, dist_info)
+    if args.cache_features:
+        backbone = feature_extractor(model).eval()
+        train_data: Dataset = extract_features(backbone, train_set, args, dist_info, device, args.num_workers)
+        valid_data: Dataset = extract_features(backbone, valid_set, args, dist_info, device, args.num_workers)
+        LOG.info("computed backbone features of %d training and %d validation images in %.1f s",
+                 len(train_data), len(valid_data), time.perf_counter() - setup_started)
+        train_loader = make_train_loader(train_data, args, dist_info, device, seeded=False, workers=0)
+        valid_loader = make_eval_loader(valid_data, args, dist_info, device, workers=0)
+    else:
+        train_loader = make_train_loader(train_set, args, dist_info, device, seeded=True, workers=args.num_workers)
+        valid_loader = make_eval_loader(valid_set, args, dist_info, device, workers=args.num_workers)
+    setup_seconds = time.perf_counter() - setup_started
+
+    optimizer = torch.optim.SGD([p for p in parts.trainable.parameters() if p.requires_grad], lr=args.learning_rate,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "metrics": None, "state": None}
+    stale_epochs, stopped, start_epoch = 0, False, 1
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        history, stale_epochs, stopped = checkpoint["history"], checkpoint["stale_epochs"], checkpoint["stopped"]
+        best = {"epoch": checkpoint["best_epoch"], "metrics": checkpoint["best_metrics"], "state": checkpoint["best_model"]}
+        start_epoch = checkpoint["epoch"] + 1
+        LOG.info("resumed from %s after epoch %d (best epoch %d)", ckpt_file, checkpoint["epoch"], best["epoch"])
+        del checkpoint
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        if stopped:
+            break
+        started = time.perf_counter()
+        seed_everything(derived_seed(args.seed, epoch, dist_info.rank))
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
+        metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
+        print(contract.format_metric_line(epoch, metrics), flush=True)
+        seconds = time.perf_counter() - started + (setup_seconds if not history else 0.0)
+        images_per_second = train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)
+        history.append({"epoch": epoch, **metrics, "seconds": seconds, "train_images_per_second": images_per_second})
+        LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) at %.1f images/s; parameters %s",
+                 epoch, seconds, train_stats["train_images"], train_stats["rank_images"], images_per_second,
+                 parameters_digest(parts.trainable_module))
+
+        if best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]:
+            best = {"epoch": epoch, "metrics": metrics, "state": state_on_cpu(model) if dist_info.is_main else None}
+            stale_epochs = 0
+        else:
+            stale_epochs += 1
+        stopped = args.patience > 0 and stale_epochs >= args.patience
+        if stopped:
+            LOG.info("stopping early: no lower validation loss for %d epochs; best epoch %d", stale_epochs, best["epoch"])
+        if dist_info.is_main and ckpt_file is not None:
+            atomic_torch_save(ckpt_file, {
+                "format": CHECKPOINT_FORMAT, "config": config, "epoch": epoch, "model": state_on_cpu(model),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "stale_epochs": stale_epochs, "stopped": stopped, "best_epoch": best["epoch"],
+                "best_metrics": best["metrics"], "best_model": best["state"]})
+            LOG.info("saved checkpoint of epoch %d to %s", epoch, ckpt_file)
+        if dist_info.is_main and args.output_data_dir:
+            atomic_write_json(Path(args.output_data_dir) / METRICS_HISTORY_FILE, history)
+
+    summary = {"best_epoch": best["epoch"], "best_metrics": best["metrics"], "history": history,
+               "epochs_trained": len(history), "stopped_early": stopped, "world_size": dist_info.world_size,
+               "setup_seconds": setup_seconds}
+    if dist_info.is_main:
+        write_model_dir(Path(args.model_dir), best["state"], classes, model_info(args, classes, best, summary))
+    LOG.info("best epoch %d: %s", best["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        main(args)
+    except TrainingInputError as err:
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,352 @@
+"""code/train.py on small generated image sets: resnet18 with random weights, 32-pixel inputs, three classes.
+
+The metric line, the artifacts and the resume are checked on the script run as
+a real process the way SageMaker runs it; the rest calls its functions directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CODE_DIR, make_dataset, write_images
+
+import common
+import contract
+import train
+
+TRAIN_SCRIPT = CODE_DIR / "train.py"
+# Variables of the container contract and of torchrun that would change what a run does.
+RUN_ENV = ("SM_CHANNEL_TRAINING", "SM_CHANNEL_TRAIN", "SM_CHANNEL_VALID", "SM_CHANNEL_PRETRAINED", "SM_MODEL_DIR",
+           "SM_OUTPUT_DATA_DIR", "SM_HOSTS", "SM_CURRENT_HOST", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+           "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TRAINING_JOB_NAME", "OMP_NUM_THREADS")
+# As SageMaker passes them: underscore names, strings JSON-quoted, plus the tuner's own entry.
+SAGEMAKER_HYPERPARAMETERS = [
+    "--backbone", '"resnet18"', "--pretrained_weights", '"none"', "--image_size", "32", "--epochs", "3",
+    "--batch_size", "8", "--learning_rate", "0.05", "--num_workers", "0", "--freeze_backbone", "true",
+    "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"val_loss"',
+]
+SMALL = ["--backbone", "resnet18", "--pretrained-weights", "none", "--image-size", "32", "--num-workers", "0"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in RUN_ENV}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def no_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in RUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def metric_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("epoch=")]
+
+
+def parsed_metrics(output: str) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in (pair.split("=") for pair in line.split())} for line in metric_lines(output)]
+
+
+def run_script(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], env=env, cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def sagemaker_env(data: Path, job: Path) -> dict[str, str]:
+    return clean_env(SM_CHANNEL_TRAIN=str(data / "train"), SM_CHANNEL_VALID=str(data / "valid"),
+                     SM_MODEL_DIR=str(job / "model"), SM_OUTPUT_DATA_DIR=str(job / "output"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("train") / "data", classes=3,
+                        per_split={"train": 20, "valid": 6, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted three-epoch run in the SageMaker manner: channels and outputs from SM_* variables."""
+    job = tmp_path_factory.mktemp("reference")
+    args = SAGEMAKER_HYPERPARAMETERS + ["--checkpoint_dir", str(job / "checkpoints")]
+    result = run_script(args, sagemaker_env(data, job), job)
+    return {"job": job, "args": args, "stdout": result.stdout}
+
+
+def test_run_writes_the_model_classes_info_and_inference_code(reference: dict, data: Path) -> None:
+    model_dir = reference["job"] / "model"
+    model, classes, info = common.load_model_dir(model_dir)
+    assert classes == sorted(p.name for p in (data / "train").iterdir())
+    assert info["backbone"] == "resnet18" and info["image_size"] == 32 and info["num_classes"] == 3
+    assert info["normalization"] == {"mean": list(common.IMAGENET_MEAN), "std": list(common.IMAGENET_STD)}
+    assert info["hyperparameters"]["learning_rate"] == 0.05
+    copied = sorted(p.name for p in (model_dir / contract.MODEL_CODE_DIR).iterdir())
+    expected = sorted(n for n in train.INFERENCE_FILES if (CODE_DIR / n).is_file())
+    assert copied == expected and {"common.py", "contract.py"} <= set(copied)
+    for name in copied:
+        assert (model_dir / contract.MODEL_CODE_DIR / name).read_bytes() == (CODE_DIR / name).read_bytes()
+    history = json.loads((reference["job"] / "output" / train.METRICS_HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_loss_falls(reference: dict) -> None:
+    epochs = parsed_metrics(reference["stdout"])
+    assert len(epochs) == 3
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert min(e["val_loss"] for e in epochs[1:]) < epochs[0]["val_loss"]
+
+
+def test_saved_weights_are_the_best_epochs(reference: dict, data: Path) -> None:
+    """The saved model reproduces the validation figures of the epoch with the lowest validation loss."""
+    epochs = parsed_metrics(reference["stdout"])
+    best = min(epochs, key=lambda e: e["val_loss"])
+    model, classes, info = common.load_model_dir(reference["job"] / "model")
+    assert info["best_epoch"] == best["epoch"]
+    assert info["metrics"] == pytest.approx({k: v for k, v in best.items() if k != "epoch"}, abs=1e-6)
+    valid_set = train.datasets.ImageFolder(str(data / "valid"), transform=common.eval_transform(32))
+    images = torch.stack([image for image, _ in valid_set])
+    labels = torch.tensor(valid_set.targets)
+    with torch.no_grad():
+        logits = model(images)
+    assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(best["val_loss"], abs=1e-4)
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(best["val_accuracy"], abs=1e-6)
+
+
+def test_metric_definitions_parse_the_real_output(reference: dict) -> None:
+    output = reference["stdout"]
+    printed = parsed_metrics(output)
+    for definition in contract.metric_definitions():
+        values = [float(v) for v in re.findall(definition["Regex"], output)]
+        assert values == [epoch[definition["Name"]] for epoch in printed], definition
+    # No log line may be mistaken for a metric line.
+    for line in output.splitlines():
+        if any(re.search(d["Regex"], line) for d in contract.metric_definitions()):
+            assert line.startswith("epoch=")
+
+
+def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    args = SAGEMAKER_HYPERPARAMETERS + ["--checkpoint_dir", str(checkpoints)]
+    env = sagemaker_env(data, tmp_path)
+    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_output = []
+    for line in process.stdout:
+        killed_output.append(line)
+        if "saved checkpoint of epoch 1" in line:
+            process.kill()
+            break
+    process.wait(timeout=60)
+    process.stdout.close()
+    assert process.returncode == -9, "".join(killed_output)
+    assert not (tmp_path / "model").exists()
+
+    resumed = run_script(args, env, tmp_path)
+    assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert metric_lines(resumed.stdout) == metric_lines(reference["stdout"])[1:]
+    for job in (reference["job"] / "checkpoints", checkpoints):
+        assert (job / "checkpoint.pth").is_file()
+    final = [torch.load(d / "checkpoint.pth", weights_only=True)["model"] for d in (reference["job"] / "checkpoints", checkpoints)]
+    saved = [torch.load(d / "model" / contract.MODEL_FILE, weights_only=True) for d in (reference["job"], tmp_path)]
+    for first, second in (final, saved):
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def in_process_run(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict, str]:
+    summary = train.main(train.parse_args(argv))
+    return summary, capsys.readouterr().out
+
+
+def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    results = {}
+    for batch_size in (4, 16):
+        _, output = in_process_run(capsys, SMALL + ["--data", str(data), "--model-dir", str(tmp_path / f"m{batch_size}"),
+                                                    "--learning-rate", "0", "--epochs", "1", "--seed", "3",
+                                                    "--batch-size", str(batch_size)])
+        (line,) = metric_lines(output)
+        results[batch_size] = {d["Name"]: float(re.search(d["Regex"], line).group(1)) for d in contract.metric_definitions()}
+    assert results[4]["val_loss"] == pytest.approx(results[16]["val_loss"], abs=1e-4)
+    assert results[4]["train_loss"] == pytest.approx(results[16]["train_loss"], abs=1e-4)
+    assert results[4]["val_accuracy"] == results[16]["val_accuracy"]
+
+
+def test_cached_features_train_the_same_head(no_run_env: None, data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    states, histories = [], []
+    for cache in ("false", "true"):
+        summary, _ = in_process_run(capsys, SMALL + [
+            "--data", str(data), "--model-dir", str(tmp_path / cache), "--epochs", "2", "--batch-size", "8",
+            "--learning-rate", "0.05", "--augment", "false", "--cache-features", cache])
+        states.append(torch.load(tmp_path / cache / contract.MODEL_FILE, weights_only=True))
+        histories.append(summary["history"])
+    for key in states[0]:
+        assert torch.allclose(states[0][key], states[1][key], atol=1e-5), key
+    for uncached, cached in zip(*histories):
+        assert cached["val_loss"] == pytest.approx(uncached["val_loss"], abs=1e-4)
+
+
+def test_early_stopping_keeps_the_best_epoch(no_run_env: None, data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """With a learning rate of 0 the validation loss never falls after epoch 1, so patience 2 stops after epoch 3."""
+    summary, output = in_process_run(capsys, SMALL + [
+        "--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "6", "--patience", "2",
+        "--learning-rate", "0", "--augment", "false", "--cache-features", "true"])
+    assert len(metric_lines(output)) == 3
+    assert summary["stopped_early"] and summary["best_epoch"] == 1
+    assert json.loads((tmp_path / "model" / contract.MODEL_INFO_FILE).read_text())["best_epoch"] == 1
+
+
+def test_checkpoint_of_other_settings_is_refused(no_run_env: None, data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    common_args = SMALL + ["--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "1",
+                           "--checkpoint-dir", str(tmp_path / "ckpt"), "--augment", "false", "--cache-features"]
+    in_process_run(capsys, common_args + ["--learning-rate", "0.05"])
+    with pytest.raises(train.TrainingInputError, match=r"other settings \(learning_rate 0.05 -> 0.1\).*empty folder"):
+        in_process_run(capsys, common_args + ["--learning-rate", "0.1"])
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def test_hyperparameters_in_sagemaker_spelling(no_run_env: None) -> None:
+    args = train.parse_args(SAGEMAKER_HYPERPARAMETERS + ["--cache_features", "false"])
+    assert (args.backbone, args.pretrained_weights, args.image_size, args.batch_size) == ("resnet18", "none", 32, 8)
+    assert args.learning_rate == 0.05 and args.freeze_backbone is True and args.cache_features is False
+    dashed = train.parse_args(["--learning-rate", "0.2", "--freeze-backbone", "false", "--augment", "False",
+                               "--batch-size", '"16"'])
+    assert (dashed.learning_rate, dashed.freeze_backbone, dashed.augment, dashed.batch_size) == (0.2, False, False, 16)
+
+
+def test_defaults_come_from_the_container_variables(monkeypatch: pytest.MonkeyPatch, no_run_env: None) -> None:
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", "/in/train")
+    monkeypatch.setenv("SM_MODEL_DIR", "/opt/model")
+    args = train.parse_args([])
+    assert train.split_dirs(args) == (Path("/in/train"), Path("data/valid"))
+    assert args.model_dir == "/opt/model" and args.output_data_dir is None
+    assert (args.backbone, args.freeze_backbone, args.augment, args.cache_features) == ("resnet50", True, True, False)
+
+
+def test_threads_are_shared_between_local_processes(monkeypatch: pytest.MonkeyPatch, no_run_env: None) -> None:
+    monkeypatch.setenv("SM_HOSTS", json.dumps([f"algo-{i}" for i in range(1, 8)]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert train.processes_on_this_machine() == 7
+    assert train.parse_args([]).num_threads == max(1, train.usable_cpus() // 7)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
+    assert train.processes_on_this_machine() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train.parse_args([]).num_threads == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "0.1"], "unrecognized arguments: --learning_rat"),
+    (["--augment", "maybe"], "expected true or false"),
+    (["--backbone", "resnet101"], "invalid choice"),
+    (["--batch-size", "0"], "must be at least 1"),
+    (["--cache-features", "true"], "--cache-features needs .*--augment false"),
+    (["--cache-features", "--augment", "false", "--freeze-backbone", "false"], "--freeze-backbone true"),
+    (["--image-size", "16"], "at least 32"),
+])
+def test_bad_arguments_are_named(no_run_env: None, capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------- bad data
+
+def test_missing_split_is_named(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 2})
+    assert train.cli(SMALL + ["--data", str(root), "--model-dir", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert f"the valid split is missing: {root / 'valid'} is not a folder" in err and "--valid-dir" in err
+    assert "Traceback" not in err and not (tmp_path / "model").exists()
+
+
+def test_empty_split_is_named(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 2})
+    (root / "valid").mkdir()
+    with pytest.raises(train.TrainingInputError, match=r"the valid split at .*valid is empty: it holds no class folders"):
+        train.load_data(root / "train", root / "valid", 32, False)
+    for name in ("001.Breed_A", "002.Breed_B"):
+        (root / "valid" / name).mkdir()
+    with pytest.raises(train.TrainingInputError, match=r"the valid split at .* has a class folder without images"):
+        train.load_data(root / "train", root / "valid", 32, False)
+
+
+def test_class_folders_that_differ_between_splits_are_named(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", classes=3, per_split={"train": 2, "valid": 2})
+    write_images(root / "valid" / "004.Extra_Breed", 1, (10, 10, 10))
+    (root / "valid" / "001.Breed_A").rename(root / "valid" / "001.Breed_a")
+    with pytest.raises(train.TrainingInputError,
+                       match=r"differ .* only in train: 001.Breed_A; only in valid: 001.Breed_a, 004.Extra_Breed"):
+        train.load_data(root / "train", root / "valid", 32, False)
+
+
+def test_test_split_is_not_needed(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 4, "valid": 2})
+    summary, _ = in_process_run(capsys, SMALL + ["--train-dir", str(root / "train"), "--valid-dir", str(root / "valid"),
+                                                 "--data", str(tmp_path / "absent"), "--model-dir", str(tmp_path / "m"),
+                                                 "--epochs", "1", "--augment", "false", "--cache-features"])
+    assert summary["epochs_trained"] == 1
+
+
+# ---------------------------------------------------------------------------- pretrained weights
+
+def test_backbone_weights_load_from_a_file_and_the_head_is_new(monkeypatch: pytest.MonkeyPatch, no_run_env: None,
+                                                               tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = train.models.resnet18(weights=None)
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    torch.save(source.state_dict(), channel / "resnet18.pth")
+    monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
+    model = common.build_model("resnet18", 5)
+    train.load_backbone_weights(model, train.pretrained_source(None), "resnet18")
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_var, source.bn1.running_var)
+    assert model.fc.out_features == 5
+
+
+def test_weights_of_another_backbone_are_refused(tmp_path: Path) -> None:
+    torch.save(train.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(train.TrainingInputError, match=r"r18.pth do not fit resnet34"):
+        train.load_backbone_weights(common.build_model("resnet34", 3), str(tmp_path / "r18.pth"), "resnet34")
+    (tmp_path / "other.pth").write_bytes(b"not a state dict")
+    with pytest.raises(train.TrainingInputError, match=r"holds 2 .pth/.pt files"):
+        train.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path), "resnet18")
+    with pytest.raises(train.TrainingInputError, match=r"cannot read the pretrained weights .*other.pth"):
+        train.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path / "other.pth"), "resnet18")
+
+
+def test_imagenet_weights_come_from_the_torch_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / train.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(2)
+    source = train.models.resnet18(weights=None)
+    torch.save(source.state_dict(), cached)
+    model = common.build_model("resnet18", 3)
+    train.load_backbone_weights(model, "imagenet", "resnet18")
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_say_how_to_supply_them(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: the download fails at once
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(train.TrainingInputError, match=r"cannot download .* 'pretrained' channel.*--pretrained-weights none"):
+        train.load_backbone_weights(common.build_model("resnet18", 3), "imagenet", "resnet18")
