@@ -125,12 +125,12 @@ def _check_range(name: str, value: float, minimum: float | None, maximum: float 
 
 
 @functools.lru_cache(maxsize=None)
-def client(service: str, read_timeout: float = 20.0) -> Any:
-    """One boto3 client per service for the life of the execution environment (reused across warm invocations)."""
+def client(service: str, read_timeout: float = 20.0, max_attempts: int = 3) -> Any:
+    """One boto3 client per service and settings for the life of the execution environment (reused while warm)."""
     config = Config(
         connect_timeout=5,
         read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": 3},
+        retries={"mode": "standard", "max_attempts": max_attempts},
         user_agent_extra="dogbreed-lambda",
     )
     return boto3.client(service, config=config)
