@@ -25,6 +25,7 @@ setup(
     description="A SageMaker Pipeline for a PyTorch dog-breed classifier, built offline and published from CodeBuild.",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "steps", "steps.*"]),
+    package_data={"pipeline": ["definition.schema.json"]},
     install_requires=[
         "sagemaker>=2.257.7,<3",
         "boto3",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline.dag import DefinitionError
 from pipeline.settings import ENVIRONMENT, Settings, SettingsError, load_settings, parse_tags
 
 DEFAULT_OUT = Path("build") / "pipeline.json"
@@ -18,6 +19,7 @@ SETTING_FLAGS = (
     "region", "account", "project_name", "project_id", "pipeline_role_arn", "job_role_arn", "model_role_arn",
     "bucket", "prefix", "model_package_group", "kms_key_id", "processing_instance_type",
     "training_instance_type", "endpoint_instance_type",
+    "deploy_lambda_role_arn", "check_lambda_role_arn", "invoke_lambda_role_arn", "invoke_endpoint_name", "allowed_origin",
 )
 
 
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SettingsError, UsageError) as error:
+    except (SettingsError, UsageError, DefinitionError) as error:
         print(f"dogbreed {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -58,7 +58,7 @@ def steps_of(document: dict) -> dict[str, StepNode]:
     def add(step: dict, branch_of: tuple[str, str] | None) -> None:
         name = step["Name"]
         if name in nodes:
-            raise DefinitionError(f"step name {name!r} is used twice")
+            raise DefinitionError(f"step {name}: the name is used twice")
         node = StepNode(name, step["Type"], step, set(step.get("DependsOn", [])), branch_of)
         for reference in iter_references(_own_content(step)):
             match = STEP_REFERENCE.match(reference)
@@ -77,7 +77,8 @@ def steps_of(document: dict) -> dict[str, StepNode]:
     for node in nodes.values():
         unknown = node.depends_on - nodes.keys()
         if unknown:
-            raise DefinitionError(f"step {node.name!r} refers to unknown step(s) {', '.join(sorted(unknown))}")
+            names = ", ".join(repr(name) for name in sorted(unknown))
+            raise DefinitionError(f"step {node.name}: unknown step {names}")
     return nodes
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import steps  # noqa: F401  (imports the SDK without touching the network)
 
 import boto3
+import sagemaker.utils
 from sagemaker import image_uris
 from sagemaker.workflow.pipeline import Pipeline
 from sagemaker.workflow.pipeline_context import PipelineSession
@@ -27,6 +28,7 @@ from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConf
 
 from pipeline.assets import Assets, build_assets
 from pipeline.settings import Settings
+from pipeline.validate import validate_definition
 from steps.context import BuildContext
 from steps.deploy import check_step, deploy_step
 from steps.evaluate import evaluate_step
@@ -68,6 +70,12 @@ def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
     """A PipelineSession that cannot reach AWS, installed as boto3's default while the
     SDK builds (some SDK objects create clients from the default session)."""
     boto_session = boto3.Session(region_name=settings.region, **OFFLINE_CREDENTIALS)
+    session = PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
+    # The SDK re-validates its configuration against a large JSON schema on every
+    # lookup (about a second each, a hundred lookups per build). This configuration
+    # is fixed and was validated just now, when the session was created.
+    validate = sagemaker.utils.validate_sagemaker_config
+    sagemaker.utils.validate_sagemaker_config = lambda config=None: None
     previous = boto3.DEFAULT_SESSION
     sdk_logger = logging.getLogger("sagemaker")
     previous_level = sdk_logger.level
@@ -76,8 +84,9 @@ def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
+            yield session
     finally:
+        sagemaker.utils.validate_sagemaker_config = validate
         boto3.DEFAULT_SESSION = previous
         sdk_logger.setLevel(previous_level)
 
@@ -127,8 +136,9 @@ def render(document: dict) -> str:
 
 
 def synth(settings: Settings) -> Synth:
-    """The pipeline definition and the assets it refers to, built offline."""
+    """The pipeline definition and the assets it refers to, built offline and checked."""
     assets = build_assets(settings)
     with offline_sdk(settings) as session:
         document = json.loads(get_pipeline(settings, assets, session).definition())
+    validate_definition(document)
     return Synth(definition=render(document), assets=assets)

@@ -36,12 +36,18 @@ ENVIRONMENT = {
     "model_package_group": "MODEL_PACKAGE_GROUP_NAME",
     "kms_key_id": "KMS_KEY_ID",
     "spot_training": "SPOT_TRAINING",
+    "deploy_lambda_role_arn": "DEPLOY_LAMBDA_ROLE_ARN",
+    "check_lambda_role_arn": "CHECK_LAMBDA_ROLE_ARN",
+    "invoke_lambda_role_arn": "INVOKE_LAMBDA_ROLE_ARN",
+    "invoke_endpoint_name": "INVOKE_ENDPOINT_NAME",
+    "allowed_origin": "ALLOWED_ORIGIN",
 }
 
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
 _ACCOUNT = re.compile(r"^[0-9]{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_NAME_63 = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _ROLE = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
 
 
@@ -71,6 +77,12 @@ class Settings:
     python_version: str = PYTHON_VERSION
     tags: tuple[tuple[str, str], ...] = ()
     source_dir: Path = field(default_factory=lambda: default_source_dir())
+    # The Lambda functions that upsert publishes; roles as infra/template.yaml names them.
+    deploy_lambda_role_arn: str = ""
+    check_lambda_role_arn: str = ""
+    invoke_lambda_role_arn: str = ""
+    invoke_endpoint_name: str = ""  # the endpoint the invoke function calls
+    allowed_origin: str = ""  # comma-separated CORS origins of the invoke function; empty sends no CORS headers
 
     def __post_init__(self) -> None:
         derived = {
@@ -79,6 +91,10 @@ class Settings:
             "model_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-sagemaker-model",
             "bucket": f"{self.project_name}-artifacts-{self.account}-{self.region}",
             "model_package_group": f"{self.project_name}-models",
+            "deploy_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-deploy-endpoint",
+            "check_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-check-endpoint",
+            "invoke_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-invoke-endpoint",
+            "invoke_endpoint_name": f"{self.project_name}-single-instance",
         }
         for name, value in derived.items():
             if not getattr(self, name):
@@ -95,6 +111,10 @@ class Settings:
             ("pipeline_role_arn", _ROLE, "an IAM role ARN"),
             ("job_role_arn", _ROLE, "an IAM role ARN"),
             ("model_role_arn", _ROLE, "an IAM role ARN"),
+            ("deploy_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            ("check_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            ("invoke_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            ("invoke_endpoint_name", _NAME_63, "a SageMaker endpoint name (letters, digits, hyphens, at most 63 characters)"),
         ]
         for name, pattern, expected in checks:
             value = getattr(self, name)
@@ -119,6 +139,11 @@ class Settings:
     def lambda_arn(self, function: str) -> str:
         name = self.lambda_function_name(function)
         return f"arn:aws:lambda:{self.region}:{self.account}:function:{name}:{LAMBDA_ALIAS}"
+
+    def lambda_role_arn(self, function: str) -> str:
+        """The execution role of a Lambda function (``deploy-endpoint`` -> deploy_lambda_role_arn)."""
+        self.lambda_function_name(function)
+        return getattr(self, f"{function.split('-')[0]}_lambda_role_arn")
 
     def s3_uri(self, *parts: str) -> str:
         return "s3://" + "/".join([self.bucket, self.prefix, *parts])

@@ -1,0 +1,382 @@
+"""The pipeline definition JSON: shape, references, API arguments, contract, determinism.
+
+These tests need only the core install (no torch), as CodeBuild runs them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from pipeline.cli import main
+from pipeline.dag import DefinitionError, steps_of, topological_order
+from pipeline.definition import load_contract, synth
+from pipeline.settings import Settings, SettingsError, load_settings
+from pipeline.validate import check_references, iter_problems
+from tests.conftest import ROOT
+
+SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
+EXPECTED_STEPS = {
+    "PrepareData", "TuneHyperparameters",
+    *(f"{verb}{suffix}" for suffix in ("SingleInstance", "MultiInstance") for verb in (
+        "Train", "Evaluate", "CheckAccuracy", "Deploy", "Check", "AccuracyTooLow")),
+    "RegisterSingleInstance-RegisterModel", "RegisterMultiInstance-RegisterModel",
+}
+CONTRACT = load_contract(ROOT)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return synth(load_settings({}, environ={}))
+
+
+@pytest.fixture(scope="module")
+def document(result) -> dict:
+    return result.document
+
+
+@pytest.fixture
+def nodes(document):
+    return steps_of(document)
+
+
+def parameter_default(document: dict, name: str):
+    return next(p["DefaultValue"] for p in document["Parameters"] if p["Name"] == name)
+
+
+def resolve_default(document: dict, value):
+    """A value with parameter references replaced by the parameters' defaults."""
+    if isinstance(value, dict) and "Get" in value and value["Get"].startswith("Parameters."):
+        return parameter_default(document, value["Get"].split(".", 1)[1])
+    return value
+
+
+def all_messages(errors):
+    for error in errors:
+        yield error.message
+        yield from all_messages(error.context or [])
+
+
+# --- shape -----------------------------------------------------------------------------------
+
+def test_definition_validates_against_the_project_schema(document):
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    errors = [e.message for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(document)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda d: d["Steps"][0].update(Type="Shell"), "'Shell' is not one of"),
+    (lambda d: d["Steps"][0]["Arguments"]["ProcessingInputs"][0]["S3Input"].update(S3Uri={"Get": "Nowhere.X"}), "does not match"),
+    (lambda d: d["Parameters"].append({"Name": "Bad", "Type": "Integer", "DefaultValue": "seven"}), "is not of type 'integer'"),
+    (lambda d: d["Steps"][0].update(CacheConfig={"Enabled": "yes"}), "is not of type 'boolean'"),
+])
+def test_schema_rejects_broken_definitions(document, breakage, expected):
+    broken = copy.deepcopy(document)
+    breakage(broken)
+    messages = list(all_messages(jsonschema.Draft202012Validator(SCHEMA).iter_errors(broken)))
+    assert any(expected in m for m in messages), messages
+
+
+def test_every_step_has_a_readable_name_display_name_and_description(nodes):
+    assert set(nodes) == EXPECTED_STEPS
+    for node in nodes.values():
+        assert node.document.get("DisplayName"), node.name
+        assert len(node.document.get("Description", "")) > 20, node.name
+
+
+# --- references and graph ----------------------------------------------------------------
+
+def test_job_step_arguments_are_valid_botocore_input(document):
+    assert list(iter_problems(document)) == []
+
+
+def test_botocore_validation_catches_a_wrong_type_and_an_unknown_field(document):
+    broken = copy.deepcopy(document)
+    training = next(s for s in broken["Steps"] if s["Name"] == "TrainSingleInstance")
+    training["Arguments"]["ResourceConfig"]["InstanceCount"] = "one"
+    training["Arguments"]["StoppingCondition"]["MaxRuntimeInHours"] = 2
+    problems = "\n".join(iter_problems(broken))
+    assert "TrainSingleInstance (CreateTrainingJob)" in problems
+    assert "ResourceConfig.InstanceCount" in problems
+    assert "MaxRuntimeInHours" in problems
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("Parameters.NoSuchParameter", "unknown parameter 'NoSuchParameter'"),
+    ("Steps.NoSuchStep.ModelArtifacts.S3ModelArtifacts", "unknown step 'NoSuchStep'"),
+    ("Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtefacts", "has no member 'S3ModelArtefacts'"),
+    ("Steps.PrepareData.ProcessingOutputConfig.Outputs['nope'].S3Output.S3Uri", "has no output 'nope'"),
+    ("Steps.DeploySingleInstance.OutputParameters['url']", "Lambda step DeploySingleInstance has outputs"),
+    ("Steps.EvaluateSingleInstance.PropertyFiles.Missing", "has no property file"),
+    ("Execution.Tomorrow", "unknown execution variable"),
+])
+def test_a_broken_reference_is_reported_with_step_and_path(document, reference, message):
+    broken = copy.deepcopy(document)
+    evaluate = next(s for s in broken["Steps"] if s["Name"] == "EvaluateMultiInstance")
+    evaluate["Arguments"]["Environment"]["BROKEN"] = {"Get": reference}
+    with pytest.raises(DefinitionError) as error:
+        check_references(broken)
+    assert "step EvaluateMultiInstance" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_every_reference_resolves_and_the_graph_has_no_cycle(document, nodes):
+    check_references(document)
+    order = topological_order(nodes)
+    assert order.index("PrepareData") < order.index("TuneHyperparameters") < order.index("TrainMultiInstance")
+    assert order.index("DeploySingleInstance") < order.index("CheckSingleInstance")
+
+
+def test_a_cycle_is_reported(document):
+    broken = copy.deepcopy(document)
+    prepare = next(s for s in broken["Steps"] if s["Name"] == "PrepareData")
+    prepare["DependsOn"] = ["TrainSingleInstance"]
+    with pytest.raises(DefinitionError, match="cycle: PrepareData -> TrainSingleInstance -> PrepareData"):
+        topological_order(steps_of(broken))
+
+
+def test_branches_hang_off_the_accuracy_condition(nodes):
+    for suffix in ("SingleInstance", "MultiInstance"):
+        gate = f"CheckAccuracy{suffix}"
+        assert nodes[f"Register{suffix}-RegisterModel"].branch_of == (gate, "if")
+        assert nodes[f"Deploy{suffix}"].branch_of == (gate, "if")
+        assert nodes[f"Check{suffix}"].branch_of == (gate, "if")
+        assert nodes[f"AccuracyTooLow{suffix}"].branch_of == (gate, "else")
+
+
+# --- what the steps do ------------------------------------------------------------------------
+
+def test_instance_counts_are_1_and_7_by_default(document, nodes):
+    single = nodes["TrainSingleInstance"].document["Arguments"]["ResourceConfig"]["InstanceCount"]
+    multi = nodes["TrainMultiInstance"].document["Arguments"]["ResourceConfig"]["InstanceCount"]
+    assert resolve_default(document, single) == 1
+    assert multi == {"Get": "Parameters.MultiInstanceCount"}
+    assert resolve_default(document, multi) == 7
+
+
+def test_both_training_steps_take_the_best_hyperparameters_and_never_the_test_split(nodes):
+    for name in ("TrainSingleInstance", "TrainMultiInstance"):
+        arguments = nodes[name].document["Arguments"]
+        for hyperparameter in ("learning_rate", "batch_size", "epochs"):
+            value = json.dumps(arguments["HyperParameters"][hyperparameter])
+            assert f"Steps.TuneHyperparameters.BestTrainingJob.TunedHyperParameters['{hyperparameter}']" in value
+        channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in arguments["InputDataConfig"]}
+        assert set(channels) == {CONTRACT.TRAIN_CHANNEL, CONTRACT.VALID_CHANNEL}
+        assert "'test'" not in json.dumps(channels)
+
+
+def test_tuning_is_bayesian_over_log_learning_rate_batch_size_and_epochs(nodes):
+    config = nodes["TuneHyperparameters"].document["Arguments"]["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian"
+    assert config["HyperParameterTuningJobObjective"] == {"MetricName": CONTRACT.OBJECTIVE_METRIC, "Type": "Minimize"}
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"][0]["Name"] == "learning_rate"
+    assert ranges["ContinuousParameterRanges"][0]["ScalingType"] == "Logarithmic"
+    assert ranges["CategoricalParameterRanges"][0]["Name"] == "batch_size"
+    assert ranges["IntegerParameterRanges"][0]["Name"] == "epochs"
+    assert config["ResourceLimits"] == {
+        "MaxNumberOfTrainingJobs": {"Get": "Parameters.TuningMaxJobs"},
+        "MaxParallelTrainingJobs": {"Get": "Parameters.TuningMaxParallelJobs"},
+    }
+
+
+def test_metric_definitions_are_the_contract_of_the_training_script(nodes):
+    expected = CONTRACT.metric_definitions()
+    tuning = nodes["TuneHyperparameters"].document["Arguments"]["TrainingJobDefinition"]
+    assert tuning["AlgorithmSpecification"]["MetricDefinitions"] == expected
+    for name in ("TrainSingleInstance", "TrainMultiInstance"):
+        assert nodes[name].document["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"] == expected
+
+
+def test_the_accuracy_gate_reads_the_evaluation_file_the_evaluate_script_writes(nodes, document):
+    for suffix in ("SingleInstance", "MultiInstance"):
+        evaluate = nodes[f"Evaluate{suffix}"].document
+        (property_file,) = evaluate["PropertyFiles"]
+        assert property_file["FilePath"] == CONTRACT.EVALUATION_FILE
+        outputs = {o["OutputName"] for o in evaluate["Arguments"]["ProcessingOutputConfig"]["Outputs"]}
+        assert property_file["OutputName"] in outputs
+        (condition,) = nodes[f"CheckAccuracy{suffix}"].document["Arguments"]["Conditions"]
+        assert condition["Type"] == "GreaterThanOrEqualTo"
+        assert condition["LeftValue"]["Std:JsonGet"]["Path"] == CONTRACT.ACCURACY_JSON_PATH
+        assert condition["RightValue"] == {"Get": "Parameters.AccuracyThreshold"}
+        message = json.dumps(nodes[f"AccuracyTooLow{suffix}"].document["Arguments"]["ErrorMessage"])
+        assert CONTRACT.ACCURACY_JSON_PATH in message and "Parameters.AccuracyThreshold" in message
+
+
+def test_expensive_steps_are_cached_and_retried_on_throttling_and_capacity(nodes):
+    for name in ("PrepareData", "TuneHyperparameters", "TrainSingleInstance", "TrainMultiInstance",
+                 "EvaluateSingleInstance", "EvaluateMultiInstance"):
+        step = nodes[name].document
+        assert step["CacheConfig"]["Enabled"] is True, name
+        exceptions = {e for policy in step["RetryPolicies"] for e in policy["ExceptionType"]}
+        assert {"Step.THROTTLING", "SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT"} <= exceptions, name
+
+
+def test_processing_runs_on_the_training_framework_image_and_registration_on_the_inference_image(nodes):
+    training_image = nodes["TrainSingleInstance"].document["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
+    assert training_image.endswith(":2.8-cpu-py312") and "pytorch-training" in training_image
+    for name in ("PrepareData", "EvaluateSingleInstance"):
+        assert nodes[name].document["Arguments"]["AppSpecification"]["ImageUri"] == training_image
+    (container,) = nodes["RegisterSingleInstance-RegisterModel"].document["Arguments"]["InferenceSpecification"]["Containers"]
+    assert container["Image"].endswith(":2.6-cpu-py312") and "pytorch-inference" in container["Image"]
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == CONTRACT.INFERENCE_SCRIPT
+    assert container["ModelDataUrl"] == {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifacts"}
+
+
+def test_registration_carries_the_evaluation_as_model_metrics(nodes):
+    arguments = nodes["RegisterMultiInstance-RegisterModel"].document["Arguments"]
+    statistics = arguments["ModelMetrics"]["ModelQuality"]["Statistics"]
+    assert statistics["ContentType"] == "application/json"
+    assert CONTRACT.EVALUATION_FILE in json.dumps(statistics["S3Uri"])
+    assert arguments["ModelApprovalStatus"] == {"Get": "Parameters.ModelApprovalStatus"}
+    assert arguments["ModelPackageGroupName"] == "dogbreed-models"
+
+
+def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes):
+    settings = load_settings({}, environ={})
+    deploy = nodes["DeployMultiInstance"].document
+    assert deploy["FunctionArn"] == settings.lambda_arn("deploy-endpoint")
+    assert deploy["Arguments"]["model_package_arn"] == {"Get": "Steps.RegisterMultiInstance-RegisterModel.ModelPackageArn"}
+    assert deploy["Arguments"]["endpoint_name"] == "dogbreed-multi-instance"
+    check = nodes["CheckMultiInstance"].document
+    assert check["FunctionArn"] == settings.lambda_arn("check-endpoint")
+    assert check["Arguments"]["endpoint_name"] == {"Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_name']"}
+
+
+def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
+    assert nodes["TrainMultiInstance"].document["Arguments"]["EnableInterContainerTrafficEncryption"] is True
+    assert "EnableInterContainerTrafficEncryption" not in nodes["TrainSingleInstance"].document["Arguments"] or \
+        nodes["TrainSingleInstance"].document["Arguments"]["EnableInterContainerTrafficEncryption"] is False
+    key = "arn:aws:kms:us-east-1:111122223333:key/0f1e2d3c-aaaa-bbbb-cccc-1234567890ab"
+    encrypted = steps_of(synth(load_settings({"kms_key_id": key}, environ={})).document)
+    training = encrypted["TrainMultiInstance"].document["Arguments"]
+    assert training["ResourceConfig"]["VolumeKmsKeyId"] == key
+    assert training["OutputDataConfig"]["KmsKeyId"] == key
+    assert encrypted["PrepareData"].document["Arguments"]["ProcessingOutputConfig"]["KmsKeyId"] == key
+
+
+def test_spot_training_is_a_setting_that_keeps_checkpoints(nodes):
+    on_demand = nodes["TrainSingleInstance"].document["Arguments"]
+    assert "CheckpointConfig" in on_demand and not on_demand.get("EnableManagedSpotTraining")
+    spot = steps_of(synth(load_settings({"spot_training": True}, environ={})).document)
+    arguments = spot["TrainMultiInstance"].document["Arguments"]
+    assert arguments["EnableManagedSpotTraining"] is True
+    assert arguments["StoppingCondition"]["MaxWaitTimeInSeconds"] >= arguments["StoppingCondition"]["MaxRuntimeInSeconds"]
+
+
+# --- settings -------------------------------------------------------------------------------
+
+def test_settings_come_from_flags_then_environment_then_defaults():
+    environ = {"AWS_REGION": "eu-west-1", "ARTIFACT_BUCKET": "env-bucket", "SAGEMAKER_PROJECT_NAME": "dogs",
+               "SAGEMAKER_PROJECT_ID": "p-abc123"}
+    settings = load_settings({"bucket": "flag-bucket"}, environ=environ)
+    assert (settings.region, settings.bucket, settings.project_name) == ("eu-west-1", "flag-bucket", "dogs")
+    assert settings.pipeline_role_arn == f"arn:aws:iam::{settings.account}:role/dogs-pipeline"
+    assert {"Key": "sagemaker:project-id", "Value": "p-abc123"} in settings.all_tags()
+    assert load_settings({}, environ={}) == Settings()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"region": "mars-1"}, "region='mars-1' is not an AWS region"),
+    ({"account": "12"}, "account='12' is not a 12-digit AWS account id"),
+    ({"pipeline_role_arn": "admin"}, "pipeline_role_arn='admin' is not an IAM role ARN"),
+    ({"bucket": "Bad_Bucket"}, "bucket='Bad_Bucket' is not an S3 bucket name"),
+    ({"source_dir": "/"}, "has no code/ folder"),
+])
+def test_bad_settings_are_refused_with_the_setting_named(flags, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        load_settings(flags, environ={})
+
+
+# --- command line, offline and deterministic ------------------------------------------------
+
+SOCKET_GUARD = """
+import socket, os
+_log = os.environ["SOCKET_LOG"]
+def _refuse(self, address, *args):
+    with open(_log, "a") as handle:
+        handle.write(repr(address) + "\\n")
+    raise OSError("network is blocked in this test")
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+"""
+
+
+def offline_synth(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run ``dogbreed synth`` in a fresh interpreter with no AWS settings and every socket refused."""
+    guard = tmp_path / "guard"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(SOCKET_GUARD)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_", "ARTIFACT_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(guard), SOCKET_LOG=str(tmp_path / "sockets.log"))
+    command = [sys.executable, "-m", "pipeline.cli", "synth", "--out", str(out), *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_synth_is_offline_and_byte_for_byte_deterministic(tmp_path):
+    first = offline_synth(tmp_path, tmp_path / "a" / "pipeline.json")
+    second = offline_synth(tmp_path, tmp_path / "b" / "pipeline.json")
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert not (tmp_path / "sockets.log").exists(), (tmp_path / "sockets.log").read_text()
+    for name in ("pipeline.json", "assets.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    text = (tmp_path / "a" / "pipeline.json").read_text()
+    assert json.loads(text) and text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    manifest = json.loads((tmp_path / "a" / "assets.json").read_text())
+    for asset in manifest["assets"]:
+        archive = tmp_path / "a" / "assets" / asset["sha256"][:16] / asset["filename"]
+        assert archive.is_file() and asset["s3_uri"] in text + json.dumps(manifest)
+
+
+def test_a_change_in_code_changes_only_the_code_asset_key(tmp_path):
+    tree = tmp_path / "tree"
+    for folder in ("code", "lambda"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = synth(load_settings({"source_dir": str(tree)}, environ={}))
+    with open(tree / "code" / "train.py", "a") as handle:
+        handle.write("\n# a change\n")
+    after = synth(load_settings({"source_dir": str(tree)}, environ={}))
+    assert after.assets.lambdas.s3_uri == before.assets.lambdas.s3_uri
+    assert after.assets.code.s3_uri != before.assets.code.s3_uri
+    assert after.definition != before.definition
+    assert after.definition.replace(after.assets.code.s3_uri, before.assets.code.s3_uri) == before.definition
+
+
+def test_synth_command_writes_definition_and_manifest(tmp_path, capsys):
+    out = tmp_path / "out" / "pipeline.json"
+    assert main(["synth", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    manifest = json.loads((out.parent / "assets.json").read_text())
+    assert {a["name"] for a in manifest["assets"]} == {"code", "lambda"}
+    code = next(a for a in manifest["assets"] if a["name"] == "code")
+    assert "train.py" in code["files"] and "contract.py" in code["files"]
+
+
+def test_graph_command_draws_every_step_in_mermaid_and_dot(capsys):
+    assert main(["graph"]) == 0
+    mermaid = capsys.readouterr().out
+    assert mermaid.startswith("flowchart TD")
+    assert "TuneHyperparameters --> TrainMultiInstance" in mermaid
+    assert "CheckAccuracySingleInstance -- else --> AccuracyTooLowSingleInstance" in mermaid
+    assert main(["graph", "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.startswith("digraph pipeline {")
+    for name in EXPECTED_STEPS:
+        assert f'"{name}"' in dot
+
+
+def test_a_bad_flag_is_one_line_and_exit_status_2(capsys):
+    assert main(["synth", "--region", "nowhere"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "region='nowhere'" in error
