@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extra_commands() -> list[Callable]:
     """Commands defined in their own modules: each module's ``register(subparsers)``."""
-    return []
+    from pipeline import publish
+
+    return [publish.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
