@@ -29,11 +29,13 @@ from events import (
     read_int,
     read_str,
     request_id,
+    step_failure,
 )
 
 SAMPLE_IMAGE = Path(__file__).resolve().with_name("sample.jpg")
 SAMPLE_CONTENT_TYPE = "image/jpeg"
 DEFAULT_BUDGET_SECONDS = 120.0  # when there is no Lambda context (a local run)
+LAMBDA_STEP_LIMIT_SECONDS = 600.0  # a pipeline LambdaStep fails after 10 minutes, whatever the function's timeout
 RESERVED_SECONDS = 30.0  # kept back from waiting for the scaling calls and the test invocation
 DEFAULT_POLL_SECONDS = 15.0
 DEFAULT_NUM_CLASSES = 133
@@ -97,9 +99,9 @@ def parse_event(event: Mapping[str, Any]) -> CheckRequest:
 
 
 def wait_budget_seconds(context: Any, wait_seconds: float | None) -> float:
-    """How long this invocation may wait for InService and still finish before Lambda stops it."""
+    """How long this invocation may wait for InService and still answer before Lambda or the LambdaStep gives up."""
     if context is not None and hasattr(context, "get_remaining_time_in_millis"):
-        remaining = context.get_remaining_time_in_millis() / 1000.0
+        remaining = min(context.get_remaining_time_in_millis() / 1000.0, LAMBDA_STEP_LIMIT_SECONDS)
     else:
         remaining = DEFAULT_BUDGET_SECONDS
     budget = max(0.0, remaining - RESERVED_SECONDS)
@@ -273,27 +275,28 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
-    started = time.monotonic()
-    request = parse_event(event)
+def check(request: CheckRequest, context: Any) -> tuple[dict[str, Any], str]:
+    """The check's result and the name of the scaling policy it put."""
     endpoint = in_service_endpoint(client("sagemaker"), request, wait_budget_seconds(context, request.wait_seconds))
     check_config(endpoint, request.endpoint_config_name)
     variants = endpoint.get("ProductionVariants") or [{}]
-    variant_name = variants[0].get("VariantName", "AllTraffic")
-    policy_name = configure_autoscaling(client("application-autoscaling"), request, variant_name)
+    policy_name = configure_autoscaling(client("application-autoscaling"), request, variants[0].get("VariantName", "AllTraffic"))
     content_type, body, latency_ms = invoke_sample(client("sagemaker-runtime"), request)
-    top_label = validated_top_label(content_type, body, request.num_classes)
     result = {
         "endpoint_name": request.endpoint_name,
         "status": endpoint["EndpointStatus"],
-        "top_label": top_label,
+        "top_label": validated_top_label(content_type, body, request.num_classes),
         "latency_ms": round(latency_ms, 1),
     }
-    log(
-        function="check-endpoint",
-        request_id=request_id(context),
-        scaling_policy=policy_name,
-        duration_s=round(time.monotonic() - started, 1),
-        **result,
-    )
+    return result, policy_name
+
+
+def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        result, policy_name = check(parse_event(event), context)
+    except Exception as error:
+        raise step_failure(error, "check-endpoint", context, (EventError, CheckFailed)) from None
+    log(function="check-endpoint", request_id=request_id(context), scaling_policy=policy_name,
+        duration_s=round(time.monotonic() - started, 1), **result)
     return result

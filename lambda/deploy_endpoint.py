@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from events import (
     NAME_HINT,
     NAME_PATTERN,
+    AwsCallFailed,
     EventError,
     client,
     error_code,
@@ -29,6 +30,7 @@ from events import (
     read_str,
     read_str_list,
     request_id,
+    step_failure,
 )
 
 VARIANT_NAME = "AllTraffic"
@@ -37,8 +39,9 @@ MAX_NAME_LENGTH = 63
 BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 # Blue/green: shift all traffic at once, then keep the old fleet while the
-# rollback alarms watch the new one, so an alarm can switch traffic back.
-BAKE_SECONDS_WITH_ALARMS = 300
+# rollback alarms watch the new one, so an alarm can switch traffic back. The
+# bake is short because the Check step (at most 10 minutes) waits for it too.
+BAKE_SECONDS_WITH_ALARMS = 120
 MAX_UPDATE_SECONDS = 3600
 
 MODEL_PACKAGE_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[a-zA-Z0-9/-]+$")
@@ -139,7 +142,7 @@ def deployment_config(alarm_names: tuple[str, ...]) -> dict[str, Any]:
     config: dict[str, Any] = {
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": bake},
-            "TerminationWaitInSeconds": bake,
+            "TerminationWaitInSeconds": 0,
             "MaximumExecutionTimeoutInSeconds": MAX_UPDATE_SECONDS,
         }
     }
@@ -285,24 +288,30 @@ def create_or_update_endpoint(request: DeployRequest, config_name: str) -> str:
     return "updated"
 
 
-def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
-    started = time.monotonic()
-    request = parse_event(event)
+def deploy(request: DeployRequest) -> dict[str, str]:
+    """Create what is missing and point the endpoint at it; returns the names used and the action taken."""
     sagemaker = client("sagemaker")
     approved_package(sagemaker, request.model_package_arn)
     model = model_spec(request)
     ensure_created(sagemaker.describe_model, sagemaker.create_model, model, "ModelName")
     config = endpoint_config_spec(request, model["ModelName"])
     ensure_created(sagemaker.describe_endpoint_config, sagemaker.create_endpoint_config, config, "EndpointConfigName")
-    action = create_or_update_endpoint(request, config["EndpointConfigName"])
-    result = {
+    return {
         "endpoint_name": request.endpoint_name,
         "endpoint_config_name": config["EndpointConfigName"],
         "model_name": model["ModelName"],
-        "action": action,
+        "action": create_or_update_endpoint(request, config["EndpointConfigName"]),
     }
+
+
+def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
+    started = time.monotonic()
+    try:
+        result = deploy(parse_event(event))
+    except Exception as error:
+        raise step_failure(error, "deploy-endpoint", context, (EventError, DeployError)) from None
     log(function="deploy-endpoint", request_id=request_id(context), latency_ms=round((time.monotonic() - started) * 1000), **result)
     return result
 
 
-__all__ = ["handler", "parse_event", "DeployError", "EventError"]
+__all__ = ["handler", "parse_event", "AwsCallFailed", "DeployError", "EventError"]

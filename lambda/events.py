@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import time
+import traceback
 from typing import Any, Mapping, Pattern
 
 import boto3
@@ -26,6 +27,10 @@ _MISSING = object()
 
 class EventError(ValueError):
     """An event field is missing or has a value that cannot work; the message names the field."""
+
+
+class AwsCallFailed(RuntimeError):
+    """AWS refused a call the function made; the message carries AWS's error code and message."""
 
 
 def _raw(event: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -156,3 +161,21 @@ def log(**fields: Any) -> None:
 
 def request_id(context: Any) -> str:
     return str(getattr(context, "aws_request_id", "") or "local")
+
+
+def step_failure(error: BaseException, function: str, context: Any, expected: tuple[type, ...]) -> BaseException:
+    """The exception a LambdaStep handler raises for ``error``: logged once, without the frames below the handler.
+
+    SageMaker shows the message as the step's failure reason. ``expected``
+    errors (bad events, failed checks) and AWS refusals are the caller's to
+    read; anything else is a fault in the function, so its traceback goes to
+    the log, not to the caller.
+    """
+    if getattr(error, "response", None) is not None and error_code(error):  # botocore ClientError
+        error = AwsCallFailed(f"{error_code(error)}: {error_message(error)}")
+    fields: dict[str, Any] = {"function": function, "request_id": request_id(context), "status": "failed",
+                              "error_type": error.__class__.__name__, "error": str(error)}
+    if not isinstance(error, (*expected, AwsCallFailed)):
+        fields["traceback"] = traceback.format_exc(limit=20)
+    log(**fields)
+    return error.with_traceback(None)

@@ -199,6 +199,16 @@ def test_an_endpoint_still_creating_fails_before_the_lambda_timeout(aws):
     assert scaling_state() == ([], [])
 
 
+def test_the_wait_fits_the_lambda_step_limit_and_the_function_timeout():
+    check = load_handler("check_endpoint")
+    reserve = check.RESERVED_SECONDS
+    assert check.wait_budget_seconds(LambdaContext(900), None) == pytest.approx(600 - reserve, abs=0.1)  # the LambdaStep's 10 minutes
+    assert check.wait_budget_seconds(LambdaContext(200), None) == pytest.approx(200 - reserve, abs=0.1)
+    assert check.wait_budget_seconds(LambdaContext(200), 45.0) == 45.0
+    assert check.wait_budget_seconds(LambdaContext(10), None) == 0.0
+    assert check.wait_budget_seconds(None, None) == check.DEFAULT_BUDGET_SECONDS - reserve
+
+
 def test_wait_seconds_caps_the_wait(aws):
     deployed_endpoint()
     sagemaker_backend().endpoints[ENDPOINT].endpoint_status = "Updating"
@@ -220,10 +230,12 @@ def test_a_failed_endpoint_fails_with_its_reason(aws):
         check.handler(check_event(), None)
 
 
-def test_a_missing_endpoint_fails_clearly(aws):
+def test_a_missing_endpoint_fails_clearly(aws, capsys):
     check = load_handler("check_endpoint")
-    with pytest.raises(check.CheckFailed, match=r"endpoint dogbreed-single-instance does not exist; run the Deploy step first"):
+    with pytest.raises(check.CheckFailed, match=r"endpoint dogbreed-single-instance does not exist; run the Deploy step first") as failure:
         check.handler(check_event(), None)
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert (line["status"], line["error_type"], line["error"]) == ("failed", "CheckFailed", str(failure.value))
 
 
 def test_a_rolled_back_update_fails_the_config_check(aws):

@@ -1,7 +1,9 @@
 """lambda/deploy_endpoint.py against moto: create, idempotent re-run, blue/green update, refusals."""
 from __future__ import annotations
 
+import json
 import re
+import traceback
 
 import boto3
 import pytest
@@ -97,7 +99,7 @@ def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoin
     (update,) = update_endpoint_in_moto
     policy = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]
     assert policy["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
-    assert policy["TerminationWaitInSeconds"] > 0  # the old fleet stays while the alarm watches
+    assert policy["TrafficRoutingConfiguration"]["WaitIntervalInSeconds"] > 0  # the old fleet stays while the alarm watches
     assert update["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "dogbreed-single-instance-5xx-errors"}]}
     assert "RetainAllVariantProperties" not in update  # not auto-scaled: the event's instance count applies
     assert deploy.handler(deploy_event(version_2), None)["action"] == "unchanged"
@@ -211,3 +213,27 @@ def test_an_event_that_is_not_an_object_is_refused(aws):
     deploy = load_handler("deploy_endpoint")
     with pytest.raises(deploy.EventError, match="must be a JSON object, got list"):
         deploy.handler(["endpoint_name"], None)
+
+
+def test_a_failure_reaches_the_step_as_one_message_and_one_log_line(aws, capsys):
+    deploy = load_handler("deploy_endpoint")
+    event = deploy_event(model_package(status="Rejected"))
+
+    with pytest.raises(deploy.DeployError) as failure:
+        deploy.handler(event, LambdaContext(request_id="req-9"))
+    frames = traceback.extract_tb(failure.value.__traceback__)
+    assert frames[-1].name == "handler"  # the frames below the handler stay out of the step's failure
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert line["status"] == "failed" and line["request_id"] == "req-9" and line["error_type"] == "DeployError"
+    assert line["error"] == str(failure.value) and "traceback" not in line
+
+
+def test_an_aws_refusal_fails_with_the_aws_error(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    first = deploy.handler(deploy_event(model_package()), None)
+    _register_scaling("dogbreed-single-instance")
+    sagemaker().delete_endpoint_config(EndpointConfigName=first["endpoint_config_name"])
+
+    with pytest.raises(deploy.AwsCallFailed, match=r"^ValidationException: Could not find endpoint configuration"):
+        deploy.handler(deploy_event(model_package()), None)
+    assert update_endpoint_in_moto == []
