@@ -329,12 +329,13 @@ def check_output_empty(output_dir: Path) -> None:
 
 
 def move_into_place(staging: Path, output_dir: Path) -> None:
+    """Move the staged class folders into the split folders (a rename, or a copy across file systems)."""
     for split in SPLITS:
         target = output_dir / split
         target.mkdir(parents=True, exist_ok=True)
         source = staging / split
         for class_dir in sorted(source.iterdir()) if source.is_dir() else []:
-            os.replace(class_dir, target / class_dir.name)
+            shutil.move(str(class_dir), str(target / class_dir.name))
 
 
 def write_json_atomically(path: Path, document: dict) -> None:
