@@ -20,7 +20,7 @@ from pipeline.dag import DefinitionError, steps_of, topological_order
 from pipeline.definition import load_contract, synth
 from pipeline.settings import Settings, SettingsError, load_settings
 from pipeline.validate import check_references, iter_problems
-from tests.conftest import ROOT
+from conftest import ROOT
 
 SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {
