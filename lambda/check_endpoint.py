@@ -24,6 +24,7 @@ from events import (
     client,
     error_code,
     error_message,
+    is_not_found,
     log,
     read_float,
     read_int,
@@ -115,7 +116,7 @@ def in_service_endpoint(sagemaker: Any, request: CheckRequest, budget_seconds: f
         try:
             endpoint = sagemaker.describe_endpoint(EndpointName=request.endpoint_name)
         except Exception as error:
-            if error_code(error) == "ValidationException" and "could not find" in error_message(error).lower():
+            if is_not_found(error):
                 raise CheckFailed("endpoint status", f"endpoint {request.endpoint_name} does not exist; run the Deploy step first") from None
             raise CheckFailed("endpoint status", f"cannot describe endpoint {request.endpoint_name}: {error_message(error)}") from None
         status = endpoint.get("EndpointStatus", "")
@@ -275,7 +276,7 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def check(request: CheckRequest, context: Any) -> tuple[dict[str, Any], str]:
+def check(request: CheckRequest, context: Any) -> tuple[dict[str, str], str]:
     """The check's result and the name of the scaling policy it put."""
     endpoint = in_service_endpoint(client("sagemaker"), request, wait_budget_seconds(context, request.wait_seconds))
     check_config(endpoint, request.endpoint_config_name)
@@ -286,12 +287,12 @@ def check(request: CheckRequest, context: Any) -> tuple[dict[str, Any], str]:
         "endpoint_name": request.endpoint_name,
         "status": endpoint["EndpointStatus"],
         "top_label": validated_top_label(content_type, body, request.num_classes),
-        "latency_ms": round(latency_ms, 1),
+        "latency_ms": f"{latency_ms:.1f}",  # the LambdaStep declares every output a String
     }
     return result, policy_name
 
 
-def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
     started = time.monotonic()
     try:
         result, policy_name = check(parse_event(event), context)

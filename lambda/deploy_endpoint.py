@@ -23,8 +23,8 @@ from events import (
     AwsCallFailed,
     EventError,
     client,
-    error_code,
     error_message,
+    is_not_found,
     log,
     read_int,
     read_str,
@@ -170,7 +170,7 @@ def _exists(describe: Any, **name: str) -> bool:
     try:
         describe(**name)
     except Exception as error:
-        if error_code(error) == "ValidationException" and "could not find" in error_message(error).lower():
+        if is_not_found(error):
             return False
         raise
     return True
@@ -194,7 +194,7 @@ def describe_endpoint_or_none(sagemaker: Any, name: str) -> Mapping[str, Any] | 
     try:
         return sagemaker.describe_endpoint(EndpointName=name)
     except Exception as error:
-        if error_code(error) == "ValidationException" and "could not find" in error_message(error).lower():
+        if is_not_found(error):
             return None
         raise
 
@@ -211,23 +211,19 @@ def current_instance_type(sagemaker: Any, endpoint: Mapping[str, Any]) -> str:
     return ""
 
 
-def release_autoscaling(autoscaling: Any, endpoint_name: str) -> bool:
-    """Remove the variant's scaling policies and target; True when there was a target.
+def release_autoscaling(autoscaling: Any, endpoint_name: str) -> None:
+    """Remove the variant's scaling policies and scalable target.
 
     SageMaker refuses an update that changes the instance type of a variant
     registered for auto scaling; the Check... step registers it again.
     """
     resource_id = scaling_resource_id(endpoint_name)
-    targets = autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource_id], ScalableDimension=SCALABLE_DIMENSION)
-    if not targets.get("ScalableTargets"):
-        return False
     policies = autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
     for policy in policies.get("ScalingPolicies", []):
         autoscaling.delete_scaling_policy(
             PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION
         )
     autoscaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
-    return True
 
 
 def update_arguments(request: DeployRequest, config_name: str, keep_instance_count: bool) -> dict[str, Any]:

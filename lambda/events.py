@@ -147,6 +147,11 @@ def error_code(error: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def is_not_found(error: Exception) -> bool:
+    """SageMaker's answer for a missing model, config or endpoint: a ValidationException saying 'Could not find'."""
+    return error_code(error) == "ValidationException" and "could not find" in error_message(error).lower()
+
+
 def error_message(error: Exception) -> str:
     response = getattr(error, "response", None) or {}
     return str(response.get("Error", {}).get("Message", "")) or str(error)
