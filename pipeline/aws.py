@@ -44,6 +44,9 @@ IAM_ACTIONS = {
 }
 SERVICE_PREFIX = {"lambda": "lambda", "s3": "s3", "sagemaker": "sagemaker", "iam": "iam", "sts": "sts"}
 _PERFORM = re.compile(r"perform:? ([a-z0-9-]+:[A-Za-z0-9]+)")
+_XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+MAX_MESSAGE = 400
 _ROLE_HINT = re.compile(r"\brole\b", re.IGNORECASE)
 
 
@@ -129,11 +132,23 @@ class _ServiceClient:
 
 
 def error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
+    return _code_and_message(error)[0]
 
 
 def error_message(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Message", "")).strip()
+    return _code_and_message(error)[1]
+
+
+def _code_and_message(error: ClientError) -> tuple[str, str]:
+    """Code and message, also when the body was an XML error document botocore left unparsed
+    (an emulator or a proxy answering a JSON-protocol service)."""
+    details = error.response.get("Error", {})
+    code, message = str(details.get("Code", "")), str(details.get("Message", "")).strip()
+    if message.startswith("<"):
+        xml_code, xml_message = _XML_CODE.search(message), _XML_MESSAGE.search(message)
+        code = xml_code.group(1) if xml_code else code
+        message = xml_message.group(1) if xml_message else ""
+    return code, " ".join(message.split())[:MAX_MESSAGE]
 
 
 def http_status(error: ClientError) -> int:
@@ -158,7 +173,7 @@ def describe_client_error(error: ClientError, doing: str, *, bucket: str | None 
     if code in NOT_AUTHENTICATED:
         return (f"AWS did not accept the credentials while {doing} ({code}): set AWS_PROFILE/--profile or "
                 f"fresh AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-    if code in ACCESS_DENIED or (http_status(error) == 403 and not code.isdigit() and code != "NoSuchBucket"):
+    if code in ACCESS_DENIED or code == "403":
         return f"access denied to {iam_action(error)} while {doing}: grant it to the caller's role or policy"
     if code == "NoSuchBucket" or (bucket and "NoSuchBucket" in message):
         return f"bucket {bucket or error.response.get('Error', {}).get('BucketName', '?')} does not exist (while {doing}): create it (infra/template.yaml) or set --bucket / ARTIFACT_BUCKET"

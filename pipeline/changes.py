@@ -17,6 +17,7 @@ from pipeline.dag import steps_of
 MISSING = object()
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 VALUE_WIDTH = 100
+CONTEXT = 24  # characters kept on each side of the part of two long strings that differs
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Change:
     new: Any
 
     def describe(self) -> str:
-        return f"{self.path or '(whole value)'}: {render_value(self.old)} -> {render_value(self.new)}"
+        old, new = render_pair(self.old, self.new)
+        return f"{self.path or '(whole value)'}: {old} -> {new}"
 
 
 @dataclass
@@ -88,6 +90,33 @@ def render_value(value: Any) -> str:
         return "(absent)"
     text = json.dumps(value, sort_keys=True, separators=(", ", ": "))
     return text if len(text) <= VALUE_WIDTH else text[: VALUE_WIDTH - 3] + "..."
+
+
+def render_pair(old: Any, new: Any) -> tuple[str, str]:
+    """Both values as JSON; two long strings keep only the part that differs, with some context."""
+    if not (isinstance(old, str) and isinstance(new, str)) or max(len(old), len(new)) <= VALUE_WIDTH - 2:
+        return render_value(old), render_value(new)
+    prefix = len(_common_prefix(old, new))
+    suffix = len(_common_prefix(old[prefix:][::-1], new[prefix:][::-1]))
+    if prefix + suffix < CONTEXT:
+        return render_value(old), render_value(new)
+    start = max(0, prefix - CONTEXT)
+
+    def cut(text: str) -> str:
+        end = min(len(text), len(text) - suffix + CONTEXT)
+        middle = json.dumps(text[start:end])[1:-1]
+        return '"' + ("..." if start else "") + middle + ("..." if end < len(text) else "") + '"'
+
+    return cut(old), cut(new)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    size = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        size += 1
+    return a[:size]
 
 
 def join_path(path: str, key: str | int) -> str:

@@ -1,0 +1,477 @@
+"""``dogbreed upsert``, ``start`` and ``diff`` against moto's server on 127.0.0.1.
+
+The server is a real HTTP endpoint started for this module; the command line
+runs in-process with ``--endpoint-url`` and fake credentials. Every command
+works on a copy of the source tree so that edits elsewhere in the checkout
+cannot change what is published between two runs.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import re
+import shutil
+import socket
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+
+from pipeline.assets import zipball
+from pipeline.cli import main
+from pipeline.settings import ENVIRONMENT, LAMBDA_FUNCTIONS
+
+moto_server = pytest.importorskip("moto.server")
+
+ROOT = Path(__file__).resolve().parents[1]
+REGION = "us-east-1"
+PROJECT = "dogbreed"
+LAMBDA_TRUST = json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+})
+EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def aws_environment(tmp_path_factory):
+    """Fake credentials and no settings from the shell's environment."""
+    home = tmp_path_factory.mktemp("aws-home")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in [*ENVIRONMENT.values(), "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+                         "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN"]:
+            patch.delenv(variable, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def endpoint(aws_environment):
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        yield url
+    finally:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def aws(endpoint):
+    def client(service: str):
+        return boto3.client(service, region_name=REGION, endpoint_url=endpoint)
+    return client
+
+
+@pytest.fixture(scope="module")
+def account(aws) -> str:
+    return aws("sts").get_caller_identity()["Account"]
+
+
+@pytest.fixture(scope="module")
+def bucket(aws, account) -> str:
+    name = f"{PROJECT}-artifacts-{account}-{REGION}"
+    aws("s3").create_bucket(Bucket=name)
+    for function in LAMBDA_FUNCTIONS:
+        aws("iam").create_role(RoleName=f"{PROJECT}-{function}", AssumeRolePolicyDocument=LAMBDA_TRUST)
+    return name
+
+
+def copy_sources(target: Path) -> Path:
+    for folder in ("code", "lambda"):
+        shutil.copytree(ROOT / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Path:
+    return copy_sources(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture(scope="module")
+def deployed_tree(sources) -> dict[str, Path]:
+    """The source tree the account was last upserted from; tests that publish a change move it on."""
+    return {"path": sources}
+
+
+def edited_copy(sources: Path, target: Path, relative: str, line: str) -> Path:
+    shutil.copytree(sources, target)
+    path = target / relative
+    path.write_text(path.read_text() + line)
+    return target
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli(endpoint: str, source_dir: Path, command: str, *extra: str) -> list[str]:
+    return [command, "--endpoint-url", endpoint, "--source-dir", str(source_dir), *extra]
+
+
+def object_keys(aws, bucket: str) -> set[str]:
+    listing = aws("s3").list_objects_v2(Bucket=bucket, Prefix=f"{PROJECT}/assets/")
+    return {item["Key"] for item in listing.get("Contents", [])}
+
+
+def deployed_definition(aws) -> dict:
+    return json.loads(aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")["PipelineDefinition"])
+
+
+@pytest.fixture(scope="module")
+def first_upsert(endpoint, bucket, sources) -> tuple[int, str]:
+    """The first upsert into the empty account: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(cli(endpoint, sources, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+    return code, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def manifest(endpoint, sources, tmp_path_factory, first_upsert) -> tuple[dict, dict]:
+    """The definition and asset manifest that ``dogbreed synth`` writes for the same settings."""
+    out = tmp_path_factory.mktemp("synth") / "pipeline.json"
+    assert main(["synth", "--out", str(out), "--source-dir", str(sources), "--account",
+                 boto3.client("sts", region_name=REGION, endpoint_url=endpoint).get_caller_identity()["Account"]]) == 0
+    return json.loads(out.read_text()), json.loads((out.parent / "assets.json").read_text())
+
+
+def test_upsert_publishes_assets_functions_and_pipeline(first_upsert, manifest, aws, bucket):
+    code, out = first_upsert
+    assert code == 0, out
+    _, assets = manifest
+    keys = {entry["s3_uri"].split("/", 3)[3] for entry in assets["assets"]}
+    assert object_keys(aws, bucket) == keys
+    for entry in assets["assets"]:
+        body = aws("s3").get_object(Bucket=bucket, Key=entry["s3_uri"].split("/", 3)[3])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    lambda_zip = next(entry for entry in assets["assets"] if entry["name"] == "lambda")
+    expected_sha = base64.b64encode(bytes.fromhex(lambda_zip["sha256"])).decode()
+    for function in LAMBDA_FUNCTIONS:
+        name = f"{PROJECT}-{function}"
+        alias = aws("lambda").get_alias(FunctionName=name, Name="live")
+        live = aws("lambda").get_function_configuration(FunctionName=name, Qualifier="live")
+        assert alias["FunctionVersion"] == "1"
+        assert live["CodeSha256"] == expected_sha
+        assert live["Handler"] == f"{function.replace('-', '_')}.handler"
+        assert live["Runtime"] == "python3.12"
+        assert live["Role"].endswith(f":role/{name}")
+    assert aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-check-endpoint")["Timeout"] == 900
+    invoke_env = aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-invoke-endpoint")["Environment"]
+    assert invoke_env["Variables"] == {"ENDPOINT_NAME": f"{PROJECT}-single-instance", "ALLOWED_ORIGIN": ""}
+    pipeline = aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")
+    assert pipeline["ParallelismConfiguration"] == {"MaxParallelExecutionSteps": 3}
+    assert pipeline["RoleArn"].endswith(f":role/{PROJECT}-pipeline")
+    tags = aws("sagemaker").list_tags(ResourceArn=pipeline["PipelineArn"])["Tags"]
+    assert {"Key": "team", "Value": "vision"} in tags
+    assert "pipeline dogbreed-pipeline: created (16 steps)" in out
+    assert "6 of 6 resources changed" in out
+
+
+def test_deployed_definition_equals_the_synthesized_one(first_upsert, manifest, aws):
+    definition, _ = manifest
+    assert deployed_definition(aws) == definition
+
+
+def test_second_upsert_changes_nothing_and_says_so(first_upsert, endpoint, sources, aws, bucket, capsys):
+    before = aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")["LastModifiedTime"]
+    keys = object_keys(aws, bucket)
+    code, out, err = run(capsys, *cli(endpoint, sources, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+    assert code == 0, err
+    assert out.count(": unchanged") == 6
+    assert out.splitlines()[-1].startswith("no changes:")
+    assert object_keys(aws, bucket) == keys
+    assert aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")["LastModifiedTime"] == before
+    for function in LAMBDA_FUNCTIONS:
+        versions = aws("lambda").list_versions_by_function(FunctionName=f"{PROJECT}-{function}")["Versions"]
+        assert sorted(v["Version"] for v in versions) == ["$LATEST", "1"]
+
+
+def test_diff_reports_a_code_change_then_upsert_publishes_one_tarball(first_upsert, endpoint, deployed_tree, aws, bucket, tmp_path, capsys):
+    changed = edited_copy(deployed_tree["path"], tmp_path / "changed", "code/preprocess.py", "\n# a change in code/\n")
+    code, out, err = run(capsys, *cli(endpoint, changed, "diff"))
+    assert code == 1, err
+    assert "~ step PrepareData" in out
+    assert re.search(r"^    \S+: \".*/assets/code/[0-9a-f]{16}/sourcedir\.tar\.gz\" -> \".*/assets/code/[0-9a-f]{16}/sourcedir\.tar\.gz\"$",
+                     out, re.MULTILINE), out
+    assert "- step" not in out and "+ step" not in out
+
+    keys = object_keys(aws, bucket)
+    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+    assert code == 0, err
+    new_keys = object_keys(aws, bucket) - keys
+    assert len(new_keys) == 1 and next(iter(new_keys)).endswith("/sourcedir.tar.gz")
+    assert "asset lambda: unchanged" in out
+    assert out.count("function ") == 3 and len(re.findall(r": unchanged, alias live -> version \d+$", out, re.MULTILINE)) == 3
+    assert re.search(r"^pipeline dogbreed-pipeline: definition updated: \d+ steps? changed \(.*PrepareData.*\)$", out, re.MULTILINE), out
+    assert new_keys.pop().split("/")[-2] in json.dumps(deployed_definition(aws))
+    deployed_tree["path"] = changed
+
+    code, out, err = run(capsys, *cli(endpoint, changed, "diff"))
+    assert (code, out.strip()) == (0, "no differences: the deployed definition of dogbreed-pipeline equals the local one")
+
+
+def test_lambda_change_updates_code_and_moves_the_alias(first_upsert, endpoint, deployed_tree, aws, tmp_path, capsys):
+    changed = edited_copy(deployed_tree["path"], tmp_path / "changed", "lambda/events.py", "\n# a change in lambda/\n")
+    before = aws("lambda").get_alias(FunctionName=f"{PROJECT}-deploy-endpoint", Name="live")["FunctionVersion"]
+    after = str(int(before) + 1)
+    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3",
+                                      "--allowed-origin", "https://dogs.example.com"))
+    assert code == 0, err
+    deployed_tree["path"] = changed
+    assert "asset code: unchanged" in out and "asset lambda: uploaded" in out
+    assert f"function dogbreed-deploy-endpoint: code updated, alias live -> version {after}" in out
+    assert (f"function dogbreed-invoke-endpoint: code updated, configuration updated (Environment), "
+            f"alias live -> version {after}") in out
+    assert "pipeline dogbreed-pipeline: unchanged" in out  # the definition calls the alias, not a version
+    live = aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-invoke-endpoint", Qualifier="live")
+    assert live["Environment"]["Variables"]["ALLOWED_ORIGIN"] == "https://dogs.example.com"
+    new_zip = hashlib.sha256(zipball(changed / "lambda")).digest()
+    assert live["CodeSha256"] == base64.b64encode(new_zip).decode()
+    first = aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-invoke-endpoint", Qualifier=before)
+    assert first["CodeSha256"] != live["CodeSha256"]
+
+
+def test_start_returns_an_execution_arn_with_the_parameters(first_upsert, endpoint, sources, aws, capsys):
+    code, out, err = run(capsys, *cli(endpoint, sources, "start", "--param", "AccuracyThreshold=0.85",
+                                      "--param", "Backbone=resnet18"))
+    assert code == 0, err
+    arn = out.strip()
+    assert EXECUTION_ARN.match(arn), out
+    parameters = aws("sagemaker").list_pipeline_parameters_for_execution(PipelineExecutionArn=arn)["PipelineParameters"]
+    assert {(p["Name"], p["Value"]) for p in parameters} == {("AccuracyThreshold", "0.85"), ("Backbone", "resnet18")}
+
+
+@pytest.mark.parametrize("param, message", [
+    ("Nope=1", "--param Nope: the pipeline has no such parameter; it has "),
+    ("AccuracyThreshold=high", "--param AccuracyThreshold='high' is not a float"),
+    ("Backbone=vgg16", "--param Backbone='vgg16' is not one of resnet18, resnet34, resnet50"),
+    ("Backbone", "--param 'Backbone' is not Name=Value"),
+])
+def test_start_checks_parameters_against_the_deployed_pipeline(first_upsert, endpoint, sources, capsys, param, message):
+    code, out, err = run(capsys, *cli(endpoint, sources, "start", "--param", param))
+    assert code == 2 and out == ""
+    assert err.startswith(f"dogbreed start: {message}"), err
+
+
+def test_missing_bucket_is_named(first_upsert, endpoint, sources, capsys):
+    code, out, err = run(capsys, *cli(endpoint, sources, "upsert", "--bucket", "no-such-bucket-for-dogs"))
+    assert code == 2 and out == ""
+    assert re.fullmatch(
+        r"dogbreed upsert: bucket no-such-bucket-for-dogs does not exist \(while uploading "
+        r"s3://no-such-bucket-for-dogs/dogbreed/assets/code/[0-9a-f]{16}/sourcedir\.tar\.gz\): "
+        r"create it \(infra/template\.yaml\) or set --bucket / ARTIFACT_BUCKET\n", err), err
+
+
+def test_missing_lambda_role_is_named(first_upsert, endpoint, sources, account, capsys):
+    role = f"arn:aws:iam::{account}:role/no-such-role"
+    code, out, err = run(capsys, *cli(endpoint, sources, "upsert", "--project-name", "otherdogs",
+                                      "--bucket", f"{PROJECT}-artifacts-{account}-{REGION}",
+                                      "--deploy-lambda-role-arn", role))
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"dogbreed upsert: role {role} cannot be used (while publishing Lambda function otherdogs-deploy-endpoint)")
+
+
+def set_auth_free_requests(endpoint: str, count: str) -> None:
+    """Moto's IAM-like access control: after ``count`` more requests it checks signatures and policies."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture
+def describe_only_user(aws, monkeypatch):
+    """Credentials of an IAM user allowed sagemaker:DescribePipeline and nothing else, with IAM enforced."""
+    iam = aws("iam")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="describe-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["sagemaker:DescribePipeline"], "Resource": "*"}],
+    }))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    endpoint = aws("s3").meta.endpoint_url
+    set_auth_free_requests(endpoint, "0")
+    try:
+        yield
+    finally:
+        set_auth_free_requests(endpoint, "inf")
+
+
+def test_access_denied_names_the_action(first_upsert, endpoint, sources, describe_only_user, capsys):
+    code, out, err = run(capsys, *cli(endpoint, sources, "start"))
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "dogbreed start: access denied to sagemaker:StartPipelineExecution while starting pipeline "
+        "dogbreed-pipeline: grant it to the caller's role or policy"
+    ]
+
+
+# ---------------------------------------------------------------- following an execution
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def step(name: str, status: str, start: float | None, end: float | None = None, reason: str | None = None) -> dict:
+    """One entry of ListPipelineExecutionSteps, as boto3 returns it."""
+    summary = {"StepName": name, "StepDisplayName": name, "StepStatus": status, "AttemptCount": 1, "Metadata": {}}
+    if start is not None:
+        summary["StartTime"] = T0 + timedelta(seconds=start)
+    if end is not None:
+        summary["EndTime"] = T0 + timedelta(seconds=end)
+    if reason is not None:
+        summary["FailureReason"] = reason
+    return summary
+
+
+def execution(status: str, reason: str = "") -> dict:
+    return {"PipelineExecutionStatus": status, "FailureReason": reason,
+            "PipelineExecutionArn": "arn:aws:sagemaker:us-east-1:111122223333:pipeline/dogbreed-pipeline/execution/abc"}
+
+
+ORDER = ["PrepareData", "TuneHyperparameters", "TrainSingleInstance", "TrainMultiInstance"]
+
+
+def test_snapshot_lists_every_step_in_order_and_marks_unlisted_ones():
+    from pipeline.publish import snapshot_of
+
+    running = snapshot_of(execution("Executing"), [step("PrepareData", "Succeeded", 0, 252),
+                                                   step("TuneHyperparameters", "Executing", 252)], ORDER)
+    assert [(r.name, r.status) for r in running.rows] == [
+        ("PrepareData", "Succeeded"), ("TuneHyperparameters", "Executing"),
+        ("TrainSingleInstance", "Pending"), ("TrainMultiInstance", "Pending")]
+    assert not running.finished
+    done = snapshot_of(execution("Failed"), [step("TuneHyperparameters", "Failed", 252, 400, "ResourceLimitExceeded"),
+                                             step("PrepareData", "Succeeded", 0, 252)], ORDER)
+    assert [(r.name, r.status) for r in done.rows][2:] == [("TrainSingleInstance", "Not run"), ("TrainMultiInstance", "Not run")]
+    assert done.finished and [r.name for r in done.failed_steps()] == ["TuneHyperparameters"]
+
+
+def test_snapshot_keeps_the_latest_attempt_of_a_retried_step():
+    from pipeline.publish import snapshot_of
+
+    snap = snapshot_of(execution("Executing"), [step("PrepareData", "Failed", 0, 10, "throttled"),
+                                                step("PrepareData", "Executing", 20)], ORDER)
+    assert (snap.rows[0].status, snap.rows[0].reason) == ("Executing", "")
+
+
+def test_watch_polls_until_the_execution_ends_and_reports_the_failing_step():
+    import io
+
+    from pipeline.progress import ProgressView
+    from pipeline.publish import failure_message, snapshot_of, watch
+
+    responses = [
+        (execution("Executing"), [step("PrepareData", "Executing", 0)]),
+        (execution("Executing"), [step("PrepareData", "Succeeded", 0, 252), step("TuneHyperparameters", "Executing", 252)]),
+        (execution("Executing"), [step("PrepareData", "Succeeded", 0, 252), step("TuneHyperparameters", "Executing", 252)]),
+        (execution("Failed", "Step failure: One or multiple steps failed."),
+         [step("PrepareData", "Succeeded", 0, 252),
+          step("TuneHyperparameters", "Failed", 252, 400, "ClientError: ResourceLimitExceeded for ml.m5.2xlarge")]),
+    ]
+    polled, slept = [], []
+
+    def poll():
+        polled.append(True)
+        return snapshot_of(*responses[len(polled) - 1], ORDER)
+
+    out = io.StringIO()
+    with ProgressView("dogbreed-pipeline", plain=True, file=out, clock=lambda: T0 + timedelta(seconds=500)) as view:
+        final = watch(poll, view, interval=7.5, sleep=slept.append)
+    assert len(polled) == 4 and slept == [7.5, 7.5, 7.5]
+    assert final.status == "Failed"
+    assert out.getvalue().splitlines() == [
+        "PrepareData: Executing",
+        "dogbreed-pipeline: Executing",
+        "PrepareData: Succeeded after 4m 12s",
+        "TuneHyperparameters: Executing",
+        "TuneHyperparameters: Failed after 2m 28s - ClientError: ResourceLimitExceeded for ml.m5.2xlarge",
+        "TrainSingleInstance: Not run",
+        "TrainMultiInstance: Not run",
+        "dogbreed-pipeline: Failed",
+    ]
+    arn = execution("Failed")["PipelineExecutionArn"]
+    assert failure_message(arn, final) == (
+        f"execution {arn} Failed: step TuneHyperparameters failed: ClientError: ResourceLimitExceeded for ml.m5.2xlarge")
+
+
+def test_failure_message_falls_back_to_the_execution_reason():
+    from pipeline.publish import failure_message, snapshot_of
+
+    stopped = snapshot_of(execution("Stopped", "Stopped by user"), [step("PrepareData", "Stopped", 0, 5)], ORDER)
+    assert failure_message("arn:x", stopped) == "execution arn:x Stopped: Stopped by user"
+
+
+# ---------------------------------------------------------------- comparing definitions
+
+def test_definition_diff_names_steps_parameters_and_json_paths(manifest):
+    import copy
+
+    from pipeline.changes import diff_definitions
+
+    old, _ = manifest
+    new = copy.deepcopy(old)
+    prepare = next(s for s in new["Steps"] if s["Name"] == "PrepareData")
+    prepare["Arguments"]["ProcessingResources"]["ClusterConfig"]["VolumeSizeInGB"] = 321
+    new["Steps"].append({"Name": "Announce", "Type": "Fail", "Arguments": {"ErrorMessage": "stop"}})
+    new["Parameters"].append({"Name": "Seed", "Type": "Integer", "DefaultValue": 7})
+    threshold = next(p for p in new["Parameters"] if p["Name"] == "AccuracyThreshold")
+    threshold["DefaultValue"] = 0.9
+
+    diff = diff_definitions(old, new)
+    old_volume = old["Steps"][0]["Arguments"]["ProcessingResources"]["ClusterConfig"]["VolumeSizeInGB"]
+    assert diff.lines() == [
+        "+ step Announce",
+        "~ step PrepareData",
+        f"    Arguments.ProcessingResources.ClusterConfig.VolumeSizeInGB: {old_volume} -> 321",
+        "+ parameter Seed",
+        "~ parameter AccuracyThreshold",
+        f"    DefaultValue: {json.dumps(old_threshold(old))} -> 0.9",
+    ]
+    assert diff.summary() == ("1 step changed (PrepareData), 1 step added (Announce), "
+                              "1 parameter changed (AccuracyThreshold), 1 parameter added (Seed)")
+    back = diff_definitions(new, old)
+    assert back.removed_steps == ["Announce"] and back.removed_parameters == ["Seed"]
+    assert diff_definitions(old, copy.deepcopy(old)).equal
+
+
+def old_threshold(definition: dict) -> float:
+    return next(p for p in definition["Parameters"] if p["Name"] == "AccuracyThreshold")["DefaultValue"]
+
+
+def test_moving_a_step_between_condition_branches_changes_the_condition(manifest):
+    import copy
+
+    from pipeline.changes import diff_definitions
+
+    old, _ = manifest
+    new = copy.deepcopy(old)
+    gate = next(s for s in new["Steps"] if s["Type"] == "Condition")
+    moved = gate["Arguments"]["IfSteps"].pop()
+    gate["Arguments"]["ElseSteps"].append(moved)
+    diff = diff_definitions(old, new)
+    assert list(diff.changed_steps) == [gate["Name"]]
+    paths = [change.path for change in diff.changed_steps[gate["Name"]]]
+    assert any(path.startswith("Arguments.ElseSteps[") for path in paths)
+    assert any(path.startswith("Arguments.IfSteps[") for path in paths)
