@@ -12,9 +12,9 @@ import boto3
 import pytest
 from PIL import Image
 
-from tests.lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, endpoint_answers, load_handler, model_package, sagemaker_backend
-from tests.lambda_harness import aws as aws_only
-from tests.lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, endpoint_answers, load_handler, model_package, sagemaker_backend
+from lambda_harness import aws as aws_only
+from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
 
 ENDPOINT = "dogbreed-single-instance"
 RESOURCE_ID = f"endpoint/{ENDPOINT}/variant/AllTraffic"

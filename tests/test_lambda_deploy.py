@@ -8,7 +8,7 @@ import traceback
 import boto3
 import pytest
 
-from tests.lambda_harness import ACCOUNT, REGION, LambdaContext, aws, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
+from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
 
 MODEL_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model"
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")

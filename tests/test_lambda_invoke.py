@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.lambda_harness import LambdaContext, endpoint_answers, load_handler
-from tests.lambda_harness import aws as aws_only
-from tests.lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import LambdaContext, endpoint_answers, load_handler
+from lambda_harness import aws as aws_only
+from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
 
 ENDPOINT = "dogbreed-single-instance"
 
