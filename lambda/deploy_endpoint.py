@@ -38,6 +38,7 @@ HASH_LENGTH = 10
 MAX_NAME_LENGTH = 63
 BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.yaml creates for both endpoints
 # Blue/green: shift all traffic at once, then keep the old fleet while the
 # rollback alarms watch the new one, so an alarm can switch traffic back. The
 # bake is short because the Check step (at most 10 minutes) waits for it too.
@@ -90,6 +91,22 @@ def default_rollback_alarms(endpoint_name: str) -> tuple[str, ...]:
     if not pattern:
         return ()
     return tuple(name.strip() for name in pattern.format(endpoint_name=endpoint_name).split(",") if name.strip())
+
+
+def existing_stack_alarms(cloudwatch: Any, endpoint_name: str) -> tuple[str, ...]:
+    """The endpoint's error alarm from infra/template.yaml, when it exists and this role may read it."""
+    name = STACK_ALARM_PATTERN.format(endpoint_name=endpoint_name)
+    try:
+        found = cloudwatch.describe_alarms(AlarmNames=[name], AlarmTypes=["MetricAlarm"]).get("MetricAlarms", [])
+    except Exception as error:  # no alarm is no reason to refuse a deployment; the log says why
+        log(function="deploy-endpoint", event="rollback-alarm-unreadable", alarm=name, error=error_message(error))
+        return ()
+    return tuple(alarm["AlarmName"] for alarm in found)
+
+
+def rollback_alarms(request: DeployRequest) -> tuple[str, ...]:
+    """Alarms named by the event or the environment, else the stack's alarm for this endpoint if it exists."""
+    return request.rollback_alarm_names or existing_stack_alarms(client("cloudwatch"), request.endpoint_name)
 
 
 def content_name(prefix: str, content: Mapping[str, Any]) -> str:
@@ -231,7 +248,7 @@ def update_arguments(request: DeployRequest, config_name: str, keep_instance_cou
     arguments: dict[str, Any] = {
         "EndpointName": request.endpoint_name,
         "EndpointConfigName": config_name,
-        "DeploymentConfig": deployment_config(request.rollback_alarm_names),
+        "DeploymentConfig": deployment_config(rollback_alarms(request)),
     }
     if keep_instance_count:
         arguments["RetainAllVariantProperties"] = True

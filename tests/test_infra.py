@@ -65,17 +65,9 @@ class Resolver:
         kind = resource["Type"]
         names = {
             "AWS::S3::Bucket": "BucketName", "AWS::IAM::Role": "RoleName", "AWS::Logs::LogGroup": "LogGroupName",
-            "AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::Lambda::Function": "FunctionName",
-            "AWS::CloudWatch::Alarm": "AlarmName",
+            "AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",
         }
-        if kind in names:
-            return properties[names[kind]]
-        if kind == "AWS::Lambda::Alias":
-            return f"{self.function_arn(properties['FunctionName'])}:{properties['Name']}"
-        return f"{logical}-physical-id"
-
-    def function_arn(self, name: str) -> str:
-        return f"arn:{PARTITION}:lambda:{REGION}:{ACCOUNT}:function:{name}"
+        return properties[names[kind]] if kind in names else f"{logical}-physical-id"
 
     def get_att(self, logical: str, attribute: str) -> str:
         resource = self.template["Resources"][logical]
@@ -85,13 +77,10 @@ class Resolver:
             "AWS::IAM::Role": f"arn:{PARTITION}:iam::{ACCOUNT}:role/{name}",
             "AWS::Logs::LogGroup": f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:{name}",
             "AWS::CloudWatch::Alarm": f"arn:{PARTITION}:cloudwatch:{REGION}:{ACCOUNT}:alarm:{name}",
-            "AWS::Lambda::Function": self.function_arn(name),
         }
-        if attribute == "Arn":
-            return arns[resource["Type"]]
-        if attribute == "Version":
-            return "1"
-        return f"{logical}.{attribute}"
+        if attribute != "Arn":
+            raise AssertionError(f"the resolver knows only Arn attributes, not {logical}.{attribute}")
+        return arns[resource["Type"]]
 
     def sub(self, text: str, variables: dict[str, Any]) -> str:
         def replace(match: re.Match) -> str:
@@ -151,8 +140,8 @@ class Resolver:
 
 PARAMETER_SETS = {
     "defaults": {},
-    "kms-and-functions": {"KmsKeyArn": KMS_KEY, "LambdaCodeKey": "dogbreed/assets/lambda/0123456789abcdef/lambda.zip"},
-    "public-url": {"LambdaCodeKey": "dogbreed/assets/lambda/0123456789abcdef/lambda.zip", "InvokeUrlAuthType": "NONE", "InvokeProvisionedConcurrency": "0"},
+    "kms-key": {"KmsKeyArn": KMS_KEY},
+    "multi-instance-public": {"PublicEndpoint": "multi-instance", "ProjectName": "dogs-eu"},
 }
 
 
@@ -228,6 +217,9 @@ SUPPRESSED = {
         "SageMaker encrypts job volumes and endpoint storage with the project key through a grant; limited to that key and to AWS resources",
     ("PERMISSIONS_MANAGEMENT_ACTIONS", "iam:createservicelinkedrole"):
         "Application Auto Scaling needs its SageMaker service-linked role once; limited to that role's ARN and service name",
+    ("PRIVILEGE_ESCALATION", "lambda:updatefunctioncode"):
+        "upsert publishes the project's three functions by design, so the build can act as their roles; those roles reach "
+        "only this project's endpoints, models and logs, and UpdateFunctionCode is limited to the three functions",
     ("RESOURCE_STAR", "application-autoscaling:registerscalabletarget"):
         "scalable-target ARNs carry an ID made at registration, so they cannot be named in advance; conditions pin the namespace and dimension",
     ("RESOURCE_STAR", "application-autoscaling:putscalingpolicy"): "as RegisterScalableTarget",
@@ -316,28 +308,35 @@ def test_the_invoke_role_may_invoke_its_one_endpoint_and_nothing_else(stack):
     found = role_statements(stack, "InvokeFunctionRole")
     by_action = {a: s for s in found for a in as_list(s["Action"])}
     assert set(by_action) == {"sagemaker:InvokeEndpoint", "logs:CreateLogStream", "logs:PutLogEvents"}
-    assert as_list(by_action["sagemaker:InvokeEndpoint"]["Resource"]) == [f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/dogbreed-single-instance"]
-    assert as_list(by_action["logs:PutLogEvents"]["Resource"]) == [f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/lambda/dogbreed-invoke-endpoint:*"]
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    endpoint = stack["InvokeFunctionLogs"]["Properties"]["LogGroupName"]
+    assert endpoint == f"/aws/lambda/{project}-invoke-endpoint"
+    (resource,) = as_list(by_action["sagemaker:InvokeEndpoint"]["Resource"])
+    assert resource in {f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{project}-{slug}" for slug in ("single-instance", "multi-instance")}
+    assert as_list(by_action["logs:PutLogEvents"]["Resource"]) == [f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/lambda/{project}-invoke-endpoint:*"]
 
 
-def test_roles_pass_only_the_role_their_service_needs(stack):
-    passes = {}
-    for logical, name, document in policies(stack):
+def test_roles_pass_only_the_roles_their_services_need(template):
+    passes: dict[str, set[tuple[str, str]]] = {}
+    for logical, name, document in policies(Resolver(template).resources()):
         for statement in statements(document):
             if "iam:PassRole" in as_list(statement["Action"]):
                 assert as_list(statement["Action"]) == ["iam:PassRole"], logical
-                assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}, logical
-                passes[logical] = as_list(statement["Resource"])
+                (service,) = statement["Condition"]["StringEquals"].values()
+                assert list(statement["Condition"]) == ["StringEquals"] and list(statement["Condition"]["StringEquals"]) == ["iam:PassedToService"]
+                passes.setdefault(logical, set()).update((resource, service) for resource in as_list(statement["Resource"]))
     role = f"arn:aws:iam::{ACCOUNT}:role/dogbreed"
     assert passes == {
-        "DeployFunctionRole": [f"{role}-sagemaker-model"],
-        "PipelineRole": [f"{role}-sagemaker-jobs"],
-        "CodeBuildRole": [f"{role}-pipeline"],
+        "DeployFunctionRole": {(f"{role}-sagemaker-model", "sagemaker.amazonaws.com")},
+        "PipelineRole": {(f"{role}-sagemaker-jobs", "sagemaker.amazonaws.com")},
+        "CodeBuildRole": {(f"{role}-pipeline", "sagemaker.amazonaws.com")}
+        | {(f"{role}-{function}", "lambda.amazonaws.com") for function in ("deploy-endpoint", "check-endpoint", "invoke-endpoint")},
     }
 
 
 def test_the_endpoint_roles_reach_only_the_two_project_endpoints(stack):
-    endpoints = {f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/dogbreed-{slug}" for slug in ("single-instance", "multi-instance")}
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    endpoints = {f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{project}-{slug}" for slug in ("single-instance", "multi-instance")}
     for role in ("DeployFunctionRole", "CheckFunctionRole"):
         for statement in role_statements(stack, role):
             for resource in as_list(statement["Resource"]):
@@ -367,72 +366,89 @@ def test_the_bucket_is_encrypted_private_and_tls_only(stack):
     assert set(deny["Resource"]) == {f"arn:aws:s3:::{bucket['BucketName']}", f"arn:aws:s3:::{bucket['BucketName']}/*"}
 
 
-def test_scaling_and_concurrency_parameters_default_as_documented(template):
-    parameters = template["Parameters"]
-    assert (parameters["InvokeProvisionedConcurrency"]["Default"], parameters["EndpointMinCapacity"]["Default"], parameters["EndpointMaxCapacity"]["Default"]) == (5, 1, 5)
-    stack = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    alias = stack["InvokeFunctionAlias"]["Properties"]
-    assert alias["Name"] == "live" and alias["ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": "5"}
-    assert stack["CheckFunction"]["Properties"]["Environment"]["Variables"] == {"MIN_CAPACITY": "1", "MAX_CAPACITY": "5"}
-    without = Resolver(template, PARAMETER_SETS["public-url"]).resources()
-    assert "ProvisionedConcurrencyConfig" not in without["InvokeFunctionAlias"]["Properties"]
-
-
-def test_no_functions_without_code_and_a_public_url_only_when_asked(template):
-    bare = Resolver(template).resources()
-    assert not any(r["Type"].startswith("AWS::Lambda::") for r in bare.values())
-    private = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    assert private["InvokeFunctionUrl"]["Properties"]["AuthType"] == "AWS_IAM"
-    assert not any(r["Type"] == "AWS::Lambda::Permission" for r in private.values())
-    public = Resolver(template, PARAMETER_SETS["public-url"]).resources()
-    permissions = [r["Properties"] for r in public.values() if r["Type"] == "AWS::Lambda::Permission"]
-    assert {p["Action"] for p in permissions} == {"lambda:InvokeFunctionUrl", "lambda:InvokeFunction"}
-    assert all(p["FunctionName"].endswith("function:dogbreed-invoke-endpoint:live") for p in permissions)
-
-
-def test_the_invoke_function_sends_no_wildcard_cors_by_default(template):
-    stack = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    variables = stack["InvokeFunction"]["Properties"]["Environment"]["Variables"]
-    assert variables["ALLOWED_ORIGIN"] == "" and variables["ENDPOINT_NAME"] == "dogbreed-single-instance"
-    assert (variables["TOP_K"], variables["URL_TIMEOUT_SECONDS"]) == ("5", "5")
-
-
-def test_each_function_runs_a_handler_that_exists_in_lambda(template):
-    stack = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    functions = [r["Properties"] for r in stack.values() if r["Type"] == "AWS::Lambda::Function"]
-    assert len(functions) == 3
-    for function in functions:
-        module, _, name = function["Handler"].partition(".")
-        source = (ROOT / "lambda" / f"{module}.py").read_text()
-        assert re.search(rf"^def {name}\(event", source, re.M), function["Handler"]
-        assert function["Code"]["S3Key"] == PARAMETER_SETS["kms-and-functions"]["LambdaCodeKey"]
-
-
-def test_rollback_alarms_are_the_ones_the_deploy_function_names(template):
-    stack = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    pattern = stack["DeployFunction"]["Properties"]["Environment"]["Variables"]["ROLLBACK_ALARM_NAME_PATTERN"]
+def test_rollback_alarms_watch_the_two_endpoints(template):
+    stack = Resolver(template).resources()
     alarms = {r["Properties"]["AlarmName"]: r["Properties"] for r in stack.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
     for slug in ("single-instance", "multi-instance"):
         endpoint = f"dogbreed-{slug}"
-        alarm = alarms[pattern.format(endpoint_name=endpoint)]
+        alarm = alarms[f"{endpoint}-5xx-errors"]  # ROLLBACK_ALARM_NAME_PATTERN={endpoint_name}-5xx-errors names them
         assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {"EndpointName": endpoint, "VariantName": "AllTraffic"}
+        assert alarm["MetricName"] == "Invocation5XXErrors" and alarm["TreatMissingData"] == "notBreaching"
 
 
 def test_names_match_the_pipeline_settings(template):
-    """The pipeline builds ARNs from its settings; the stack must create exactly those."""
-    from pipeline.settings import LAMBDA_ALIAS, LAMBDA_FUNCTIONS, Settings
+    """The pipeline builds names and ARNs from its settings; the stack must create exactly those."""
+    from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
-    stack = Resolver(template, PARAMETER_SETS["kms-and-functions"]).resources()
-    roles = {r["Properties"]["RoleName"] for r in stack.values() if r["Type"] == "AWS::IAM::Role"}
-    for arn in (settings.pipeline_role_arn, settings.job_role_arn, settings.model_role_arn):
-        assert arn.rsplit("/", 1)[1] in roles
+    stack = Resolver(template).resources()
+    roles = {f"arn:aws:iam::{ACCOUNT}:role/{r['Properties']['RoleName']}" for r in stack.values() if r["Type"] == "AWS::IAM::Role"}
+    expected_roles = {settings.pipeline_role_arn, settings.job_role_arn, settings.model_role_arn}
+    expected_roles |= {settings.lambda_role_arn(function) for function in LAMBDA_FUNCTIONS}
+    assert expected_roles <= roles
     assert stack["ArtifactBucket"]["Properties"]["BucketName"] == settings.bucket
     assert stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"] == settings.model_package_group
     assert template["Parameters"]["ArtifactPrefix"]["Default"] == settings.prefix
-    functions = {r["Properties"]["FunctionName"] for r in stack.values() if r["Type"] == "AWS::Lambda::Function"}
-    assert functions == {settings.lambda_function_name(name) for name in LAMBDA_FUNCTIONS}
-    aliases = {r["Properties"]["Name"] for r in stack.values() if r["Type"] == "AWS::Lambda::Alias"}
-    assert aliases == {LAMBDA_ALIAS}
-    invoked = {r for s in role_statements(stack, "PipelineRole") if s.get("Sid") == "CallDeployAndCheck" for r in s["Resource"]}
-    assert invoked == {settings.lambda_arn("deploy-endpoint"), settings.lambda_arn("check-endpoint")}
+    invoke = {r for s in role_statements(stack, "InvokeFunctionRole") if s["Action"] == "sagemaker:InvokeEndpoint" for r in as_list(s["Resource"])}
+    assert invoke == {f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{settings.invoke_endpoint_name}"}
+    called = {r for s in role_statements(stack, "PipelineRole") if s.get("Sid") == "CallDeployAndCheck" for r in s["Resource"]}
+    assert called == {settings.lambda_arn("deploy-endpoint"), settings.lambda_arn("check-endpoint")}
+    logs = {r["Properties"]["LogGroupName"] for r in stack.values() if r["Type"] == "AWS::Logs::LogGroup"}
+    assert logs == {f"/aws/lambda/{settings.lambda_function_name(function)}" for function in LAMBDA_FUNCTIONS}
+
+
+def test_the_handlers_upsert_publishes_exist_in_lambda():
+    import inspect
+
+    from lambda_harness import load_handler
+    from pipeline.publish import FUNCTIONS
+
+    for spec in FUNCTIONS:
+        module, _, name = spec.handler.partition(".")
+        handler = getattr(load_handler(module), name)
+        assert list(inspect.signature(handler).parameters) == ["event", "context"], spec.handler
+
+
+def allowed(statements_: list[dict], action: str, resource: str) -> bool:
+    """Whether an Allow statement grants ``action`` on ``resource`` (IAM wildcards in the policy's resources)."""
+    import fnmatch
+
+    return any(
+        s["Effect"] == "Allow" and action in as_list(s["Action"])
+        and any(fnmatch.fnmatchcase(resource, pattern) for pattern in as_list(s["Resource"]))
+        for s in statements_
+    )
+
+
+def test_the_codebuild_role_allows_every_call_upsert_makes(template):
+    """Every AWS call in pipeline/publish.py, on the resource it names, is allowed to the CodeBuild role."""
+    import boto3
+
+    from pipeline.settings import LAMBDA_FUNCTIONS, Settings
+
+    settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
+    source = (ROOT / "pipeline" / "publish.py").read_text()
+    calls = set(re.findall(r"clients\.(lambda_|sagemaker|s3)\.([a-z_]+)\(", source))
+    granted = role_statements(Resolver(template).resources(), "CodeBuildRole")
+    prefix = f"arn:aws:s3:::{settings.bucket}/{settings.prefix}/assets/code/sourcedir.tar.gz"
+    resources = {
+        "lambda": [f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.lambda_function_name(f)}{q}" for f in LAMBDA_FUNCTIONS for q in ("", ":live", ":7")],
+        "sagemaker": [f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.pipeline_name}", f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.pipeline_name}/execution/abc123"],
+        "s3": [prefix],
+    }
+    renamed = {"s3:HeadObject": "s3:GetObject"}
+    waiters = {("lambda", "GetFunction")}  # get_waiter("function_active_v2" / "function_updated_v2") polls GetFunction
+    missing = []
+    operations = set(waiters)
+    for service, method in calls:
+        if method == "get_waiter":
+            continue
+        service = service.rstrip("_")
+        api = boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping[method]
+        operations.add((service, api))
+    assert ("lambda", "PublishVersion") in operations and ("sagemaker", "UpdatePipeline") in operations
+    for service, api in sorted(operations):
+        action = renamed.get(f"{service}:{api}", f"{service}:{api}")
+        if not any(allowed(granted, action, resource) for resource in resources[service]):
+            missing.append(action)
+    assert missing == []

@@ -106,6 +106,23 @@ def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoin
     assert len(update_endpoint_in_moto) == 1
 
 
+def test_an_update_rolls_back_on_the_stack_alarm_when_it_exists(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    deploy.handler(deploy_event(model_package()), None)
+    boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
+        AlarmName="dogbreed-single-instance-5xx-errors", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors",
+        Dimensions=[{"Name": "EndpointName", "Value": "dogbreed-single-instance"}, {"Name": "VariantName", "Value": "AllTraffic"}],
+        Statistic="Sum", Period=60, EvaluationPeriods=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
+    )
+    deploy.handler(deploy_event(model_package()), None)
+
+    without_alarm, with_alarm = update_endpoint_in_moto
+    assert "AutoRollbackConfiguration" not in without_alarm["DeploymentConfig"]
+    assert without_alarm["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["WaitIntervalInSeconds"] == 0
+    assert with_alarm["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "dogbreed-single-instance-5xx-errors"}]}
+
+
 def _register_scaling(endpoint_name: str) -> None:
     autoscaling = boto3.client("application-autoscaling", region_name=REGION)
     resource = f"endpoint/{endpoint_name}/variant/AllTraffic"
