@@ -101,6 +101,9 @@ def render_pair(old: Any, new: Any) -> tuple[str, str]:
     if prefix + suffix < CONTEXT:
         return render_value(old), render_value(new)
     start = max(0, prefix - CONTEXT)
+    boundary = old.find("/", start, prefix)
+    if start and boundary != -1:
+        start = boundary  # begin at a path separator rather than mid-word
 
     def cut(text: str) -> str:
         end = min(len(text), len(text) - suffix + CONTEXT)

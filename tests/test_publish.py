@@ -475,3 +475,15 @@ def test_moving_a_step_between_condition_branches_changes_the_condition(manifest
     paths = [change.path for change in diff.changed_steps[gate["Name"]]]
     assert any(path.startswith("Arguments.ElseSteps[") for path in paths)
     assert any(path.startswith("Arguments.IfSteps[") for path in paths)
+
+
+def test_long_string_changes_keep_the_part_that_differs():
+    from pipeline.changes import Change
+
+    old = "s3://dogbreed-artifacts-123456789012-us-east-1/dogbreed/assets/code/eb86481a9bde1dc3/sourcedir.tar.gz"
+    new = old.replace("eb86481a9bde1dc3", "905668f6fbf284d7")
+    assert Change("Arguments.S3Uri", old, new).describe() == (
+        'Arguments.S3Uri: ".../dogbreed/assets/code/eb86481a9bde1dc3/sourcedir.tar.gz" -> '
+        '".../dogbreed/assets/code/905668f6fbf284d7/sourcedir.tar.gz"')
+    assert Change("A[0]", 1, "1").describe() == 'A[0]: 1 -> "1"'
+    assert Change("A", {"k": 1}, None).describe().startswith('A: {"k": 1} -> null')
