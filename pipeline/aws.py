@@ -29,10 +29,7 @@ from botocore.exceptions import (
 
 from pipeline.cli import UsageError
 
-ACCESS_DENIED = {
-    "AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "UnrecognizedClientException",
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException",
-}
+ACCESS_DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError", "403"}
 NOT_AUTHENTICATED = {"UnrecognizedClientException", "InvalidClientTokenId", "SignatureDoesNotMatch",
                      "ExpiredToken", "ExpiredTokenException"}
 # Operations whose IAM action has another name than the operation.
@@ -40,7 +37,6 @@ IAM_ACTIONS = {
     ("s3", "HeadObject"): "s3:GetObject",
     ("s3", "HeadBucket"): "s3:ListBucket",
     ("s3", "ListObjectsV2"): "s3:ListBucket",
-    ("lambda", "GetFunctionConfiguration"): "lambda:GetFunctionConfiguration",
 }
 SERVICE_PREFIX = {"lambda": "lambda", "s3": "s3", "sagemaker": "sagemaker", "iam": "iam", "sts": "sts"}
 _PERFORM = re.compile(r"perform:? ([a-z0-9-]+:[A-Za-z0-9]+)")
@@ -173,7 +169,7 @@ def describe_client_error(error: ClientError, doing: str, *, bucket: str | None 
     if code in NOT_AUTHENTICATED:
         return (f"AWS did not accept the credentials while {doing} ({code}): set AWS_PROFILE/--profile or "
                 f"fresh AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-    if code in ACCESS_DENIED or code == "403":
+    if code in ACCESS_DENIED:
         return f"access denied to {iam_action(error)} while {doing}: grant it to the caller's role or policy"
     if code == "NoSuchBucket" or (bucket and "NoSuchBucket" in message):
         return f"bucket {bucket or error.response.get('Error', {}).get('BucketName', '?')} does not exist (while {doing}): create it (infra/template.yaml) or set --bucket / ARTIFACT_BUCKET"

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import urllib.request
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -303,12 +304,13 @@ def set_auth_free_requests(endpoint: str, count: str) -> None:
 def describe_only_user(aws, monkeypatch):
     """Credentials of an IAM user allowed sagemaker:DescribePipeline and nothing else, with IAM enforced."""
     iam = aws("iam")
-    iam.create_user(UserName="reader")
-    iam.put_user_policy(UserName="reader", PolicyName="describe-only", PolicyDocument=json.dumps({
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="describe-only", PolicyDocument=json.dumps({
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": ["sagemaker:DescribePipeline"], "Resource": "*"}],
     }))
-    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    key = iam.create_access_key(UserName=user)["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     endpoint = aws("s3").meta.endpoint_url
@@ -487,3 +489,11 @@ def test_long_string_changes_keep_the_part_that_differs():
         '".../dogbreed/assets/code/905668f6fbf284d7/sourcedir.tar.gz"')
     assert Change("A[0]", 1, "1").describe() == 'A[0]: 1 -> "1"'
     assert Change("A", {"k": 1}, None).describe().startswith('A: {"k": 1} -> null')
+
+
+def test_rejected_credentials_are_reported_as_such(first_upsert, endpoint, sources, describe_only_user, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    code, out, err = run(capsys, *cli(endpoint, sources, "start"))
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1
+    assert re.match(r"dogbreed start: AWS did not accept the credentials while .* \((SignatureDoesNotMatch|InvalidClientTokenId)\)", err), err
