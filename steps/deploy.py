@@ -55,11 +55,12 @@ def check_step(ctx: BuildContext, variant: Variant, deploy: LambdaStep) -> Lambd
     return LambdaStep(
         name=variant.step("Check"),
         display_name=f"Check ({variant.title})",
-        description="Waits for the endpoint to be InService, sets its auto scaling, sends it a real image and "
-                    "checks the answer.",
+        description="Waits for the endpoint to be InService on the configuration just deployed (a rolled-back "
+                    "update fails), sets its auto scaling, sends it a real image and checks the answer.",
         lambda_func=_function(ctx, "check-endpoint"),
         inputs={
             "endpoint_name": deploy.properties.Outputs["endpoint_name"],
+            "endpoint_config_name": deploy.properties.Outputs["endpoint_config_name"],
             "min_capacity": params.endpoint_min_capacity,
             "max_capacity": params.endpoint_max_capacity,
             "target_invocations_per_instance": params.endpoint_target_invocations,

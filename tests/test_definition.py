@@ -249,6 +249,8 @@ def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes):
     check = nodes["CheckMultiInstance"].document
     assert check["FunctionArn"] == settings.lambda_arn("check-endpoint")
     assert check["Arguments"]["endpoint_name"] == {"Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_name']"}
+    assert check["Arguments"]["endpoint_config_name"] == {
+        "Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_config_name']"}
 
 
 def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
