@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 def extra_commands() -> list[Callable]:
     """Commands defined in their own modules: each module's ``register(subparsers)``."""
     from pipeline import publish
+    from pipeline.local import command as local_run
 
-    return [publish.register]
+    return [publish.register, local_run.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,178 @@
+"""``dogbreed local-run``: synthesize the definition and execute its JSON on this machine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DATA_PARAMETER = "InputDataUrl"
+DEFAULT_WORKDIRS = Path("build") / "local-run"
+# Local runs need no network: backbone weights are not downloaded unless asked for.
+LOCAL_DEFAULTS = {"PretrainedWeights": "none"}
+# Small and fast on the generated sample (a few minutes on two cores, the 7-instance training included).
+SAMPLE_DEFAULTS = {"Backbone": "resnet18", "ImageSize": 32, "TuningMaxJobs": 4}
+
+
+def register(subparsers: Any) -> None:
+    from pipeline.cli import add_settings_arguments
+
+    parser = subparsers.add_parser(
+        "local-run",
+        help="run the synthesized pipeline definition on this machine, without AWS or Docker",
+        description="Synthesize the pipeline definition and execute its JSON here: processing and training jobs "
+                    "as local processes under the SageMaker container contract (an N-instance training job as N "
+                    "processes in one torch.distributed group), tuning as a few seeded trials, the model registry "
+                    "and endpoint control plane in an embedded moto, the Lambda steps' real handlers in-process, "
+                    "and the endpoints' data plane on 127.0.0.1. Without --data it generates a small sample.",
+    )
+    parser.add_argument("--data", type=Path, default=None,
+                        help="image folders (dogImages layout, or one folder per class) used as the InputDataUrl "
+                             "location; default: a generated sample")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help=f"where the run keeps its local S3, jobs and logs (default {DEFAULT_WORKDIRS}/<execution id>)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pipeline parameter's value for this run; repeatable; wins over local-run's defaults")
+    parser.add_argument("--max-tuning-jobs", type=_positive_int, default=None, metavar="N",
+                        help="run at most N tuning trials (default: the TuningMaxJobs parameter)")
+    parser.add_argument("--parallel", type=_positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
+                        help="steps (and tuning trials) run at once; an N-instance job counts as one (default %(default)s)")
+    parser.add_argument("--definition", type=Path, default=None,
+                        help="run this definition JSON instead of synthesizing one (its assets must be this tree's)")
+    parser.add_argument("--no-progress", dest="plain", action="store_const", const=True, default=None,
+                        help="print a line per step status change instead of the live table")
+    add_settings_arguments(parser)
+    parser.set_defaults(handler=run_command)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def parameter_value(parameter: dict, text: str) -> Any:
+    """``text`` as a value of the definition's parameter, or a UsageError that says what the parameter takes."""
+    from pipeline.cli import UsageError
+
+    name, kind = parameter["Name"], parameter.get("Type", "String")
+    try:
+        if kind == "Integer":
+            value: Any = int(text)
+        elif kind == "Float":
+            value = float(text)
+        elif kind == "Boolean":
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            value = text.lower() == "true"
+        else:
+            value = text
+    except ValueError:
+        raise UsageError(f"--param {name}={text}: {name} is a {kind} parameter, and {text!r} is not one") from None
+    allowed = parameter.get("EnumValues")
+    if allowed and value not in allowed:
+        raise UsageError(f"--param {name}={text}: {name} takes one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def parse_parameters(pairs: list[str], document: dict) -> dict[str, Any]:
+    from pipeline.cli import UsageError
+
+    parameters = {item["Name"]: item for item in document.get("Parameters", [])}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param {pair!r} is not NAME=VALUE")
+        if name not in parameters:
+            raise UsageError(f"--param {name}: the definition has no such parameter; it has {', '.join(sorted(parameters))}")
+        values[name] = parameter_value(parameters[name], text)
+    return values
+
+
+def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
+    """local-run's own defaults for parameters the user did not set (those the definition has)."""
+    names = {item["Name"] for item in document.get("Parameters", [])}
+    defaults = {**LOCAL_DEFAULTS, **(SAMPLE_DEFAULTS if sample else {})}
+    return {name: value for name, value in defaults.items() if name in names and name not in given}
+
+
+def load_document(args: argparse.Namespace, synthesized: str) -> dict:
+    from pipeline.cli import UsageError
+
+    if args.definition is None:
+        return json.loads(synthesized)
+    try:
+        return json.loads(args.definition.read_text())
+    except OSError as error:
+        raise UsageError(f"--definition {args.definition}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--definition {args.definition} is not JSON: {error}") from None
+
+
+def link_data(run: Any, data: Path) -> None:
+    """Make ``data`` the content of the InputDataUrl location in local S3."""
+    from pipeline.cli import UsageError
+
+    uri = run.parameters.get(DATA_PARAMETER)
+    if uri is None:
+        raise UsageError(f"--data needs a {DATA_PARAMETER} parameter in the definition")
+    try:
+        target = run.s3.path(uri)
+    except Exception as error:
+        raise UsageError(f"{DATA_PARAMETER}={uri!r}: {error}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        raise UsageError(f"{target} exists already: give a new --workdir")
+    target.symlink_to(data.resolve(), target_is_directory=True)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from pipeline.cli import UsageError, settings_from_args
+    from pipeline.definition import load_contract, synth
+    from pipeline.local.executor import LocalRun, RunOptions, new_execution_id
+    from pipeline.local.references import LocalRunError
+    from pipeline.local.sample import make_sample
+    from pipeline.local.summary import summary_document, summary_lines, write_summary
+
+    if args.data is not None and not args.data.is_dir():
+        raise UsageError(f"--data {args.data} is not a folder of images")
+    settings = settings_from_args(args)
+    synthesized = synth(settings)
+    document = load_document(args, synthesized.definition)
+    given = parse_parameters(args.param, document)
+    applied = local_overrides(document, given, sample=args.data is None)
+    execution_id = new_execution_id()
+    workdir = args.workdir or DEFAULT_WORKDIRS / execution_id
+    options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=args.max_tuning_jobs,
+                         parallel=args.parallel, plain=args.plain)
+    try:
+        run = LocalRun(document, settings, synthesized.assets, workdir, options, execution_id)
+        run.prepare()
+        if args.data is not None:
+            data = {"path": str(args.data.resolve()), "description": "data"}
+            link_data(run, args.data)
+        else:
+            sample = make_sample(run.workdir / "sample-data")
+            data = {"path": str(sample.root), "description": f"generated sample: {len(sample.classes)} classes, {sample.images} images"}
+            link_data(run, sample.root)
+    except LocalRunError as error:
+        raise UsageError(str(error)) from None
+    if applied:
+        why = "local-run defaults" + (" for the generated sample" if args.data is None else "")
+        print(f"{why}: {', '.join(f'{k}={v}' for k, v in applied.items())} (--param NAME=VALUE to choose otherwise)")
+    print(f"data: {data['description']} at {os.path.relpath(data['path'])}; work dir {os.path.relpath(run.workdir)}")
+    sys.stdout.flush()
+    result = run.execute()
+    contract = load_contract(settings.source_dir)
+    document_out = summary_document(result, {k: str(v) for k, v in applied.items()}, data, contract.ACCURACY_JSON_PATH)
+    write_summary(document_out, run.workdir / "summary.json")
+    print()
+    print("\n".join(summary_lines(result, document_out)))
+    return 0 if result.succeeded else 1

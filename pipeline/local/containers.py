@@ -1,0 +1,625 @@
+"""Processing and training jobs as local processes, under the SageMaker container contract.
+
+Each instance ("host") of a job gets its own container root under the job's
+folder; every ``/opt/ml`` path in the job's entrypoint, arguments and
+environment is rewritten to ``<host root>/opt/ml``. Inputs are copied from
+local S3 into the places SageMaker would download them to, and outputs are
+copied back when the job ends.
+
+Training follows the SageMaker training toolkit: the ``sagemaker_submit_directory``
+tarball is unpacked into ``/opt/ml/code``; hyperparameters are JSON-decoded
+(the raw string when that fails), the ``sagemaker_*`` ones dropped and the rest
+passed as ``--name value``; ``SM_*`` describes the channels, model and output
+folders and the hosts. An N-instance job starts N processes that join one
+torch.distributed group over the loopback, as N hosts would; the model folder
+becomes ``<S3OutputPath>/<job>/output/model.tar.gz``, and the job's log is
+searched with the definition's ``MetricDefinitions``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from pipeline.local.references import LocalRunError
+from pipeline.local.s3 import LocalS3
+
+OPT_ML = "/opt/ml"
+_OPT_ML_PATH = re.compile(r"(?<![\w.-])/opt/ml(?=/|\b|$)")
+FAILURE_REASON_LIMIT = 1024
+LOG_TAIL_LINES = 6
+KILL_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.2
+PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "TORCH_HOME", "XDG_CACHE_HOME")
+
+
+class JobFailed(LocalRunError):
+    """A job ended without success; the message is its FailureReason."""
+
+
+@dataclass
+class JobContext:
+    """What every job of one run shares."""
+
+    s3: LocalS3
+    jobs_dir: Path
+    region: str
+    account: str
+    environment: dict[str, str]  # the base environment of every container process
+    python: str = field(default_factory=lambda: sys.executable)
+    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    processes: "ProcessRegistry" = field(default_factory=lambda: ProcessRegistry())
+
+    def arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+
+
+@dataclass
+class JobResult:
+    properties: dict[str, Any]
+    logs: list[Path]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    model_artifact: Path | None = None
+
+
+class ProcessRegistry:
+    """The container processes now running, so that an interrupted run can stop them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+
+    def start(self, command: Sequence[str], **options: Any) -> subprocess.Popen:
+        with self._lock:
+            if self.stopping.is_set():
+                raise JobFailed("the run is stopping; the job was not started")
+            process = subprocess.Popen(command, start_new_session=True, **options)
+            self._running.add(process)
+            return process
+
+    def forget(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.discard(process)
+
+    def stop_all(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            running = list(self._running)
+        stop_processes(running)
+
+
+def stop_processes(processes: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after a grace period."""
+    for process in processes:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
+def _signal_group(process: subprocess.Popen, number: int) -> None:
+    try:
+        os.killpg(process.pid, number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---------------------------------------------------------------- paths and environment
+
+def rewrite_opt_ml(value: Any, root: Path) -> Any:
+    """``value`` with every ``/opt/ml`` path inside its strings moved under ``root``."""
+    if isinstance(value, str):
+        return _OPT_ML_PATH.sub(lambda _: f"{root}{OPT_ML}", value)
+    if isinstance(value, list):
+        return [rewrite_opt_ml(item, root) for item in value]
+    if isinstance(value, dict):
+        return {key: rewrite_opt_ml(item, root) for key, item in value.items()}
+    return value
+
+
+def check_usable_root(path: Path) -> None:
+    """Container scripts use /opt/ml paths unquoted in shell commands: the replacement must be as plain."""
+    if not re.fullmatch(r"[A-Za-z0-9_./+-]+", str(path)):
+        raise LocalRunError(f"the work dir {path} has spaces or shell characters in its path; "
+                            "container scripts use /opt/ml paths unquoted: choose a plain path with --workdir")
+
+
+def container_environment(python_dir: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment every container process starts from: this interpreter first on PATH, nothing of AWS but ``extra``."""
+    environment = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
+    environment.update({
+        "PATH": os.pathsep.join([python_dir, os.environ.get("PATH", "/usr/bin:/bin")]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PIP_NO_INDEX": "1",  # a requirements.txt may only name what is installed: nothing is downloaded
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    })
+    environment.update(extra)
+    return environment
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------- running hosts
+
+@dataclass
+class HostProcess:
+    host: str
+    command: list[str]
+    environment: dict[str, str]
+    cwd: Path
+    log: Path
+    root: Path  # the host's container root, holding opt/ml
+
+
+def run_hosts(ctx: JobContext, hosts: list[HostProcess], max_seconds: float | None) -> None:
+    """Start one process per host and wait for all; raise JobFailed when one fails (the others are stopped)."""
+    started: list[tuple[HostProcess, subprocess.Popen]] = []
+    handles = []
+    try:
+        for host in hosts:
+            host.log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(host.log, "ab")
+            handles.append(handle)
+            handle.write(f"{timestamp(utc_now())} local-run: {host.host} starts {' '.join(host.command)}\n".encode())
+            handle.flush()
+            process = ctx.processes.start(host.command, cwd=host.cwd, env=host.environment,
+                                          stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            started.append((host, process))
+        _wait_for_hosts(ctx, started, max_seconds)
+    finally:
+        stop_processes([process for _, process in started])
+        for (host, process), handle in zip(started, handles):
+            ctx.processes.forget(process)
+            handle.write(f"{timestamp(utc_now())} local-run: {host.host} exited with status {process.returncode}\n".encode())
+        for handle in handles:
+            handle.close()
+
+
+def _wait_for_hosts(ctx: JobContext, started: list[tuple[HostProcess, subprocess.Popen]], max_seconds: float | None) -> None:
+    deadline = time.monotonic() + max_seconds if max_seconds else None
+    while True:
+        codes = [(host, process.poll()) for host, process in started]
+        failed = [(host, code) for host, code in codes if code not in (None, 0)]
+        if failed:
+            host, code = failed[0]
+            raise JobFailed(failure_reason(host, code))
+        if all(code == 0 for _, code in codes):
+            return
+        if ctx.processes.stopping.is_set():
+            raise JobFailed("Stopped: the run was interrupted")
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailed(f"MaxRuntimeExceeded: the job ran longer than its StoppingCondition ({max_seconds:.0f} s)")
+        time.sleep(POLL_SECONDS)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in text.splitlines()[-lines:])
+
+
+def failure_reason(host: HostProcess, code: int) -> str:
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    reason = f"AlgorithmError: {host.host} {how} (log {host.log})"
+    failure_file = host.root / "opt" / "ml" / "output" / "failure"
+    written = failure_file.read_text(errors="replace").strip() if failure_file.is_file() else ""
+    detail = written or log_tail(host.log)
+    text = f"{reason}: {detail}" if detail else reason
+    return text if len(text) <= FAILURE_REASON_LIMIT else text[: FAILURE_REASON_LIMIT - 3] + "..."
+
+
+def host_names(count: int) -> list[str]:
+    if not isinstance(count, int) or count < 1:
+        raise LocalRunError(f"InstanceCount must be a whole number of 1 or more, got {count!r}")
+    return [f"algo-{index}" for index in range(1, count + 1)]
+
+
+def write_json(path: Path, document: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    temporary.replace(path)
+
+
+# ---------------------------------------------------------------- processing jobs
+
+def run_processing_job(ctx: JobContext, name: str, arguments: Mapping[str, Any]) -> JobResult:
+    """A CreateProcessingJob request run locally; returns DescribeProcessingJob-shaped properties."""
+    created = utc_now()
+    job_dir = ctx.jobs_dir / name
+    cluster = arguments.get("ProcessingResources", {}).get("ClusterConfig", {})
+    hosts = host_names(cluster.get("InstanceCount", 1))
+    app = arguments.get("AppSpecification", {})
+    entrypoint = list(app.get("ContainerEntrypoint") or [])
+    if not entrypoint:
+        raise LocalRunError(f"processing job {name}: AppSpecification has no ContainerEntrypoint; "
+                            "local-run runs scripts, not the image's own entrypoint")
+    processes = []
+    for host in hosts:
+        root = job_dir / host
+        check_usable_root(root)
+        _processing_inputs(ctx, arguments.get("ProcessingInputs", []), root, hosts, host)
+        for output in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
+            if "S3Output" in output:
+                Path(rewrite_opt_ml(output["S3Output"]["LocalPath"], root)).mkdir(parents=True, exist_ok=True)
+        write_json(root / "opt/ml/config/resourceconfig.json", {"current_host": host, "hosts": hosts})
+        write_json(root / "opt/ml/config/processingjobconfig.json", {**arguments, "ProcessingJobName": name})
+        environment = {
+            **ctx.environment,
+            **rewrite_opt_ml(dict(arguments.get("Environment", {})), root),
+        }
+        command = rewrite_opt_ml(entrypoint + list(app.get("ContainerArguments") or []), root)
+        processes.append(HostProcess(host, command, environment, root, job_dir / "logs" / f"{host}.log", root))
+    started = utc_now()
+    run_hosts(ctx, processes, arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
+    for host in hosts:
+        _processing_outputs(ctx, arguments.get("ProcessingOutputConfig", {}).get("Outputs", []), job_dir / host)
+    ended = utc_now()
+    properties = {
+        **arguments,
+        "ProcessingJobName": name,
+        "ProcessingJobArn": ctx.arn("processing-job", name),
+        "ProcessingJobStatus": "Completed",
+        "ExitMessage": "",
+        "CreationTime": timestamp(created),
+        "ProcessingStartTime": timestamp(started),
+        "ProcessingEndTime": timestamp(ended),
+        "LastModifiedTime": timestamp(ended),
+    }
+    return JobResult(properties, [process.log for process in processes])
+
+
+def _processing_inputs(ctx: JobContext, inputs: list, root: Path, hosts: list[str], host: str) -> None:
+    for item in inputs:
+        source = item.get("S3Input")
+        if source is None:
+            raise LocalRunError(f"processing input {item.get('InputName')!r}: only S3Input is supported by local-run")
+        destination = Path(rewrite_opt_ml(source["LocalPath"], root))
+        if source.get("S3DataDistributionType") == "ShardedByS3Key" and len(hosts) > 1:
+            _download_shard(ctx.s3, source["S3Uri"], destination, hosts.index(host), len(hosts))
+        else:
+            ctx.s3.download(source["S3Uri"], destination)
+
+
+def _download_shard(s3: LocalS3, uri: str, destination: Path, index: int, count: int) -> None:
+    """ShardedByS3Key: host ``index`` gets every ``count``-th object of the prefix, in key order."""
+    source = s3.path(uri)
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in files[index::count]:
+        target = destination / (file.relative_to(source) if source.is_dir() else file.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+
+
+def _processing_outputs(ctx: JobContext, outputs: list, root: Path) -> None:
+    for item in outputs:
+        target = item.get("S3Output")
+        if target is None:
+            raise LocalRunError(f"processing output {item.get('OutputName')!r}: only S3Output is supported by local-run")
+        source = Path(rewrite_opt_ml(target["LocalPath"], root))
+        ctx.s3.path(target["S3Uri"]).mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            ctx.s3.upload(source, target["S3Uri"])
+
+
+# ---------------------------------------------------------------- training jobs
+
+def decoded_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Each value JSON-decoded, as the training toolkit does; the raw string when it is not JSON."""
+    decoded = {}
+    for name, value in raw.items():
+        if isinstance(value, str):
+            try:
+                decoded[name] = json.loads(value)
+            except json.JSONDecodeError:
+                decoded[name] = value
+        else:
+            decoded[name] = value
+    return decoded
+
+
+def _argument_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{key}={item}" for key, item in sorted(value.items()))
+    return str(value)
+
+
+def user_arguments(hyperparameters: Mapping[str, Any]) -> list[str]:
+    """``--name value`` for each hyperparameter but the toolkit's own ``sagemaker_*`` ones, sorted by name."""
+    arguments: list[str] = []
+    for name in sorted(hyperparameters):
+        if name.startswith("sagemaker_"):
+            continue
+        arguments += [f"--{name}" if len(name) > 1 else f"-{name}", _argument_value(hyperparameters[name])]
+    return arguments
+
+
+def _env_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def parse_metrics(log_text: str, definitions: Sequence[Mapping[str, str]]) -> dict[str, list[float]]:
+    """Every value each MetricDefinitions regex captures in the log, in order."""
+    metrics: dict[str, list[float]] = {}
+    compiled = [(item["Name"], re.compile(item["Regex"])) for item in definitions]
+    for line in log_text.splitlines():
+        for metric, pattern in compiled:
+            match = pattern.search(line)
+            if match:
+                try:
+                    metrics.setdefault(metric, []).append(float(match.group(1)))
+                except (IndexError, ValueError):
+                    continue
+    return metrics
+
+
+@dataclass
+class TrainingSpec:
+    """What a training job needs, from a CreateTrainingJob request or a tuning trial."""
+
+    name: str
+    arguments: dict[str, Any]  # CreateTrainingJob arguments, resolved
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.arguments.get("HyperParameters") or {})
+
+    @property
+    def instance_count(self) -> int:
+        config = self.arguments.get("ResourceConfig") or {}
+        return config.get("InstanceCount", 1)
+
+    @property
+    def metric_definitions(self) -> list[dict[str, str]]:
+        return list(self.arguments.get("AlgorithmSpecification", {}).get("MetricDefinitions") or [])
+
+
+def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = None,
+                     on_started: Callable[[list[Path]], None] | None = None) -> JobResult:
+    """A CreateTrainingJob request run locally; returns DescribeTrainingJob-shaped properties.
+
+    ``threads`` caps the CPU threads of each process; an N-instance job gives
+    each of its processes 1/N of the cores when it is not given.
+    """
+    created = utc_now()
+    job_dir = ctx.jobs_dir / spec.name
+    hosts = host_names(spec.instance_count)
+    decoded = decoded_hyperparameters(spec.hyperparameters)
+    program = decoded.get("sagemaker_program")
+    submit = decoded.get("sagemaker_submit_directory")
+    if not program or not submit:
+        raise LocalRunError(f"training job {spec.name}: hyperparameters sagemaker_program and sagemaker_submit_directory "
+                            "are needed to run a framework script (the toolkit's contract)")
+    per_process = threads or (max(1, ctx.cpu_count // len(hosts)) if len(hosts) > 1 else None)
+    distributed = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"} if len(hosts) > 1 else {}
+    processes = []
+    for host in hosts:
+        root = job_dir / host
+        check_usable_root(root)
+        opt_ml = root / "opt" / "ml"
+        channels = _training_channels(ctx, spec, opt_ml, hosts, host)
+        code_dir = opt_ml / "code"
+        _unpack_sources(ctx.s3, str(submit), code_dir)
+        _prepare_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), root)
+        for folder in ("model", "output/data", "output/intermediate"):
+            (opt_ml / folder).mkdir(parents=True, exist_ok=True)
+        write_json(opt_ml / "input/config/hyperparameters.json", spec.hyperparameters)
+        write_json(opt_ml / "input/config/resourceconfig.json",
+                   {"current_host": host, "hosts": hosts, "network_interface_name": "lo"})
+        write_json(opt_ml / "input/config/inputdataconfig.json", {
+            channel["ChannelName"]: {k: v for k, v in channel.items() if k not in ("ChannelName", "DataSource")}
+            for channel in spec.arguments.get("InputDataConfig", [])
+        })
+        environment = {
+            **ctx.environment,
+            **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root),
+            **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host),
+            **distributed,
+        }
+        if per_process:
+            environment.update({"OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process)})
+        command = [ctx.python, str(program), *user_arguments(decoded)]
+        processes.append(HostProcess(host, command, environment, code_dir, job_dir / "logs" / f"{host}.log", root))
+    _install_requirements(ctx, processes[0])
+    started = utc_now()
+    if on_started:
+        on_started([process.log for process in processes])
+    run_hosts(ctx, processes, spec.arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
+    _save_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), [job_dir / host for host in hosts])
+    artifact_uri = _upload_model(ctx.s3, spec, [job_dir / host / "opt/ml/model" for host in hosts])
+    _upload_output_data(ctx.s3, spec, job_dir / hosts[0] / "opt/ml/output/data")
+    ended = utc_now()
+    primary_log = processes[0].log
+    metrics = parse_metrics(primary_log.read_text(errors="replace"), spec.metric_definitions)
+    seconds = int((ended - started).total_seconds())
+    properties = {
+        **spec.arguments,
+        "TrainingJobName": spec.name,
+        "TrainingJobArn": ctx.arn("training-job", spec.name),
+        "TrainingJobStatus": "Completed",
+        "SecondaryStatus": "Completed",
+        "ModelArtifacts": {"S3ModelArtifacts": artifact_uri},
+        "FinalMetricDataList": [
+            {"MetricName": metric, "Value": values[-1], "Timestamp": timestamp(ended)}
+            for metric, values in metrics.items()
+        ],
+        "CreationTime": timestamp(created),
+        "TrainingStartTime": timestamp(started),
+        "TrainingEndTime": timestamp(ended),
+        "LastModifiedTime": timestamp(ended),
+        "TrainingTimeInSeconds": seconds,
+        "BillableTimeInSeconds": seconds * len(hosts),
+    }
+    return JobResult(properties, [process.log for process in processes], metrics, ctx.s3.path(artifact_uri))
+
+
+def _training_channels(ctx: JobContext, spec: TrainingSpec, opt_ml: Path, hosts: list[str], host: str) -> dict[str, Path]:
+    channels = {}
+    for channel in spec.arguments.get("InputDataConfig", []):
+        name = channel["ChannelName"]
+        source = channel.get("DataSource", {}).get("S3DataSource")
+        if source is None:
+            raise LocalRunError(f"training job {spec.name}, channel {name}: only S3DataSource is supported by local-run")
+        destination = opt_ml / "input" / "data" / name
+        if source.get("S3DataDistributionType") == "ShardedByS3Key" and len(hosts) > 1:
+            _download_shard(ctx.s3, source["S3Uri"], destination, hosts.index(host), len(hosts))
+        else:
+            ctx.s3.download(source["S3Uri"], destination)
+        channels[name] = destination
+    return channels
+
+
+def _unpack_sources(s3: LocalS3, uri: str, code_dir: Path) -> None:
+    archive = s3.path(uri)
+    if not archive.is_file():
+        raise LocalRunError(f"sagemaker_submit_directory {uri} does not exist (local file {archive}); "
+                            "the code asset is published before the run starts")
+    code_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(code_dir, filter="data")
+
+
+def _install_requirements(ctx: JobContext, host: HostProcess) -> None:
+    """The toolkit installs requirements.txt; with no package index only what is installed already passes."""
+    requirements = host.cwd / "requirements.txt"
+    if requirements.is_file():
+        run_hosts(ctx, [HostProcess(host.host, [ctx.python, "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+                                    host.environment, host.cwd, host.log, host.root)], 600)
+
+
+def _toolkit_environment(ctx: JobContext, spec: TrainingSpec, decoded: Mapping[str, Any], opt_ml: Path,
+                         channels: Mapping[str, Path], hosts: list[str], host: str) -> dict[str, str]:
+    """The SM_* variables the SageMaker training toolkit sets for a framework script."""
+    user = {name: value for name, value in decoded.items() if not name.startswith("sagemaker_")}
+    program = str(decoded["sagemaker_program"])
+    cpus = max(1, ctx.cpu_count // len(hosts))
+    environment = {
+        "TRAINING_JOB_NAME": spec.name,
+        "TRAINING_JOB_ARN": ctx.arn("training-job", spec.name),
+        "SM_MODEL_DIR": str(opt_ml / "model"),
+        "SM_INPUT_DIR": str(opt_ml / "input"),
+        "SM_INPUT_DATA_DIR": str(opt_ml / "input" / "data"),
+        "SM_INPUT_CONFIG_DIR": str(opt_ml / "input" / "config"),
+        "SM_OUTPUT_DIR": str(opt_ml / "output"),
+        "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"),
+        "SM_OUTPUT_INTERMEDIATE_DIR": str(opt_ml / "output" / "intermediate"),
+        "SM_CHANNELS": json.dumps(sorted(channels)),
+        "SM_HOSTS": json.dumps(hosts),
+        "SM_CURRENT_HOST": host,
+        "SM_NUM_GPUS": "0",
+        "SM_NUM_CPUS": str(cpus),
+        "SM_HPS": json.dumps(user, sort_keys=True),
+        "SM_USER_ARGS": json.dumps(user_arguments(decoded)),
+        "SM_USER_ENTRY_POINT": program,
+        "SM_MODULE_NAME": program[:-3] if program.endswith(".py") else program,
+        "SM_MODULE_DIR": str(decoded["sagemaker_submit_directory"]),
+        "SM_LOG_LEVEL": str(decoded.get("sagemaker_container_log_level", 20)),
+        "SM_FRAMEWORK_MODULE": "sagemaker_pytorch_container.training:main",
+        "SM_CURRENT_INSTANCE_TYPE": str((spec.arguments.get("ResourceConfig") or {}).get("InstanceType", "local")),
+    }
+    for name, folder in channels.items():
+        environment[f"SM_CHANNEL_{_env_name(name)}"] = str(folder)
+    for name, value in user.items():
+        environment[f"SM_HP_{_env_name(name)}"] = value if isinstance(value, str) else json.dumps(value)
+    environment["SM_TRAINING_ENV"] = json.dumps({
+        "job_name": spec.name, "hosts": hosts, "current_host": host, "hyperparameters": user,
+        "channel_input_dirs": {name: str(folder) for name, folder in channels.items()},
+        "model_dir": environment["SM_MODEL_DIR"], "output_data_dir": environment["SM_OUTPUT_DATA_DIR"],
+        "module_dir": environment["SM_MODULE_DIR"], "user_entry_point": program, "num_gpus": 0, "num_cpus": cpus,
+        "network_interface_name": "lo",
+    }, sort_keys=True)
+    return environment
+
+
+def _checkpoint_dirs(config: Mapping[str, Any] | None, root: Path) -> tuple[str, Path] | None:
+    if not config or not config.get("S3Uri"):
+        return None
+    local = rewrite_opt_ml(config.get("LocalPath") or f"{OPT_ML}/checkpoints", root)
+    return config["S3Uri"], Path(local)
+
+
+def _prepare_checkpoints(s3: LocalS3, config: Mapping[str, Any] | None, root: Path) -> None:
+    """SageMaker copies what is at CheckpointConfig.S3Uri into the checkpoint folder before the job starts."""
+    dirs = _checkpoint_dirs(config, root)
+    if dirs is None:
+        return
+    uri, local = dirs
+    local.mkdir(parents=True, exist_ok=True)
+    if s3.path(uri).is_dir() and any(s3.path(uri).iterdir()):
+        s3.download(uri, local)
+
+
+def _save_checkpoints(s3: LocalS3, config: Mapping[str, Any] | None, roots: list[Path]) -> None:
+    for root in roots:
+        dirs = _checkpoint_dirs(config, root)
+        if dirs is not None and dirs[1].is_dir():
+            s3.upload(dirs[1], dirs[0])
+
+
+def _upload_model(s3: LocalS3, spec: TrainingSpec, model_dirs: list[Path]) -> str:
+    """The hosts' model folders, merged (the first host's files win), as model.tar.gz."""
+    output_path = str((spec.arguments.get("OutputDataConfig") or {}).get("S3OutputPath", "")).rstrip("/")
+    if not output_path:
+        raise LocalRunError(f"training job {spec.name}: OutputDataConfig.S3OutputPath is missing")
+    uri = f"{output_path}/{spec.name}/output/model.tar.gz"
+    target = s3.path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    added: set[str] = set()
+    with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
+        for model_dir in model_dirs:
+            for file in sorted(model_dir.rglob("*")):
+                relative = file.relative_to(model_dir).as_posix()
+                if file.is_file() and relative not in added:
+                    tar.add(file, arcname=relative)
+                    added.add(relative)
+    temporary.replace(target)
+    return uri
+
+
+def _upload_output_data(s3: LocalS3, spec: TrainingSpec, data_dir: Path) -> None:
+    """SageMaker packs /opt/ml/output/data of the first host as output.tar.gz beside the model."""
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        return
+    output_path = str(spec.arguments["OutputDataConfig"]["S3OutputPath"]).rstrip("/")
+    target = s3.path(f"{output_path}/{spec.name}/output/output.tar.gz")
+    temporary = target.with_name(f".{target.name}.tmp")
+    with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
+        for file in sorted(data_dir.rglob("*")):
+            if file.is_file():
+                tar.add(file, arcname=file.relative_to(data_dir).as_posix())
+    temporary.replace(target)

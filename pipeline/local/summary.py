@@ -1,0 +1,159 @@
+"""What a local run did, as readable lines and as JSON (``summary.json`` in the work dir)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.local.executor import RunResult, StepState
+from pipeline.progress import format_duration
+
+
+def _relative(path: str | Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _files(folder: str | None, limit: int = 6) -> list[str]:
+    if not folder or not Path(folder).is_dir():
+        return []
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return [str(p) for p in files] if len(files) <= limit else []
+
+
+def step_record(state: StepState) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "name": state.name,
+        "type": state.node.type,
+        "status": state.status,
+        "seconds": round(state.seconds, 1) if state.seconds is not None else None,
+    }
+    if state.reason:
+        record["reason"] = state.reason
+    if state.job_name:
+        record["job_name"] = state.job_name
+    if state.logs:
+        record["logs"] = [str(log) for log in state.logs]
+    details = {k: v for k, v in state.details.items() if k != "metric_patterns"}
+    if details:
+        record["details"] = details
+    return record
+
+
+def accuracy_of(result: RunResult, accuracy_path: str) -> dict[str, float]:
+    """The value at ``accuracy_path`` in each property file of the run, by step."""
+    values = {}
+    for (step, _), item in result.scope.property_files.items():
+        value: Any = item.document
+        for part in accuracy_path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values[step] = float(value)
+    return values
+
+
+def summary_document(result: RunResult, applied: dict[str, str], data: dict[str, Any], accuracy_path: str) -> dict[str, Any]:
+    parameters = dict(result.scope.parameters)
+    document: dict[str, Any] = {
+        "execution_id": result.execution_id,
+        "pipeline": result.pipeline_name,
+        "status": result.status,
+        "failure_reason": result.failure_reason,
+        "seconds": round((result.ended - result.started).total_seconds(), 1),
+        "workdir": str(result.workdir),
+        "parameters": parameters,
+        "parameters_set_by_local_run": applied,
+        "data": data,
+        "steps": [step_record(state) for state in result.steps.values()],
+        "test_accuracy": accuracy_of(result, accuracy_path),
+    }
+    manifest = result.facts.get("manifest")
+    if manifest:
+        document["manifest"] = {"path": manifest["path"], "classes": manifest["document"].get("classes"),
+                                "dropped": manifest["document"].get("dropped", [])}
+    for state in result.steps.values():
+        if state.node.type == "Tuning" and state.status == "Succeeded":
+            best = result.properties(state.name)["BestTrainingJob"]
+            document.setdefault("tuning", {})[state.name] = {
+                "best_training_job": best["TrainingJobName"],
+                "hyperparameters": best["TunedHyperParameters"],
+                "objective": best["FinalHyperParameterTuningJobObjectiveMetric"],
+                "trials": state.details.get("trials", []),
+            }
+    document["endpoint_invocations"] = result.facts.get("invocations", [])
+    return document
+
+
+def write_summary(document: dict[str, Any], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+    temporary.replace(path)
+
+
+def _decoded(value: str) -> str:
+    try:
+        decoded = json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        return str(value)
+    return str(decoded)
+
+
+def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
+    """The summary printed after the run: steps, choices, results and where the files are."""
+    lines = [f"Local run {result.execution_id} of {result.pipeline_name}: {result.status} "
+             f"in {format_duration(document['seconds'])}"]
+    if result.failure_reason:
+        lines.append(f"  {result.failure_reason}")
+    lines.append(f"  work dir: {_relative(result.workdir)}")
+    lines.append("")
+    lines.append("Steps")
+    width = max(len(state.name) for state in result.steps.values())
+    for state in result.steps.values():
+        duration = format_duration(state.seconds) if state.seconds is not None else ""
+        remark = state.reason or state.note
+        lines.append(f"  {state.name:<{width}}  {state.status:<9}  {duration:>7}  {remark}".rstrip())
+    for name, tuning in document.get("tuning", {}).items():
+        chosen = ", ".join(f"{key}={_decoded(value)}" for key, value in sorted(tuning["hyperparameters"].items()))
+        objective = tuning["objective"]
+        lines += ["", f"Hyperparameters ({name}, {len(tuning['trials'])} trials): {chosen}",
+                  f"  best trial {tuning['best_training_job']}: {objective['MetricName']} {objective['Value']:.4f}"]
+    models = [state for state in result.steps.values() if state.node.type == "Training" and state.details.get("model")]
+    if models:
+        lines += ["", "Models"]
+        for state in models:
+            instances = state.details.get("instances", 1)
+            lines.append(f"  {state.name} ({instances} instance{'s' if instances != 1 else ''}): {_relative(state.details['model'])}")
+    evaluations = [state for state in result.steps.values() if state.name in document["test_accuracy"]]
+    if evaluations:
+        lines += ["", "Test accuracy"]
+        for state in evaluations:
+            lines.append(f"  {state.name}: {document['test_accuracy'][state.name]:.4f}")
+            for output in state.details.get("outputs", {}).values():
+                for file in _files(output):
+                    lines.append(f"    {_relative(file)}")
+    gates = [state for state in result.steps.values() if state.node.type == "Condition" and state.details.get("notes")]
+    for state in gates:
+        lines.append(f"  {state.name}: {'; '.join(state.details['notes'])}")
+    checks = [state for state in result.steps.values() if state.node.type == "Lambda" and state.details.get("outputs")]
+    if checks:
+        lines += ["", "Lambda steps"]
+        for state in checks:
+            answer = ", ".join(f"{key}={value}" for key, value in state.details["outputs"].items())
+            lines.append(f"  {state.name}: {answer}")
+    manifest = document.get("manifest")
+    data = document.get("data", {})
+    lines += ["", "Data"]
+    if data:
+        lines.append(f"  {data.get('description', '')}: {_relative(data.get('path', ''))}")
+    if manifest:
+        lines.append(f"  classes: {len(manifest['classes'] or [])}; manifest {_relative(manifest['path'])}")
+        for item in manifest["dropped"] or []:
+            lines.append(f"  dropped: {item.get('path') or item.get('file')}: {item.get('reason')}")
+    if document.get("parameters_set_by_local_run"):
+        applied = ", ".join(f"{key}={value}" for key, value in document["parameters_set_by_local_run"].items())
+        lines.append(f"  parameters set by local-run: {applied}")
+    lines.append(f"  summary: {_relative(result.workdir / 'summary.json')}")
+    return lines
