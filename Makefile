@@ -12,8 +12,10 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: synthesize the definition, then run it here on a generated sample (no AWS, no Docker).
 run: $(STAMP)
 	$(BIN)/dogbreed synth
+	$(BIN)/dogbreed local-run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
