@@ -20,6 +20,8 @@ from typing import Iterator
 import steps  # noqa: F401  (imports the SDK without touching the network)
 
 import boto3
+import sagemaker.config
+import sagemaker.session
 import sagemaker.utils
 from sagemaker import image_uris
 from sagemaker.workflow.pipeline import Pipeline
@@ -66,27 +68,37 @@ def load_contract(source_dir: Path) -> ModuleType:
 
 
 @contextmanager
+def _config_validated_once() -> Iterator[None]:
+    """The SDK re-validates its configuration against a large JSON schema on every
+    lookup (about a second each, dozens of lookups per build). Ours is fixed: it is
+    validated here, once, and the lookups inside the block skip it."""
+    validate = sagemaker.config.validate_sagemaker_config
+    validate(SDK_CONFIG)
+    modules = (sagemaker.utils, sagemaker.session)
+    for module in modules:
+        module.validate_sagemaker_config = lambda config=None: None
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.validate_sagemaker_config = validate
+
+
+@contextmanager
 def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
     """A PipelineSession that cannot reach AWS, installed as boto3's default while the
     SDK builds (some SDK objects create clients from the default session)."""
     boto_session = boto3.Session(region_name=settings.region, **OFFLINE_CREDENTIALS)
-    session = PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
-    # The SDK re-validates its configuration against a large JSON schema on every
-    # lookup (about a second each, a hundred lookups per build). This configuration
-    # is fixed and was validated just now, when the session was created.
-    validate = sagemaker.utils.validate_sagemaker_config
-    sagemaker.utils.validate_sagemaker_config = lambda config=None: None
     previous = boto3.DEFAULT_SESSION
     sdk_logger = logging.getLogger("sagemaker")
     previous_level = sdk_logger.level
     boto3.DEFAULT_SESSION = boto_session
     sdk_logger.setLevel(logging.ERROR)  # the SDK narrates what it leaves out of a pipeline definition
     try:
-        with warnings.catch_warnings():
+        with _config_validated_once(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield session
+            yield PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
     finally:
-        sagemaker.utils.validate_sagemaker_config = validate
         boto3.DEFAULT_SESSION = previous
         sdk_logger.setLevel(previous_level)
 
