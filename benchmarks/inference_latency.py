@@ -69,16 +69,23 @@ def timed(function, *args) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, result
 
 
-def request_latencies(model, body, content_type: str, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    stages: dict[str, list[float]] = {"input_fn": [], "predict_fn": [], "output_fn": [], "total": []}
+def one_request(model, body, content_type: str) -> tuple[float, float, float]:
+    t_in, data = timed(inference.input_fn, body, content_type)
+    t_predict, prediction = timed(inference.predict_fn, data, model)
+    t_out, _ = timed(inference.output_fn, prediction, "application/json")
+    return t_in, t_predict, t_out
+
+
+def latencies(model, cases: dict[str, tuple], repeats: int, warmup: int = 3) -> dict[str, np.ndarray]:
+    """Per case, rows of (input_fn, predict_fn, output_fn) milliseconds; the cases take turns,
+    so a busy spell on a shared machine falls on all of them alike."""
+    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
     for round_ in range(warmup + repeats):
-        t_in, data = timed(inference.input_fn, body, content_type)
-        t_predict, prediction = timed(inference.predict_fn, data, model)
-        t_out, _ = timed(inference.output_fn, prediction, "application/json")
-        if round_ >= warmup:
-            for name, value in zip(stages, (t_in, t_predict, t_out, t_in + t_predict + t_out)):
-                stages[name].append(value)
-    return stages
+        for name, (body, content_type, _) in cases.items():
+            timing = one_request(model, body, content_type)
+            if round_ >= warmup:
+                rows[name].append(timing)
+    return {name: np.array(values) for name, values in rows.items()}
 
 
 def main() -> None:
@@ -103,17 +110,17 @@ def main() -> None:
     }
     print(f"machine: {machine()}")
     print(f"request: one {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG of {len(jpeg) / 1024:.0f} KiB; resnet50, {NUM_CLASSES} classes, "
-          f"random weights; {args.repeats} timed requests after 3 warm-up ones\n")
+          f"random weights; {args.repeats} timed requests per case after 3 warm-up ones, cases taking turns\n")
     print(f"model_fn load: first {load_times[0]:.0f} ms, then {np.median(load_times[1:]):.0f} ms\n")
     header = f"{'case':<26} {'p50 ms':>8} {'p95 ms':>8} {'per image p50':>14} {'images/s':>9}   p50 of input_fn / predict_fn / output_fn"
     print(header)
     print("-" * len(header))
-    for name, (body, content_type, images) in cases.items():
-        stages = request_latencies(model, body, content_type, args.repeats)
-        p50, p95 = np.percentile(stages["total"], [50, 95])
-        parts = " / ".join(f"{np.median(stages[s]):.1f}" for s in ("input_fn", "predict_fn", "output_fn"))
+    for name, stages in latencies(model, cases, args.repeats).items():
+        images = cases[name][2]
+        p50, p95 = np.percentile(stages.sum(axis=1), [50, 95])
+        parts = " / ".join(f"{value:.1f}" for value in np.median(stages, axis=0))
         print(f"{name:<26} {p50:>8.1f} {p95:>8.1f} {p50 / images:>14.1f} {images * 1000 / p50:>9.1f}   {parts}")
-
+    print(f"\nload average at the end: {', '.join(f'{value:.1f}' for value in os.getloadavg())}")
 
 if __name__ == "__main__":
     main()
