@@ -20,6 +20,7 @@ SETTING_FLAGS = (
     "bucket", "prefix", "model_package_group", "kms_key_id", "processing_instance_type",
     "training_instance_type", "endpoint_instance_type",
     "deploy_lambda_role_arn", "check_lambda_role_arn", "invoke_lambda_role_arn", "invoke_endpoint_name", "allowed_origin",
+    "invoke_provisioned_concurrency",
 )
 
 

@@ -9,7 +9,9 @@ publishes exactly what it refers to, each part only when it changed:
    updated when its SHA-256 differs, configuration updated when it differs,
    then a version is published and the alias ``live`` (which the definition
    calls) moved to it;
-3. the pipeline: created, or updated when the deployed definition or its
+3. the provisioned concurrency of the invoke function's ``live`` alias: set
+   when it differs from the setting, removed when the setting is 0;
+4. the pipeline: created, or updated when the deployed definition or its
    display name, description, role or parallelism differ; missing tags added.
 
 Running it again with nothing changed makes no AWS change and says so.
@@ -41,6 +43,7 @@ DEFAULT_MAX_PARALLEL_STEPS = 2  # the twins (single/multi instance) run side by 
 DEFAULT_POLL_SECONDS = 20.0
 TERMINAL_EXECUTION_STATUSES = frozenset({"Succeeded", "Failed", "Stopped"})
 NOT_RUN = "Not run"
+PROVISIONED_FUNCTION = "invoke-endpoint"  # the public function: its latency is what users wait for
 WAITER = {"Delay": 2, "MaxAttempts": 150}
 
 
@@ -62,7 +65,8 @@ class FunctionSpec:
 FUNCTIONS = (
     FunctionSpec("deploy-endpoint", "deploy_endpoint.handler", 120, 256,
                  "Deploys an approved model package to an endpoint (the pipeline's Deploy steps)."),
-    FunctionSpec("check-endpoint", "check_endpoint.handler", 900, 256,
+    # a LambdaStep gives up after 10 minutes; the handler fits its wait into the time Lambda leaves it
+    FunctionSpec("check-endpoint", "check_endpoint.handler", 600, 256,
                  "Waits for an endpoint, sets its auto scaling and tests it with a real image (the pipeline's Check steps)."),
     FunctionSpec("invoke-endpoint", "invoke_endpoint.handler", 30, 512,
                  "Classifies a dog photo with the public endpoint and answers the top breeds as JSON."),
@@ -231,6 +235,46 @@ def _wait(clients: Clients, waiter: str, name: str) -> None:
     clients.lambda_.get_waiter(waiter).wait(FunctionName=name, WaiterConfig=WAITER)
 
 
+def publish_provisioned_concurrency(clients: Clients, settings: Settings) -> tuple[str, bool]:
+    """Keep ``settings.invoke_provisioned_concurrency`` instances of the invoke function's alias
+    initialized (none when it is 0); returns (report line, changed).
+
+    The configuration belongs to the alias, so Lambda moves it along when the alias moves to a new
+    version. A configuration whose last request failed is requested again.
+    """
+    name = settings.lambda_function_name(PROVISIONED_FUNCTION)
+    target = f"{name}:{LAMBDA_ALIAS}"
+    wanted = settings.invoke_provisioned_concurrency
+    with explained(f"setting the provisioned concurrency of Lambda function {target}"):
+        current = _provisioned_concurrency(clients, name)
+        have = None if current is None else current["RequestedProvisionedConcurrentExecutions"]
+        if wanted == 0:
+            if current is None:
+                return f"provisioned concurrency {target}: unchanged, none", False
+            clients.lambda_.delete_provisioned_concurrency_config(FunctionName=name, Qualifier=LAMBDA_ALIAS)
+            return f"provisioned concurrency {target}: removed (was {have})", True
+        failed = current is not None and current.get("Status") == "FAILED"
+        if have == wanted and not failed:
+            return f"provisioned concurrency {target}: unchanged, {wanted} ({current.get('Status', 'status unknown')})", False
+        answer = clients.lambda_.put_provisioned_concurrency_config(
+            FunctionName=name, Qualifier=LAMBDA_ALIAS, ProvisionedConcurrentExecutions=wanted)
+    if failed:
+        before = f"the last request for {have} failed: {current.get('StatusReason') or 'no reason given'}"
+    else:
+        before = f"was {'none' if have is None else have}"
+    return f"provisioned concurrency {target}: set to {wanted} ({before}), {answer.get('Status', 'status unknown')}", True
+
+
+def _provisioned_concurrency(clients: Clients, name: str) -> dict[str, Any] | None:
+    """GetProvisionedConcurrencyConfig of the alias, or None when it has none."""
+    try:
+        return clients.lambda_.get_provisioned_concurrency_config(FunctionName=name, Qualifier=LAMBDA_ALIAS)
+    except ClientError as error:
+        if error_code(error) == "ProvisionedConcurrencyConfigNotFoundException":
+            return None
+        raise
+
+
 # ---------------------------------------------------------------- the pipeline
 
 def pipeline_attributes(settings: Settings, max_parallel_steps: int) -> dict[str, Any]:
@@ -320,11 +364,13 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
         record(publish_asset(clients, settings, asset))
     for spec in FUNCTIONS:
         record(publish_function(clients, settings, spec, assets.lambdas))
+    record(publish_provisioned_concurrency(clients, settings))
     record(publish_pipeline(clients, settings, built.definition, settings.all_tags(), max_parallel_steps))
     if report.changed:
         print(f"{report.changed} of {len(report.lines)} resources changed", file=out)
     else:
-        print(f"no changes: the assets, the {len(FUNCTIONS)} functions and pipeline {settings.pipeline_name} are up to date", file=out)
+        print(f"no changes: the assets, the {len(FUNCTIONS)} functions, the invoke function's provisioned concurrency "
+              f"and pipeline {settings.pipeline_name} are up to date", file=out)
     return report
 
 
@@ -551,7 +597,8 @@ def _add_start_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    upsert_parser = commands.add_parser("upsert", help="publish the assets, the Lambda functions and the pipeline; changes only what differs")
+    upsert_parser = commands.add_parser("upsert", help="publish the assets, the Lambda functions (with the invoke function's provisioned "
+                                                      "concurrency) and the pipeline; changes only what differs")
     upsert_parser.add_argument("--start", action="store_true", help="start an execution afterwards")
     upsert_parser.add_argument("--max-parallel-steps", type=_positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
                                help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")

@@ -41,6 +41,7 @@ ENVIRONMENT = {
     "invoke_lambda_role_arn": "INVOKE_LAMBDA_ROLE_ARN",
     "invoke_endpoint_name": "INVOKE_ENDPOINT_NAME",
     "allowed_origin": "ALLOWED_ORIGIN",
+    "invoke_provisioned_concurrency": "INVOKE_PROVISIONED_CONCURRENCY",
 }
 
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
@@ -48,6 +49,7 @@ _ACCOUNT = re.compile(r"^[0-9]{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAME_63 = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_INTEGER = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 _ROLE = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
 
 
@@ -83,6 +85,8 @@ class Settings:
     invoke_lambda_role_arn: str = ""
     invoke_endpoint_name: str = ""  # the endpoint the invoke function calls
     allowed_origin: str = ""  # comma-separated CORS origins of the invoke function; empty sends no CORS headers
+    # Instances of the invoke function's live alias kept initialized, so public requests skip cold starts; 0 keeps none.
+    invoke_provisioned_concurrency: int = 5
 
     def __post_init__(self) -> None:
         derived = {
@@ -119,7 +123,11 @@ class Settings:
         for name, pattern, expected in checks:
             value = getattr(self, name)
             if not pattern.match(value):
-                raise SettingsError(f"{name}={value!r} is not {expected} (flag --{name.replace('_', '-')}, env {ENVIRONMENT.get(name, '-')})")
+                raise SettingsError(f"{name}={value!r} is not {expected} ({_sources(name)})")
+        count = self.invoke_provisioned_concurrency
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise SettingsError(f"invoke_provisioned_concurrency={count!r} is not a non-negative integer: the number of warm "
+                                f"instances of the invoke function, 0 for none ({_sources('invoke_provisioned_concurrency')})")
         if self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise SettingsError(f"prefix={self.prefix!r} must not start or end with '/'")
         for name in ("code", "lambda"):
@@ -181,8 +189,17 @@ def parse_tags(pairs: list[str] | tuple[str, ...]) -> tuple[tuple[str, str], ...
     return tuple(tags)
 
 
+def _sources(name: str) -> str:
+    """Where a setting comes from, for error messages."""
+    return f"flag --{name.replace('_', '-')}, env {ENVIRONMENT.get(name, '-')}"
+
+
 def _coerce(name: str, raw: str) -> object:
     kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind in ("int", int):
+        if not _INTEGER.match(raw):
+            raise SettingsError(f"{name}={raw!r} is not an integer ({_sources(name)})")
+        return int(raw)
     if kind in ("bool", bool):
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):

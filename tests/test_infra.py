@@ -409,6 +409,19 @@ def test_the_handlers_upsert_publishes_exist_in_lambda():
         assert list(inspect.signature(handler).parameters) == ["event", "context"], spec.handler
 
 
+def test_only_the_codebuild_role_sets_provisioned_concurrency_and_only_on_the_invoke_alias(stack):
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    granted = {
+        (logical, action, resource)
+        for logical, name, document in policies(stack) if name != "trust"
+        for statement in statements(document) if statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"]) if "ProvisionedConcurrency" in action
+        for resource in as_list(statement["Resource"])
+    }
+    alias = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{project}-invoke-endpoint:live"
+    assert granted == {("CodeBuildRole", f"lambda:{verb}ProvisionedConcurrencyConfig", alias) for verb in ("Get", "Put", "Delete")}
+
+
 def allowed(statements_: list[dict], action: str, resource: str) -> bool:
     """Whether an Allow statement grants ``action`` on ``resource`` (IAM wildcards in the policy's resources)."""
     import fnmatch
@@ -447,6 +460,7 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
         api = boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping[method]
         operations.add((service, api))
     assert ("lambda", "PublishVersion") in operations and ("sagemaker", "UpdatePipeline") in operations
+    assert {("lambda", f"{verb}ProvisionedConcurrencyConfig") for verb in ("Get", "Put", "Delete")} <= operations
     for service, api in sorted(operations):
         action = renamed.get(f"{service}:{api}", f"{service}:{api}")
         if not any(allowed(granted, action, resource) for resource in resources[service]):

@@ -1,7 +1,9 @@
 """``dogbreed upsert``, ``start`` and ``diff`` against moto's server on 127.0.0.1.
 
 The server is a real HTTP endpoint started for this module; the command line
-runs in-process with ``--endpoint-url`` and fake credentials. Every command
+runs in-process with ``--endpoint-url`` and fake credentials. moto lacks Lambda's
+provisioned-concurrency operations, so the server answers those three from
+``moto_provisioned_concurrency`` (see there what it models). Every command
 works on a copy of the source tree so that edits elsewhere in the checkout
 cannot change what is published between two runs.
 """
@@ -28,6 +30,7 @@ from pipeline.cli import main
 from pipeline.settings import ENVIRONMENT, LAMBDA_FUNCTIONS
 
 moto_server = pytest.importorskip("moto.server")
+from moto_provisioned_concurrency import ProvisionedConcurrency, Server  # noqa: E402  (needs moto)
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
@@ -36,6 +39,8 @@ LAMBDA_TRUST = json.dumps({
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}],
 })
+UPSERT = ("--tag", "team=vision", "--max-parallel-steps", "3")  # what every upsert here passes unless it tests a change
+INVOKE = f"{PROJECT}-invoke-endpoint"
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
 
 
@@ -61,16 +66,24 @@ def aws_environment(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(aws_environment):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+def server(aws_environment):
+    server = Server(free_port())
     server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
     try:
-        yield url
+        yield server
     finally:
-        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}/moto-api/reset", method="POST"), timeout=10).close()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoint(server) -> str:
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def provisioned(server) -> ProvisionedConcurrency:
+    return server.app
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +156,7 @@ def first_upsert(endpoint, bucket, sources) -> tuple[int, str]:
     """The first upsert into the empty account: its exit code and what it printed."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(cli(endpoint, sources, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+        code = main(cli(endpoint, sources, "upsert", *UPSERT))
     return code, out.getvalue() + err.getvalue()
 
 
@@ -176,7 +189,7 @@ def test_upsert_publishes_assets_functions_and_pipeline(first_upsert, manifest, 
         assert live["Handler"] == f"{function.replace('-', '_')}.handler"
         assert live["Runtime"] == "python3.12"
         assert live["Role"].endswith(f":role/{name}")
-    assert aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-check-endpoint")["Timeout"] == 900
+    assert aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-check-endpoint")["Timeout"] == 600
     invoke_env = aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-invoke-endpoint")["Environment"]
     assert invoke_env["Variables"] == {"ENDPOINT_NAME": f"{PROJECT}-single-instance", "ALLOWED_ORIGIN": ""}
     pipeline = aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")
@@ -185,7 +198,20 @@ def test_upsert_publishes_assets_functions_and_pipeline(first_upsert, manifest, 
     tags = aws("sagemaker").list_tags(ResourceArn=pipeline["PipelineArn"])["Tags"]
     assert {"Key": "team", "Value": "vision"} in tags
     assert "pipeline dogbreed-pipeline: created (16 steps)" in out
-    assert "6 of 6 resources changed" in out
+    assert f"provisioned concurrency {INVOKE}:live: set to 5 (was none), IN_PROGRESS" in out
+    assert "7 of 7 resources changed" in out
+    assert provisioned_count(aws, INVOKE) == 5
+    for function in ("deploy-endpoint", "check-endpoint"):
+        assert provisioned_count(aws, f"{PROJECT}-{function}") is None
+
+
+def provisioned_count(aws, function: str) -> int | None:
+    """The requested provisioned concurrency of the function's live alias, None when it has none."""
+    try:
+        config = aws("lambda").get_provisioned_concurrency_config(FunctionName=function, Qualifier="live")
+    except aws("lambda").exceptions.ProvisionedConcurrencyConfigNotFoundException:
+        return None
+    return config["RequestedProvisionedConcurrentExecutions"]
 
 
 def test_deployed_definition_equals_the_synthesized_one(first_upsert, manifest, aws):
@@ -196,15 +222,70 @@ def test_deployed_definition_equals_the_synthesized_one(first_upsert, manifest, 
 def test_second_upsert_changes_nothing_and_says_so(first_upsert, endpoint, sources, aws, bucket, capsys):
     before = aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")["LastModifiedTime"]
     keys = object_keys(aws, bucket)
-    code, out, err = run(capsys, *cli(endpoint, sources, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+    code, out, err = run(capsys, *cli(endpoint, sources, "upsert", *UPSERT))
     assert code == 0, err
-    assert out.count(": unchanged") == 6
+    assert out.count(": unchanged") == 7
+    assert f"provisioned concurrency {INVOKE}:live: unchanged, 5 (READY)" in out
     assert out.splitlines()[-1].startswith("no changes:")
     assert object_keys(aws, bucket) == keys
     assert aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-pipeline")["LastModifiedTime"] == before
     for function in LAMBDA_FUNCTIONS:
         versions = aws("lambda").list_versions_by_function(FunctionName=f"{PROJECT}-{function}")["Versions"]
         assert sorted(v["Version"] for v in versions) == ["$LATEST", "1"]
+
+
+def upsert_out(capsys, endpoint: str, source_dir: Path, *extra: str) -> str:
+    code, out, err = run(capsys, *cli(endpoint, source_dir, "upsert", *UPSERT, *extra))
+    assert code == 0, err
+    return out
+
+
+def test_provisioned_concurrency_follows_the_setting(first_upsert, endpoint, deployed_tree, aws, capsys, monkeypatch):
+    tree = deployed_tree["path"]
+    line = f"provisioned concurrency {INVOKE}:live: "
+
+    out = upsert_out(capsys, endpoint, tree, "--invoke-provisioned-concurrency", "2")
+    assert f"{line}set to 2 (was 5), IN_PROGRESS" in out and out.splitlines()[-1] == "1 of 7 resources changed"
+    assert provisioned_count(aws, INVOKE) == 2
+
+    monkeypatch.setenv("INVOKE_PROVISIONED_CONCURRENCY", "0")
+    out = upsert_out(capsys, endpoint, tree)
+    assert f"{line}removed (was 2)" in out and out.splitlines()[-1] == "1 of 7 resources changed"
+    assert provisioned_count(aws, INVOKE) is None
+
+    out = upsert_out(capsys, endpoint, tree)
+    assert f"{line}unchanged, none" in out and out.splitlines()[-1].startswith("no changes:")
+
+    monkeypatch.delenv("INVOKE_PROVISIONED_CONCURRENCY")
+    out = upsert_out(capsys, endpoint, tree)
+    assert f"{line}set to 5 (was none), IN_PROGRESS" in out
+    assert provisioned_count(aws, INVOKE) == 5
+    for function in LAMBDA_FUNCTIONS:  # no version was published for any of this
+        assert aws("lambda").get_alias(FunctionName=f"{PROJECT}-{function}", Name="live")["FunctionVersion"] == "1"
+
+
+def test_a_failed_allocation_is_requested_again(first_upsert, endpoint, deployed_tree, aws, provisioned, capsys):
+    reason = "FUNCTION_ERROR_INIT_FAILURE: the function could not be initialized"
+    provisioned.configurations[(INVOKE, "live")].update(Status="FAILED", StatusReason=reason)
+    out = upsert_out(capsys, endpoint, deployed_tree["path"])
+    assert f"provisioned concurrency {INVOKE}:live: set to 5 (the last request for 5 failed: {reason}), IN_PROGRESS" in out
+    assert aws("lambda").get_provisioned_concurrency_config(FunctionName=INVOKE, Qualifier="live")["Status"] == "READY"
+
+
+@pytest.mark.parametrize("flag, environ, message", [
+    ("-1", None, "invoke_provisioned_concurrency=-1 is not a non-negative integer: the number of warm instances of the "
+                 "invoke function, 0 for none (flag --invoke-provisioned-concurrency, env INVOKE_PROVISIONED_CONCURRENCY)"),
+    ("2.5", None, "invoke_provisioned_concurrency='2.5' is not an integer (flag --invoke-provisioned-concurrency, "
+                  "env INVOKE_PROVISIONED_CONCURRENCY)"),
+    (None, "five", "invoke_provisioned_concurrency='five' is not an integer"),
+])
+def test_bad_provisioned_concurrency_is_refused_before_any_call(aws_environment, sources, capsys, monkeypatch, flag, environ, message):
+    if environ is not None:
+        monkeypatch.setenv("INVOKE_PROVISIONED_CONCURRENCY", environ)
+    extra = () if flag is None else (f"--invoke-provisioned-concurrency={flag}",)
+    code, out, err = run(capsys, *cli("http://127.0.0.1:9", sources, "upsert", "--account", "123456789012", *extra))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"dogbreed upsert: {message}"), err
 
 
 def test_diff_reports_a_code_change_then_upsert_publishes_one_tarball(first_upsert, endpoint, deployed_tree, aws, bucket, tmp_path, capsys):
@@ -217,7 +298,7 @@ def test_diff_reports_a_code_change_then_upsert_publishes_one_tarball(first_upse
     assert "- step" not in out and "+ step" not in out
 
     keys = object_keys(aws, bucket)
-    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3"))
+    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", *UPSERT))
     assert code == 0, err
     new_keys = object_keys(aws, bucket) - keys
     assert len(new_keys) == 1 and next(iter(new_keys)).endswith("/sourcedir.tar.gz")
@@ -235,8 +316,7 @@ def test_lambda_change_updates_code_and_moves_the_alias(first_upsert, endpoint, 
     changed = edited_copy(deployed_tree["path"], tmp_path / "changed", "lambda/events.py", "\n# a change in lambda/\n")
     before = aws("lambda").get_alias(FunctionName=f"{PROJECT}-deploy-endpoint", Name="live")["FunctionVersion"]
     after = str(int(before) + 1)
-    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", "--tag", "team=vision", "--max-parallel-steps", "3",
-                                      "--allowed-origin", "https://dogs.example.com"))
+    code, out, err = run(capsys, *cli(endpoint, changed, "upsert", *UPSERT, "--allowed-origin", "https://dogs.example.com"))
     assert code == 0, err
     deployed_tree["path"] = changed
     assert "asset code: unchanged" in out and "asset lambda: uploaded" in out
@@ -244,6 +324,7 @@ def test_lambda_change_updates_code_and_moves_the_alias(first_upsert, endpoint, 
     assert (f"function dogbreed-invoke-endpoint: code updated, configuration updated (Environment), "
             f"alias live -> version {after}") in out
     assert "pipeline dogbreed-pipeline: unchanged" in out  # the definition calls the alias, not a version
+    assert f"provisioned concurrency {INVOKE}:live: unchanged, 5 (READY)" in out  # it belongs to the alias, so it moved along
     live = aws("lambda").get_function_configuration(FunctionName=f"{PROJECT}-invoke-endpoint", Qualifier="live")
     assert live["Environment"]["Variables"]["ALLOWED_ORIGIN"] == "https://dogs.example.com"
     new_zip = hashlib.sha256(zipball(changed / "lambda")).digest()
