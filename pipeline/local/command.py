@@ -74,7 +74,7 @@ def parameter_value(parameter: dict, text: str) -> Any:
         else:
             value = text
     except ValueError:
-        raise UsageError(f"--param {name}={text}: {name} is a {kind} parameter, and {text!r} is not one") from None
+        raise UsageError(f"--param {name}={text}: {name} is of type {kind}, and {text!r} is not") from None
     allowed = parameter.get("EnumValues")
     if allowed and value not in allowed:
         raise UsageError(f"--param {name}={text}: {name} takes one of {', '.join(map(str, allowed))}")

@@ -59,7 +59,7 @@ class JobContext:
     account: str
     environment: dict[str, str]  # the base environment of every container process
     python: str = field(default_factory=lambda: sys.executable)
-    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cpus_per_job: int = field(default_factory=lambda: os.cpu_count() or 1)  # the cores one job may use while others run
     processes: "ProcessRegistry" = field(default_factory=lambda: ProcessRegistry())
 
     def arn(self, kind: str, name: str) -> str:
@@ -154,6 +154,11 @@ def container_environment(python_dir: str, extra: Mapping[str, str]) -> dict[str
     })
     environment.update(extra)
     return environment
+
+
+def thread_limits(threads: int) -> dict[str, str]:
+    """Cap the math libraries' threads: processes that share the cores must not spin against each other."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def free_port() -> int:
@@ -279,6 +284,7 @@ def run_processing_job(ctx: JobContext, name: str, arguments: Mapping[str, Any])
         write_json(root / "opt/ml/config/processingjobconfig.json", {**arguments, "ProcessingJobName": name})
         environment = {
             **ctx.environment,
+            **thread_limits(ctx.cpus_per_job),
             **rewrite_opt_ml(dict(arguments.get("Environment", {})), root),
         }
         command = rewrite_opt_ml(entrypoint + list(app.get("ContainerArguments") or []), root)
@@ -412,8 +418,9 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
                      on_started: Callable[[list[Path]], None] | None = None) -> JobResult:
     """A CreateTrainingJob request run locally; returns DescribeTrainingJob-shaped properties.
 
-    ``threads`` caps the CPU threads of each process; an N-instance job gives
-    each of its processes 1/N of the cores when it is not given.
+    ``threads`` is the CPU threads the job may use (default: the context's
+    share of a job); each of its N processes gets 1/N of them, so that
+    processes sharing the cores do not oversubscribe them.
     """
     created = utc_now()
     job_dir = ctx.jobs_dir / spec.name
@@ -424,7 +431,7 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
     if not program or not submit:
         raise LocalRunError(f"training job {spec.name}: hyperparameters sagemaker_program and sagemaker_submit_directory "
                             "are needed to run a framework script (the toolkit's contract)")
-    per_process = threads or (max(1, ctx.cpu_count // len(hosts)) if len(hosts) > 1 else None)
+    per_process = max(1, (threads or ctx.cpus_per_job) // len(hosts))
     distributed = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"} if len(hosts) > 1 else {}
     processes = []
     for host in hosts:
@@ -447,11 +454,10 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
         environment = {
             **ctx.environment,
             **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root),
-            **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host),
+            **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host, per_process),
             **distributed,
         }
-        if per_process:
-            environment.update({"OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process)})
+        environment.update(thread_limits(per_process))
         command = [ctx.python, str(program), *user_arguments(decoded)]
         processes.append(HostProcess(host, command, environment, code_dir, job_dir / "logs" / f"{host}.log", root))
     _install_requirements(ctx, processes[0])
@@ -522,11 +528,10 @@ def _install_requirements(ctx: JobContext, host: HostProcess) -> None:
 
 
 def _toolkit_environment(ctx: JobContext, spec: TrainingSpec, decoded: Mapping[str, Any], opt_ml: Path,
-                         channels: Mapping[str, Path], hosts: list[str], host: str) -> dict[str, str]:
+                         channels: Mapping[str, Path], hosts: list[str], host: str, cpus: int) -> dict[str, str]:
     """The SM_* variables the SageMaker training toolkit sets for a framework script."""
     user = {name: value for name, value in decoded.items() if not name.startswith("sagemaker_")}
     program = str(decoded["sagemaker_program"])
-    cpus = max(1, ctx.cpu_count // len(hosts))
     environment = {
         "TRAINING_JOB_NAME": spec.name,
         "TRAINING_JOB_ARN": ctx.arn("training-job", spec.name),

@@ -227,7 +227,8 @@ class LocalRun:
                 self.runtime = runtime
                 environment = aws.run_environment(self.settings.region, moto.url, runtime.url, str(self.workdir))
                 self.ctx = JobContext(self.s3, self.workdir / "jobs", self.settings.region, self.settings.account,
-                                      container_environment(os.path.dirname(sys.executable), environment))
+                                      container_environment(os.path.dirname(sys.executable), environment),
+                                      cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
                 self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda",
                                                  self._function_environment)
                 with aws.aws_environment(environment), quiet_root_logger(), view, routed_stdout() as router:

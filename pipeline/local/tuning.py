@@ -114,11 +114,11 @@ def run_tuning_job(ctx: JobContext, name: str, arguments: Mapping[str, Any], *, 
     for index in range(1, count + 1):
         tuned = draw(config.get("ParameterRanges") or {}, rng)
         trials.append(Trial(TrainingSpec(trial_name(name, index, tuned), trial_arguments(definition, tuned, metric)), tuned))
-    threads = max(1, ctx.cpu_count // parallel)
+    threads = max(1, ctx.cpus_per_job // parallel)
 
     def run(trial: Trial) -> Trial:
         try:
-            trial.result = run_training_job(ctx, trial.spec, threads=threads if parallel > 1 else None)
+            trial.result = run_training_job(ctx, trial.spec, threads=threads)
         except (JobFailed, LocalRunError) as error:
             trial.failure = str(error)
         if on_trial:

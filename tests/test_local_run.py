@@ -1,0 +1,279 @@
+"""``dogbreed local-run`` end to end: the synthesized definition executed on generated images.
+
+One full run (module-scoped, about three minutes on two cores) backs most
+assertions: every step runs, the 7-instance training forms one 7-process
+torch.distributed group, a corrupt image planted in the data is dropped by
+PrepareData while the run succeeds, the endpoint checks reach the local data
+plane, and no socket connects anywhere but the loopback. Smaller runs check
+the Fail step and unresolvable references.
+"""
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import re
+import socket
+import tarfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from pipeline.local.sample import CORRUPT_NAME, make_sample, plant_corrupt_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ["--param", "Backbone=resnet18", "--param", "ImageSize=32"]
+SOCKET_RECORDER = '''
+import os, socket
+_LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connections.log")
+_connect = socket.socket.connect
+def connect(self, address):
+    with open(_LOG, "a") as log:
+        log.write(f"{os.getpid()} {int(self.family)} {address!r}\\n")
+    return _connect(self, address)
+socket.socket.connect = connect
+'''
+
+
+def local_run(*arguments: str) -> tuple[int, str, str]:
+    """``dogbreed local-run`` in this process: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = cli.main(["local-run", "--no-progress", "--source-dir", str(ROOT), *arguments])
+    return status, out.getvalue(), err.getvalue()
+
+
+def summary_of(workdir: Path) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def steps_by_name(summary: dict) -> dict[str, dict]:
+    return {step["name"]: step for step in summary["steps"]}
+
+
+def is_loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory):
+    """A whole local run on the generated sample with a corrupt file planted, recording every socket connect."""
+    base = tmp_path_factory.mktemp("local-run")
+    sample = make_sample(base / "data")
+    corrupt = plant_corrupt_image(sample.root)
+    recorder_dir = base / "recorder"
+    recorder_dir.mkdir()
+    (recorder_dir / "sitecustomize.py").write_text(SOCKET_RECORDER)
+    connections: list[tuple[int, object]] = []
+    original_connect = socket.socket.connect
+
+    def recording_connect(self, address):
+        connections.append((int(self.family), address))
+        return original_connect(self, address)
+
+    workdir = base / "work"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(recorder_dir))  # the container processes inherit it
+        patch.setattr(socket.socket, "connect", recording_connect)
+        status, out, err = local_run("--data", str(sample.root), "--workdir", str(workdir),
+                                     "--max-tuning-jobs", "2", *SMALL_MODEL)
+    return {"status": status, "out": out, "err": err, "workdir": workdir, "summary": summary_of(workdir),
+            "corrupt": corrupt, "sample": sample, "connections": connections,
+            "child_connections": (recorder_dir / "connections.log").read_text().splitlines()
+            if (recorder_dir / "connections.log").exists() else []}
+
+
+def test_full_run_succeeds_and_every_step_runs(full_run):
+    assert full_run["status"] == 0, full_run["out"][-3000:] + full_run["err"]
+    summary = full_run["summary"]
+    assert summary["status"] == "Succeeded"
+    definition = json.loads((full_run["workdir"] / "definition.json").read_text())
+    expected = set()
+    for step in definition["Steps"]:
+        expected.add(step["Name"])
+        for branch in ("IfSteps", "ElseSteps"):
+            expected.update(child["Name"] for child in step.get("Arguments", {}).get(branch, []))
+    steps = steps_by_name(summary)
+    assert set(steps) == expected
+    not_succeeded = {name: step["status"] for name, step in steps.items() if step["status"] != "Succeeded"}
+    # Only the Fail steps of the two quality gates stay out: both models passed the threshold.
+    assert not_succeeded == {"AccuracyTooLowSingleInstance": "Skipped", "AccuracyTooLowMultiInstance": "Skipped"}
+    assert "Local run" in full_run["out"] and "Succeeded" in full_run["out"]
+
+
+def test_multi_instance_training_is_one_seven_process_group(full_run):
+    step = steps_by_name(full_run["summary"])["TrainMultiInstance"]
+    assert step["details"]["instances"] == 7
+    logs = [Path(path) for path in step["logs"]]
+    assert [log.stem for log in logs] == [f"algo-{i}" for i in range(1, 8)]
+    ranks = set()
+    for log in logs:
+        text = log.read_text()
+        found = set(re.findall(r"\[rank (\d+)/(\d+)\]", text))
+        assert found and all(world == "7" for _, world in found), f"{log} does not show a 7-process group"
+        ranks |= {int(rank) for rank, _ in found}
+    assert ranks == set(range(7))
+    # Validation metrics are all-reduced: every rank prints the same metric lines.
+    metric_lines = [re.findall(r"^epoch=\d+ .*$", log.read_text(), flags=re.MULTILINE) for log in logs]
+    assert metric_lines[0] and all(lines == metric_lines[0] for lines in metric_lines)
+    with tarfile.open(step["details"]["model"]) as archive:
+        info = json.load(archive.extractfile("model_info.json"))
+    assert info["world_size"] == 7
+
+
+def test_training_steps_take_the_best_trial_hyperparameters(full_run):
+    summary = full_run["summary"]
+    tuning = summary["tuning"]["TuneHyperparameters"]
+    assert len(tuning["trials"]) == 2
+    objectives = [trial["objective"] for trial in tuning["trials"]]
+    assert tuning["objective"]["Value"] == min(objectives)
+    best = tuning["hyperparameters"]
+    assert set(best) == {"learning_rate", "batch_size", "epochs"}
+    for name in ("TrainSingleInstance", "TrainMultiInstance"):
+        job = steps_by_name(summary)[name]["job_name"]
+        config = full_run["workdir"] / "jobs" / job / "algo-1" / "opt" / "ml" / "input" / "config" / "hyperparameters.json"
+        passed = json.loads(config.read_text())
+        assert {key: passed[key] for key in best} == best  # as SageMaker gives them, e.g. batch_size '"64"'
+        log = (full_run["workdir"] / "jobs" / job / "logs" / "algo-1.log").read_text()
+        command = log.splitlines()[0]
+        assert f"--batch_size {json.loads(best['batch_size'])}" in command and f"--epochs {best['epochs']}" in command
+
+
+def test_corrupt_image_is_dropped_and_listed_in_the_manifest(full_run):
+    manifest = full_run["summary"]["manifest"]
+    dropped = {item["path"]: item["reason"] for item in manifest["dropped"]}
+    relative = full_run["corrupt"].relative_to(full_run["sample"].root).as_posix()
+    assert list(dropped) == [relative]
+    assert dropped[relative]
+    assert manifest["classes"] == list(full_run["sample"].classes)
+    assert f"dropped: {relative}" in full_run["out"]
+
+
+def test_evaluations_registry_and_endpoint_checks(full_run):
+    summary = full_run["summary"]
+    steps = steps_by_name(summary)
+    classes = set(full_run["sample"].classes)
+    for variant in ("SingleInstance", "MultiInstance"):
+        accuracy = summary["test_accuracy"][f"Evaluate{variant}"]
+        assert 0.7 <= accuracy <= 1.0
+        outputs = steps[f"Evaluate{variant}"]["details"]["outputs"]["evaluation"]
+        assert (Path(outputs) / "evaluation.json").is_file() and (Path(outputs) / "confusion_matrix.png").is_file()
+        assert steps[f"Register{variant}-RegisterModel"]["status"] == "Succeeded"
+        deploy = steps[f"Deploy{variant}"]["details"]["outputs"]
+        check = steps[f"Check{variant}"]["details"]["outputs"]
+        assert deploy["action"] == "created"
+        assert check["endpoint_name"] == deploy["endpoint_name"]
+        assert check["status"] == "InService" and check["top_label"] in classes
+    answered = {(item["endpoint"], item["status"]) for item in summary["endpoint_invocations"]}
+    assert answered == {("dogbreed-single-instance", 200), ("dogbreed-multi-instance", 200)}
+    assert "Test accuracy" in full_run["out"] and "model.tar.gz" in full_run["out"]
+
+
+def test_no_connection_leaves_the_loopback(full_run):
+    inet = [(family, address) for family, address in full_run["connections"]
+            if family in (socket.AF_INET, socket.AF_INET6)]
+    assert inet, "the run made no TCP connection in this process: the recorder did not see moto or the endpoints"
+    assert all(is_loopback(address) for _, address in inet), [a for _, a in inet if not is_loopback(a)]
+    children = [line.split(" ", 2) for line in full_run["child_connections"]]
+    remote = [line for line in children if int(line[1]) in (socket.AF_INET, socket.AF_INET6)
+              and not re.match(r"^\('(127\.\d+\.\d+\.\d+|::1|localhost)'", line[2])]
+    assert remote == []
+
+
+def test_raised_threshold_ends_in_the_fail_step(tmp_path: Path):
+    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 8, "valid": 2, "test": 2})
+    workdir = tmp_path / "work"
+    status, out, err = local_run("--data", str(sample.root), "--workdir", str(workdir), "--max-tuning-jobs", "1",
+                                 "--param", "MultiInstanceCount=1", "--param", "AccuracyThreshold=1.5", *SMALL_MODEL)
+    assert status == 1, out[-3000:] + err
+    summary = summary_of(workdir)
+    assert summary["status"] == "Failed"
+    steps = steps_by_name(summary)
+    failed = [name for name, step in steps.items() if step["status"] == "Failed"]
+    assert len(failed) == 1 and failed[0].startswith("AccuracyTooLow")
+    variant = failed[0].removeprefix("AccuracyTooLow")
+    message = steps[failed[0]]["reason"]
+    accuracy = summary["test_accuracy"][f"Evaluate{variant}"]
+    assert re.fullmatch(rf"The (single|multi) instance model's test accuracy {accuracy} is below AccuracyThreshold 1.5; "
+                        r"it was not registered or deployed\.", message)
+    assert message in summary["failure_reason"] and message in out
+    for skipped in (f"Register{variant}-RegisterModel", f"Deploy{variant}", f"Check{variant}"):
+        assert steps[skipped]["status"] == "Skipped"
+
+
+def _definition(tmp_path: Path) -> dict:
+    status, out, err = _synth(tmp_path / "pipeline.json")
+    assert status == 0, err
+    return json.loads((tmp_path / "pipeline.json").read_text())
+
+
+def _synth(path: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = cli.main(["synth", "--out", str(path), "--source-dir", str(ROOT)])
+    return status, out.getvalue(), err.getvalue()
+
+
+def _step(document: dict, name: str) -> dict:
+    for step in document["Steps"]:
+        if step["Name"] == name:
+            return step
+        for branch in ("IfSteps", "ElseSteps"):
+            for child in step.get("Arguments", {}).get(branch, []):
+                if child["Name"] == name:
+                    return child
+    raise KeyError(name)
+
+
+def test_reference_to_a_missing_property_fails_before_anything_runs(tmp_path: Path):
+    document = _definition(tmp_path)
+    evaluate = _step(document, "EvaluateSingleInstance")
+    model_input = next(item for item in evaluate["Arguments"]["ProcessingInputs"] if item["InputName"] == "model")
+    model_input["S3Input"]["S3Uri"] = {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifactz"}
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(document))
+    status, out, err = local_run("--definition", str(edited), "--workdir", str(tmp_path / "work"))
+    assert status == 2
+    assert "EvaluateSingleInstance" in err and "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifactz" in err
+    assert not (tmp_path / "work" / "jobs").exists()
+
+
+def test_reference_that_fails_at_run_time_names_step_and_path(tmp_path: Path):
+    document = _definition(tmp_path)
+    tune = _step(document, "TuneHyperparameters")
+    missing = "Steps.PrepareData.ProcessingOutputConfig.Outputs[9].S3Output.S3Uri"
+    tune["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]["data_hint"] = {"Get": missing}
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(document))
+    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 4, "valid": 2, "test": 2})
+    workdir = tmp_path / "work"
+    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir))
+    assert status == 1, out[-2000:] + err
+    steps = steps_by_name(summary_of(workdir))
+    assert steps["PrepareData"]["status"] == "Succeeded"
+    assert steps["TuneHyperparameters"]["status"] == "Failed"
+    reason = steps["TuneHyperparameters"]["reason"]
+    assert reason.startswith(f"step TuneHyperparameters: cannot resolve {missing}")
+    assert "no item [9]" in reason
+    assert steps["TrainSingleInstance"]["status"] == "Not run"
+
+
+@pytest.mark.parametrize("param, message", [
+    ("Nonexistent=1", "the definition has no such parameter"),
+    ("ImageSize=large", "ImageSize is of type Integer"),
+    ("Backbone=vgg16", "Backbone takes one of resnet18, resnet34, resnet50"),
+    ("AccuracyThreshold", "is not NAME=VALUE"),
+])
+def test_bad_parameters_are_refused_before_the_run(tmp_path: Path, param: str, message: str):
+    status, out, err = local_run("--param", param, "--workdir", str(tmp_path / "work"))
+    assert status == 2
+    assert message in err
+    assert not (tmp_path / "work").exists()
