@@ -128,9 +128,23 @@ def link_data(run: Any, data: Path) -> None:
     except Exception as error:
         raise UsageError(f"{DATA_PARAMETER}={uri!r}: {error}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        raise UsageError(f"{target} exists already: give a new --workdir")
+    if target.is_symlink():  # the data of an earlier run in this work dir
+        target.unlink()
+    elif target.exists():
+        raise UsageError(f"{target} ({uri} in local S3) exists and is not a link made by local-run: "
+                         "remove it or give another --workdir")
     target.symlink_to(data.resolve(), target_is_directory=True)
+
+
+def sample_data(folder: Path) -> dict[str, str]:
+    """The generated sample in ``folder``: written on first use, reused by later runs in the same work dir."""
+    from pipeline.local.sample import make_sample
+
+    if (folder / "train").is_dir():
+        images = sum(1 for path in folder.rglob("*.jpg"))
+        return {"path": str(folder), "description": f"generated sample (from an earlier run), {images} files"}
+    sample = make_sample(folder)
+    return {"path": str(sample.root), "description": f"generated sample: {len(sample.classes)} classes, {sample.images} images"}
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -138,7 +152,6 @@ def run_command(args: argparse.Namespace) -> int:
     from pipeline.definition import load_contract, synth
     from pipeline.local.executor import LocalRun, RunOptions, new_execution_id
     from pipeline.local.references import LocalRunError
-    from pipeline.local.sample import make_sample
     from pipeline.local.summary import summary_document, summary_lines, write_summary
 
     if args.data is not None and not args.data.is_dir():
@@ -159,9 +172,8 @@ def run_command(args: argparse.Namespace) -> int:
             data = {"path": str(args.data.resolve()), "description": "data"}
             link_data(run, args.data)
         else:
-            sample = make_sample(run.workdir / "sample-data")
-            data = {"path": str(sample.root), "description": f"generated sample: {len(sample.classes)} classes, {sample.images} images"}
-            link_data(run, sample.root)
+            data = sample_data(run.workdir / "sample-data")
+            link_data(run, Path(data["path"]))
     except LocalRunError as error:
         raise UsageError(str(error)) from None
     if applied:

@@ -467,6 +467,8 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
     run_hosts(ctx, processes, spec.arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
     _save_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), [job_dir / host for host in hosts])
     artifact_uri = _upload_model(ctx.s3, spec, [job_dir / host / "opt/ml/model" for host in hosts])
+    for host in hosts:  # the instances' disks go with them; the model lives on in model.tar.gz
+        shutil.rmtree(job_dir / host / "opt/ml/model", ignore_errors=True)
     _upload_output_data(ctx.s3, spec, job_dir / hosts[0] / "opt/ml/output/data")
     ended = utc_now()
     primary_log = processes[0].log

@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import shutil
 import sys
 import tarfile
 import threading
@@ -194,10 +195,12 @@ class ModelContainer:
         return self.url
 
     def stop(self) -> None:
+        """Stop serving and drop the unpacked model (the endpoint's instance goes away; its log stays)."""
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        shutil.rmtree(self.model_dir, ignore_errors=True)
 
 
 class _QuietHandler(BaseHTTPRequestHandler):

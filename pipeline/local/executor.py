@@ -57,6 +57,7 @@ SUCCEEDED, FAILED, EXECUTING, STOPPED = "Succeeded", "Failed", "Executing", "Sto
 SKIPPED, NOT_RUN = "Skipped", "Not run"
 SUPPORTED_TYPES = ("Processing", "Training", "Tuning", "RegisterModel", "Lambda", "Condition", "Fail")
 REFRESH_SECONDS = 0.5
+NOTE_WIDTH = 90  # a step's remark in the table; the summary has it whole
 LOG = logging.getLogger("dogbreed.local")
 
 
@@ -97,7 +98,8 @@ class StepState:
         return ((self.ended or utc_now()) - self.started).total_seconds()
 
     def row(self) -> StepRow:
-        return StepRow(self.name, self.status, self.started, self.ended, self.reason or self.note)
+        note = self.note if len(self.note) <= NOTE_WIDTH else self.note[: NOTE_WIDTH - 3] + "..."
+        return StepRow(self.name, self.status, self.started, self.ended, self.reason or note)
 
 
 @dataclass
@@ -463,7 +465,7 @@ class LocalRun:
         metric = best["FinalHyperParameterTuningJobObjectiveMetric"]
         state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
                                     "objective": t.objective(metric["MetricName"])} for t in trials]
-        return f"{len(trials)} trials; best {metric['MetricName']}={metric['Value']:.4g}"
+        return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; best {metric['MetricName']}={metric['Value']:.4g}"
 
     def _register(self, state: StepState, resolver: Resolver) -> str:
         arguments = resolver.resolve(state.node.document["Arguments"])
