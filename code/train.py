@@ -339,6 +339,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def write_line(line: str) -> None:
+    """One write per line: processes that share stdout (torchrun) then never splice their lines together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def configure_logging(dist_info: DistInfo) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(
@@ -791,7 +797,8 @@ def model_info(args: argparse.Namespace, classes: list[str], best: dict[str, Any
         "epochs_trained": summary["epochs_trained"],
         "stopped_early": summary["stopped_early"],
         "world_size": summary["world_size"],
-        "hyperparameters": {k: v for k, v in vars(args).items()},
+        "pretrained_weights": pretrained_source(args.pretrained_weights),
+        "hyperparameters": dict(vars(args)),
         "torch_version": torch.__version__,
     }
 
@@ -882,7 +889,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
         metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
-        print(contract.format_metric_line(epoch, metrics), flush=True)
+        write_line(contract.format_metric_line(epoch, metrics))
         seconds = time.perf_counter() - started + (setup_seconds if not history else 0.0)
         images_per_second = train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)
         history.append({"epoch": epoch, **metrics, "seconds": seconds, "train_images_per_second": images_per_second})

@@ -92,7 +92,7 @@ def test_torchrun_ranks_share_cached_features(data: Path, tmp_path: Path) -> Non
     (output,) = finished_outputs([process])
 
     lines = metric_lines(output)
-    assert len(lines) == 4 and lines[0] == lines[1] and lines[2] == lines[3]
+    assert len(lines) == 4 and lines[0] == lines[1] and lines[2] == lines[3], output
     assert output.count("computed backbone features of 36 training and 15 validation images") == 2
     assert output.count("(18 on this rank)") == 4
     by_rank = [parameter_digests("\n".join(l for l in output.splitlines() if f"[rank {r}/2]" in l)) for r in (0, 1)]
