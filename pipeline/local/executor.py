@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -233,7 +234,8 @@ class LocalRun:
                                       cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
                 self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda",
                                                  self._function_environment)
-                with aws.aws_environment(environment), quiet_root_logger(), view, routed_stdout() as router:
+                with aws.aws_environment(environment), quiet_root_logger(), terminate_as_interrupt(), view, \
+                        routed_stdout() as router:
                     self._router = router
                     status, reason = self._schedule(view)
                 self.facts["invocations"] = list(runtime.invocations)
@@ -496,6 +498,23 @@ class LocalRun:
         message = as_text(resolver.resolve(state.node.document.get("Arguments", {}).get("ErrorMessage", "")))
         state.details["message"] = message
         raise StepFailure(message or "the pipeline reached a Fail step")
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does, so that the job processes are stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
