@@ -19,7 +19,7 @@ import common
 import contract
 import evaluate
 import preprocess
-from tests.conftest import CODE_DIR, make_dataset
+from conftest import CODE_DIR, make_dataset
 
 IMAGE_SIZE = 32
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import common
 import inference
-from tests.conftest import CODE_DIR
+from conftest import CODE_DIR
 
 CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C", "004.Breed_D"]
 IMAGE_SIZE = 64

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import preprocess
-from tests.conftest import make_dataset, write_images
+from conftest import make_dataset, write_images
 
 RESIZE = 24
 
