@@ -26,8 +26,10 @@ from pipeline.local.sample import CORRUPT_NAME, make_sample, plant_corrupt_image
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["--param", "Backbone=resnet18", "--param", "ImageSize=32"]
 SOCKET_RECORDER = '''
-import os, socket
+import os, socket, sys
 _LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connections.log")
+with open(_LOG, "a") as log:
+    log.write(f"{os.getpid()} loaded {' '.join(sys.argv)}\\n")
 _connect = socket.socket.connect
 def connect(self, address):
     with open(_LOG, "a") as log:
@@ -151,7 +153,7 @@ def test_corrupt_image_is_dropped_and_listed_in_the_manifest(full_run):
     manifest = full_run["summary"]["manifest"]
     dropped = {item["path"]: item["reason"] for item in manifest["dropped"]}
     relative = full_run["corrupt"].relative_to(full_run["sample"].root).as_posix()
-    assert list(dropped) == [relative]
+    assert relative.endswith(CORRUPT_NAME) and list(dropped) == [relative]
     assert dropped[relative]
     assert manifest["classes"] == list(full_run["sample"].classes)
     assert f"dropped: {relative}" in full_run["out"]
@@ -182,8 +184,12 @@ def test_no_connection_leaves_the_loopback(full_run):
             if family in (socket.AF_INET, socket.AF_INET6)]
     assert inet, "the run made no TCP connection in this process: the recorder did not see moto or the endpoints"
     assert all(is_loopback(address) for _, address in inet), [a for _, a in inet if not is_loopback(a)]
-    children = [line.split(" ", 2) for line in full_run["child_connections"]]
-    remote = [line for line in children if int(line[1]) in (socket.AF_INET, socket.AF_INET6)
+    lines = [line.split(" ", 2) for line in full_run["child_connections"]]
+    started = " ".join(line[2] for line in lines if line[1] == "loaded")
+    for script in ("preprocess.py", "train.py", "evaluate.py"):
+        assert script in started, f"the recorder was not loaded by the {script} processes"
+    connects = [line for line in lines if line[1] != "loaded"]
+    remote = [line for line in connects if int(line[1]) in (socket.AF_INET, socket.AF_INET6)
               and not re.match(r"^\('(127\.\d+\.\d+\.\d+|::1|localhost)'", line[2])]
     assert remote == []
 

@@ -1,7 +1,6 @@
 """The parts of local-run on their own: references, the container contract, tuning draws, conditions, the data plane."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import random

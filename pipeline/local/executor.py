@@ -24,7 +24,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import traceback
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from pipeline.assets import Assets
-from pipeline.dag import DefinitionError, StepNode, steps_of, topological_order
+from pipeline.dag import DefinitionError, StepNode, topological_order
 from pipeline.local import aws
 from pipeline.local.conditions import evaluate_all
 from pipeline.local.containers import (
