@@ -283,3 +283,15 @@ def test_bad_parameters_are_refused_before_the_run(tmp_path: Path, param: str, m
     assert status == 2
     assert message in err
     assert not (tmp_path / "work").exists()
+
+
+def test_definition_from_another_tree_is_refused(tmp_path: Path):
+    document = _definition(tmp_path)
+    text = json.dumps(document)
+    stale = re.sub(r"/assets/code/[0-9a-f]{16}/", "/assets/code/0123456789abcdef/", text)
+    assert stale != text
+    edited = tmp_path / "stale.json"
+    edited.write_text(stale)
+    status, out, err = local_run("--definition", str(edited), "--workdir", str(tmp_path / "work"))
+    assert status == 2
+    assert "assets/code/0123456789abcdef/sourcedir.tar.gz" in err and "synthesize the definition from this tree" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,30 @@ def load_document(args: argparse.Namespace, synthesized: str) -> dict:
         raise UsageError(f"--definition {args.definition} is not JSON: {error}") from None
 
 
+def strings_in(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+
+
+def check_assets(document: dict, settings: Any, assets: Any) -> None:
+    """Every asset the definition names must be one this tree builds (else its jobs would find no code)."""
+    from pipeline.cli import UsageError
+
+    prefix = settings.s3_uri("assets") + "/"
+    published = {asset.s3_uri for asset in assets}
+    for text in strings_in(document):
+        for uri in re.findall(r"s3://[^\s\"']+", text):
+            if uri.startswith(prefix) and uri not in published:
+                raise UsageError(f"the definition names the asset {uri}, which this source tree does not build "
+                                 f"(it has {', '.join(sorted(published))}): synthesize the definition from this tree")
+
+
 def link_data(run: Any, data: Path) -> None:
     """Make ``data`` the content of the InputDataUrl location in local S3."""
     from pipeline.cli import UsageError
@@ -159,6 +184,7 @@ def run_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     synthesized = synth(settings)
     document = load_document(args, synthesized.definition)
+    check_assets(document, settings, synthesized.assets)
     given = parse_parameters(args.param, document)
     applied = local_overrides(document, given, sample=args.data is None)
     execution_id = new_execution_id()
