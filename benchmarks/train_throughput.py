@@ -8,7 +8,10 @@ preprocess.py writes them (shorter side 256), then measures:
 * training: resnet50 with a frozen backbone (random weights: speed does not depend
   on them) at 224 pixels, batch 32, augmentation off, two epochs each, with and without
   --cache-features. Seconds per epoch include the validation pass and, in epoch 1 of a
-  cached run, computing the features.
+  cached run, computing the features. The script runs with its defaults for threads
+  and data workers; CPU seconds are those of the training process (the model's work;
+  decoding happens in the data workers), and vary less than wall-clock seconds on a
+  machine that other jobs share.
 
     .venv/bin/python benchmarks/train_throughput.py [--train-images 64 --valid-images 16]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import platform
 import random
 import sys
@@ -67,14 +71,23 @@ def write_data_sets(root: Path, counts: dict[str, int], seed: int = 0) -> tuple[
     return root / "originals", root / "resized"
 
 
-def decode_rate(train_dir: Path, image_size: int, batch_size: int, workers: int) -> float:
-    """Images per second through the training DataLoader alone (no model)."""
+def decode_rates(train_dir: Path, image_size: int, batch_size: int) -> tuple[float, float]:
+    """Images per wall-clock second and per CPU second through the training DataLoader alone (no model).
+
+    Measured in this process with one torch thread, as a DataLoader worker runs.
+    """
     dataset = datasets.ImageFolder(str(train_dir), transform=common.eval_transform(image_size))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    started = time.perf_counter()
-    for _ in loader:
-        pass
-    return len(dataset) / (time.perf_counter() - started)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for _ in loader:
+            pass
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        torch.set_num_threads(threads)
+    return len(dataset) / wall, len(dataset) / cpu
 
 
 def training_epochs(data: Path, work: Path, options: argparse.Namespace, cache: bool) -> list[dict]:
@@ -103,12 +116,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     options = parser.parse_args()
+    load_before = f"{os.getloadavg()[0]:.1f}"
 
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as temporary:
         root = Path(temporary)
         originals, resized = write_data_sets(root, {"train": options.train_images, "valid": options.valid_images})
-        workers = train.default_num_workers()
-        decode = {name: decode_rate(folder / "train", options.image_size, options.batch_size, workers)
+        decode = {name: decode_rates(folder / "train", options.image_size, options.batch_size)
                   for name, folder in (("500x375 originals", originals), ("256 short side", resized))}
         runs = []
         for images, folder, cache in (("500x375 originals", originals, False), ("500x375 originals", originals, True),
@@ -117,20 +130,23 @@ def main() -> None:
             runs.append((images, cache, history))
 
     print(f"\nmachine: {cpu_model()}, {train.usable_cpus()} usable cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {workers} data workers")
+          f"{train.default_num_threads()} torch threads, {train.default_num_workers()} data workers; "
+          f"load average before and after: {load_before} / {os.getloadavg()[0]:.1f}")
     print(f"{options.backbone} frozen, {options.image_size} px, batch {options.batch_size}, augmentation off; "
           f"{options.train_images} training + {options.valid_images} validation images, {CLASSES} classes\n")
-    print("| images | decode + resize + crop, images/s |")
-    print("| --- | --- |")
-    for name, rate in decode.items():
-        print(f"| {name} | {rate:.1f} |")
+    print("| images | decode + resize + crop (one thread), images/s | images per CPU s |")
+    print("| --- | ---: | ---: |")
+    for name, (rate, cpu_rate) in decode.items():
+        print(f"| {name} | {rate:.1f} | {cpu_rate:.1f} |")
     print()
-    print("| images | --cache-features | epoch 1 s | epoch 2 s | epoch 1 training images/s | epoch 2 training images/s | epoch 1 / epoch 2 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| images | --cache-features | epoch 1 s | epoch 2 s | epoch 1 CPU s | epoch 2 CPU s "
+          "| training images per CPU s, epoch 1 | epoch 2 | epoch 1 / epoch 2 (CPU) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for images, cache, history in runs:
-        first, second = history[0]["seconds"], history[1]["seconds"]
-        print(f"| {images} | {'on' if cache else 'off'} | {first:.2f} | {second:.3f} | "
-              f"{options.train_images / first:.1f} | {options.train_images / second:.1f} | {first / second:.0f}x |")
+        wall = [h["seconds"] for h in history]
+        cpu = [h["cpu_seconds"] for h in history]
+        print(f"| {images} | {'on' if cache else 'off'} | {wall[0]:.2f} | {wall[1]:.3f} | {cpu[0]:.2f} | {cpu[1]:.3f} | "
+              f"{options.train_images / cpu[0]:.1f} | {options.train_images / cpu[1]:.0f} | {cpu[0] / cpu[1]:.0f}x |")
 
 
 if __name__ == "__main__":

@@ -851,7 +851,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
 
-    setup_started = time.perf_counter()
+    setup_started, setup_cpu_started = time.perf_counter(), time.process_time()
     parts = model_parts(model, args.freeze_backbone, args.cache_features, device, dist_info)
     if args.cache_features:
         backbone = feature_extractor(model).eval()
@@ -865,6 +865,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         train_loader = make_train_loader(train_set, args, dist_info, device, seeded=True, workers=args.num_workers)
         valid_loader = make_eval_loader(valid_set, args, dist_info, device, workers=args.num_workers)
     setup_seconds = time.perf_counter() - setup_started
+    setup_cpu_seconds = time.process_time() - setup_cpu_started
 
     optimizer = torch.optim.SGD([p for p in parts.trainable.parameters() if p.requires_grad], lr=args.learning_rate,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
@@ -884,15 +885,18 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     for epoch in range(start_epoch, args.epochs + 1):
         if stopped:
             break
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         seed_everything(derived_seed(args.seed, epoch, dist_info.rank))
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
         metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
         write_line(contract.format_metric_line(epoch, metrics))
         seconds = time.perf_counter() - started + (setup_seconds if not history else 0.0)
+        # CPU seconds of this process's threads (data-loading workers excluded): steadier than wall time on a busy machine.
+        cpu_seconds = time.process_time() - cpu_started + (setup_cpu_seconds if not history else 0.0)
         images_per_second = train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)
-        history.append({"epoch": epoch, **metrics, "seconds": seconds, "train_images_per_second": images_per_second})
+        history.append({"epoch": epoch, **metrics, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                        "train_images_per_second": images_per_second})
         LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) at %.1f images/s; parameters %s",
                  epoch, seconds, train_stats["train_images"], train_stats["rank_images"], images_per_second,
                  parameters_digest(parts.trainable_module))

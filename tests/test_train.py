@@ -31,6 +31,7 @@ SAGEMAKER_HYPERPARAMETERS = [
     "--backbone", '"resnet18"', "--pretrained_weights", '"none"', "--image_size", "32", "--epochs", "3",
     "--batch_size", "8", "--learning_rate", "0.05", "--num_workers", "0", "--freeze_backbone", "true",
     "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"val_loss"',
+    "--num_threads", "1",
 ]
 SMALL = ["--backbone", "resnet18", "--pretrained-weights", "none", "--image-size", "32", "--num-workers", "0"]
 
@@ -163,7 +164,12 @@ def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp
 
 
 def in_process_run(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict, str]:
-    summary = train.main(train.parse_args(argv))
+    """main() in this process with one torch thread (tiny tensors gain nothing from more); the thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        summary = train.main(train.parse_args([*argv, "--num-threads", "1"]))
+    finally:
+        torch.set_num_threads(threads)
     return summary, capsys.readouterr().out
 
 
