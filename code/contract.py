@@ -35,6 +35,9 @@ MANIFEST_FILE = "manifest.json"
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 
+# Where the endpoint check reads how many classes the prepared data has, in manifest.json.
+CLASS_COUNT_JSON_PATH = "class_count"
+
 # Where the ConditionStep reads the test accuracy in evaluation.json.
 ACCURACY_JSON_PATH = "multiclass_classification_metrics.accuracy.value"
 

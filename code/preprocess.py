@@ -383,6 +383,7 @@ def prepare(args: argparse.Namespace) -> dict:
             "format": MANIFEST_FORMAT,
             "layout": layout,
             "classes": classes,
+            "class_count": len(classes),
             "counts": counts,
             "totals": {split: sum(counts[split].values()) for split in SPLITS},
             "examined": examined,

@@ -130,7 +130,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
         evaluation = evaluate_step(ctx, variant, prepare, training)
         register = register_step(ctx, variant, training, evaluation)
         deploy = deploy_step(ctx, variant, register)
-        check = check_step(ctx, variant, deploy)
+        check = check_step(ctx, variant, deploy, prepare)
         trainings.append(training)
         evaluations.append(evaluation)
         gates.append(quality_gate_step(ctx, variant, evaluation, if_steps=[register, deploy, check]))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from sagemaker.lambda_helper import Lambda
 from sagemaker.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
+from sagemaker.workflow.functions import JsonGet
 from sagemaker.workflow.step_collections import RegisterModel
+from sagemaker.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext
+from steps.prepare import manifest_property_file
 from steps.variants import Variant
 
 DEPLOY_OUTPUTS = ("endpoint_name", "endpoint_config_name", "model_name", "action")
@@ -50,13 +53,13 @@ def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) ->
     )
 
 
-def check_step(ctx: BuildContext, variant: Variant, deploy: LambdaStep) -> LambdaStep:
+def check_step(ctx: BuildContext, variant: Variant, deploy: LambdaStep, prepare: ProcessingStep) -> LambdaStep:
     params = ctx.parameters
     return LambdaStep(
         name=variant.step("Check"),
         display_name=f"Check ({variant.title})",
         description="Waits for the endpoint to be InService on the configuration just deployed (a rolled-back "
-                    "update fails), sets its auto scaling, sends it a real image and checks the answer.",
+                    "update fails), sets its auto scaling, sends it a real image and checks that the answer ranks every class of the prepared data.",
         lambda_func=_function(ctx, "check-endpoint"),
         inputs={
             "endpoint_name": deploy.properties.Outputs["endpoint_name"],
@@ -64,6 +67,8 @@ def check_step(ctx: BuildContext, variant: Variant, deploy: LambdaStep) -> Lambd
             "min_capacity": params.endpoint_min_capacity,
             "max_capacity": params.endpoint_max_capacity,
             "target_invocations_per_instance": params.endpoint_target_invocations,
+            "num_classes": JsonGet(step_name=prepare.name, property_file=manifest_property_file(ctx.contract),
+                                   json_path=ctx.contract.CLASS_COUNT_JSON_PATH),
         },
         outputs=_outputs(CHECK_OUTPUTS),
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from sagemaker.processing import ProcessingInput, ProcessingOutput
+from sagemaker.workflow.properties import PropertyFile
 from sagemaker.workflow.steps import ProcessingStep
 
 from steps.context import CACHE, BuildContext, retry_policies
@@ -32,9 +33,14 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
         description="Validates every image, converts it to RGB, resizes it to a 256-pixel short side and writes "
                     "train/valid/test channels with a manifest of classes, counts and dropped files.",
         step_args=step_args,
+        property_files=[manifest_property_file(ctx.contract)],
         cache_config=CACHE,
         retry_policies=retry_policies(),
     )
+
+
+def manifest_property_file(contract) -> PropertyFile:
+    return PropertyFile(name="Manifest", output_name="manifest", path=contract.MANIFEST_FILE)
 
 
 def channel_uri(step: ProcessingStep, name: str):

@@ -26,7 +26,7 @@ def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tun
         hyperparameters=hyperparameters,
         output_path=ctx.settings.s3_uri("jobs", name),
         base_job_name=f"{ctx.settings.project_name}-train-{variant.slug}",
-        checkpoint_s3_uri=ctx.execution_path(name, "checkpoints"),
+        spot_checkpoint_s3_uri=ctx.execution_path(name, "checkpoints") if ctx.settings.spot_training else None,
         encrypt_traffic=variant == MULTI,
     )
     step_args = estimator.fit(inputs=training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")))

@@ -33,11 +33,13 @@ def pytorch_estimator(
     hyperparameters: Mapping[str, object],
     output_path: str,
     base_job_name: str,
-    checkpoint_s3_uri=None,
+    spot_checkpoint_s3_uri=None,
     encrypt_traffic: bool = False,
 ) -> PyTorch:
+    """With ``spot_checkpoint_s3_uri`` the job runs on managed spot instances and
+    checkpoints there, so an interruption resumes from the last epoch."""
     settings = ctx.settings
-    spot = settings.spot_training and checkpoint_s3_uri is not None
+    spot = spot_checkpoint_s3_uri is not None
     return PyTorch(
         entry_point=TRAIN_SCRIPT,
         source_dir=ctx.code_uri,
@@ -57,7 +59,7 @@ def pytorch_estimator(
         max_run=MAX_RUNTIME_SECONDS,
         use_spot_instances=spot,
         max_wait=2 * MAX_RUNTIME_SECONDS if spot else None,
-        checkpoint_s3_uri=checkpoint_s3_uri,
+        checkpoint_s3_uri=spot_checkpoint_s3_uri,
         encrypt_inter_container_traffic=encrypt_traffic,
         disable_profiler=True,
         debugger_hook_config=False,

@@ -251,6 +251,8 @@ def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes):
     assert check["Arguments"]["endpoint_name"] == {"Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_name']"}
     assert check["Arguments"]["endpoint_config_name"] == {
         "Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_config_name']"}
+    assert check["Arguments"]["num_classes"] == {"Std:JsonGet": {
+        "Path": CONTRACT.CLASS_COUNT_JSON_PATH, "PropertyFile": {"Get": "Steps.PrepareData.PropertyFiles.Manifest"}}}
 
 
 def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
@@ -266,11 +268,14 @@ def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
 
 
 def test_spot_training_is_a_setting_that_keeps_checkpoints(nodes):
+    # SageMaker's cache key includes CheckpointConfig, whose URI is unique to an execution:
+    # on-demand training goes without, so that an unchanged step can be a cache hit.
     on_demand = nodes["TrainSingleInstance"].document["Arguments"]
-    assert "CheckpointConfig" in on_demand and not on_demand.get("EnableManagedSpotTraining")
+    assert "CheckpointConfig" not in on_demand and not on_demand.get("EnableManagedSpotTraining")
     spot = steps_of(synth(load_settings({"spot_training": True}, environ={})).document)
     arguments = spot["TrainMultiInstance"].document["Arguments"]
     assert arguments["EnableManagedSpotTraining"] is True
+    assert "checkpoints" in json.dumps(arguments["CheckpointConfig"]["S3Uri"])
     assert arguments["StoppingCondition"]["MaxWaitTimeInSeconds"] >= arguments["StoppingCondition"]["MaxRuntimeInSeconds"]
 
 

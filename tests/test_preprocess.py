@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import contract
 import preprocess
 from conftest import make_dataset, write_images
 
@@ -118,6 +119,7 @@ def test_faults_are_listed_with_reasons_and_good_images_come_out_rgb_at_size(fau
     assert manifest["hidden_files_skipped"] == 1
 
     assert manifest["classes"] == ["001.Breed_A", "002.Breed_B", "003.Breed_C"]
+    assert manifest[contract.CLASS_COUNT_JSON_PATH] == 3
     on_disk = files_on_disk(out)
     assert {split: {c: len(names) for c, names in classes.items()} for split, classes in on_disk.items()} == manifest["counts"]
     assert manifest["counts"]["train"]["002.Breed_B"] == 12 + len(CONVERTED)

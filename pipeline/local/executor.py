@@ -231,8 +231,7 @@ class LocalRun:
                 self.ctx = JobContext(self.s3, self.workdir / "jobs", self.settings.region, self.settings.account,
                                       container_environment(os.path.dirname(sys.executable), environment),
                                       cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
-                self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda",
-                                                 self._function_environment)
+                self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda")
                 with aws.aws_environment(environment), quiet_root_logger(), terminate_as_interrupt(), view, \
                         routed_stdout() as router:
                     self._router = router
@@ -424,11 +423,6 @@ class LocalRun:
                     continue
                 if isinstance(document, dict) and isinstance(document.get("classes"), list):
                     self.facts["manifest"] = {"path": str(manifest), "step": state.name, "document": document}
-
-    def _function_environment(self, function_name: str) -> dict[str, str]:
-        """Configuration of the local functions: the check compares the answer with the prepared data's classes."""
-        manifest = self.facts.get("manifest")
-        return {"NUM_CLASSES": str(len(manifest["document"]["classes"]))} if manifest else {}
 
     def _training(self, state: StepState, resolver: Resolver) -> str:
         arguments = resolver.resolve(state.node.document["Arguments"])
