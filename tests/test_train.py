@@ -122,15 +122,32 @@ def test_saved_weights_are_the_best_epochs(reference: dict, data: Path) -> None:
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(best["val_accuracy"], abs=1e-6)
 
 
-def test_metric_definitions_parse_the_real_output(reference: dict) -> None:
+def synthesized_metric_definitions() -> list[dict[str, str]]:
+    """Every MetricDefinitions entry of the pipeline definition: the tuning job's and both training jobs'."""
+    from pipeline.dag import steps_of
+    from pipeline.definition import synth
+    from pipeline.settings import load_settings
+
+    found = []
+    for node in steps_of(synth(load_settings({}, environ={})).document).values():
+        arguments = node.document["Arguments"]
+        algorithm = arguments.get("TrainingJobDefinition", arguments).get("AlgorithmSpecification", {})
+        found += algorithm.get("MetricDefinitions", [])
+    assert len(found) == 3 * len(contract.METRIC_NAMES)
+    return found
+
+
+def test_the_definitions_metric_regexes_parse_the_real_output(reference: dict) -> None:
     output = reference["stdout"]
     printed = parsed_metrics(output)
-    for definition in contract.metric_definitions():
+    definitions = synthesized_metric_definitions()
+    assert {d["Name"] for d in definitions} == set(contract.METRIC_NAMES)
+    for definition in definitions:
         values = [float(v) for v in re.findall(definition["Regex"], output)]
         assert values == [epoch[definition["Name"]] for epoch in printed], definition
     # No log line may be mistaken for a metric line.
     for line in output.splitlines():
-        if any(re.search(d["Regex"], line) for d in contract.metric_definitions()):
+        if any(re.search(d["Regex"], line) for d in definitions):
             assert line.startswith("epoch=")
 
 
