@@ -22,9 +22,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pipeline.dag import DefinitionError
+from pipeline.validate import parse_property_path
+
 EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")
 ITEM_NAME_KEYS = ("OutputName", "InputName", "ChannelName", "MetricName", "Name", "PropertyFileName", "VariantName")
-_PATH_TOKEN = re.compile(r"\.?([A-Za-z0-9_:-]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 _JSON_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 
 
@@ -71,22 +73,11 @@ class Scope:
 
 
 def parse_path(path: str, where: str) -> list[str | int]:
-    """``Outputs['train'].S3Output.S3Uri`` -> ``['Outputs', 'train', 'S3Output', 'S3Uri']``."""
-    tokens: list[str | int] = []
-    position = 0
-    while position < len(path):
-        match = _PATH_TOKEN.match(path, position)
-        if not match:
-            raise UnresolvableReference(f"{where}: cannot parse {path!r} at {path[position:]!r}")
-        name, quoted, double_quoted, index = match.groups()
-        if name is not None:
-            tokens.append(name)
-        elif index is not None:
-            tokens.append(int(index))
-        else:
-            tokens.append(quoted if quoted is not None else double_quoted)
-        position = match.end()
-    return tokens
+    """``Outputs['train'].S3Output.S3Uri`` -> ``['Outputs', 'train', 'S3Output', 'S3Uri']``, as ``synth`` checks it."""
+    try:
+        return parse_property_path(path)
+    except DefinitionError as error:
+        raise UnresolvableReference(f"{where}: {error}") from None
 
 
 def _item_names(items: list) -> list[str]:
