@@ -34,6 +34,7 @@ from pipeline.assets import Asset, Assets
 from pipeline.aws import AwsError, Clients, Target, add_aws_arguments, error_code, error_message, explained, is_not_found
 from pipeline.changes import DefinitionDiff, diff_definitions
 from pipeline.cli import UsageError, add_settings_arguments, settings_from_args
+from pipeline.parameters import MALFORMED, UNKNOWN, WRONG_TYPE, ParameterError, parameter_values
 from pipeline.progress import PENDING, ProgressView, StepRow
 from pipeline.settings import LAMBDA_ALIAS, PLACEHOLDER_ACCOUNT, Settings
 
@@ -377,34 +378,30 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
 # ---------------------------------------------------------------- executions
 
 def parse_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
-    """``Name=Value`` pairs checked against the pipeline's parameters (name, type, allowed values)."""
-    declared = {parameter["Name"]: parameter for parameter in definition.get("Parameters", [])}
-    chosen: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise UsageError(f"--param {pair!r} is not Name=Value")
-        if name not in declared:
-            raise UsageError(f"--param {name}: the pipeline has no such parameter; it has {', '.join(sorted(declared))}")
-        _check_parameter_value(declared[name], value)
-        chosen[name] = value
-    return [{"Name": name, "Value": value} for name, value in chosen.items()]
-
-
-def _check_parameter_value(parameter: dict, value: str) -> None:
-    name, kind = parameter["Name"], parameter.get("Type", "String")
+    """``Name=Value`` pairs checked against the pipeline's parameters, as StartPipelineExecution's PipelineParameters."""
     try:
-        if kind == "Integer":
-            int(value)
-        elif kind == "Float":
-            float(value)
-        elif kind == "Boolean" and value.lower() not in ("true", "false"):
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--param {name}={value!r} is not a {kind.lower()}") from None
-    allowed = parameter.get("EnumValues")
-    if allowed and value not in allowed:
-        raise UsageError(f"--param {name}={value!r} is not one of {', '.join(allowed)}")
+        values = parameter_values(pairs, definition)
+    except ParameterError as error:
+        raise UsageError(_refusal(error)) from None
+    return [{"Name": name, "Value": _request_value(value)} for name, value in values.items()]
+
+
+def _refusal(error: ParameterError) -> str:
+    """The refusal worded for ``start``, which checks against the deployed pipeline."""
+    if error.problem == MALFORMED:
+        return f"--param {error.pair!r} is not Name=Value"
+    if error.problem == UNKNOWN:
+        return f"--param {error.name}: the pipeline has no such parameter; it has {', '.join(error.declared)}"
+    if error.problem == WRONG_TYPE:
+        return f"--param {error.name}={error.text!r} is not a {error.parameter.get('Type', 'String').lower()}"
+    return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
+
+
+def _request_value(value: Any) -> str:
+    """A typed value as the string a pipeline parameter's Value is (booleans as true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None) -> str:

@@ -58,43 +58,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parameter_value(parameter: dict, text: str) -> Any:
-    """``text`` as a value of the definition's parameter, or a UsageError that says what the parameter takes."""
-    from pipeline.cli import UsageError
-
-    name, kind = parameter["Name"], parameter.get("Type", "String")
-    try:
-        if kind == "Integer":
-            value: Any = int(text)
-        elif kind == "Float":
-            value = float(text)
-        elif kind == "Boolean":
-            if text.lower() not in ("true", "false"):
-                raise ValueError(text)
-            value = text.lower() == "true"
-        else:
-            value = text
-    except ValueError:
-        raise UsageError(f"--param {name}={text}: {name} is of type {kind}, and {text!r} is not") from None
-    allowed = parameter.get("EnumValues")
-    if allowed and value not in allowed:
-        raise UsageError(f"--param {name}={text}: {name} takes one of {', '.join(map(str, allowed))}")
-    return value
-
-
 def parse_parameters(pairs: list[str], document: dict) -> dict[str, Any]:
+    """The ``--param`` values as typed values of the definition's parameters, or a UsageError saying what is wrong."""
     from pipeline.cli import UsageError
+    from pipeline.parameters import ParameterError, parameter_values
 
-    parameters = {item["Name"]: item for item in document.get("Parameters", [])}
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            raise UsageError(f"--param {pair!r} is not NAME=VALUE")
-        if name not in parameters:
-            raise UsageError(f"--param {name}: the definition has no such parameter; it has {', '.join(sorted(parameters))}")
-        values[name] = parameter_value(parameters[name], text)
-    return values
+    try:
+        return parameter_values(pairs, document)
+    except ParameterError as error:
+        raise UsageError(str(error)) from None
 
 
 def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
