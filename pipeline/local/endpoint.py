@@ -19,12 +19,10 @@ model)`` instead, when it has one.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import logging
 import shutil
-import sys
 import tarfile
 import threading
 import time
@@ -38,6 +36,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipeline.local.containers import rewrite_opt_ml
+from pipeline.local.modules import module_from_folder
 from pipeline.local.references import LocalRunError
 from pipeline.local.s3 import LocalS3
 
@@ -45,7 +44,6 @@ CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 FORWARDED_HEADERS = ("Content-Type", "Accept", CUSTOM_ATTRIBUTES)
 MAX_BODY_BYTES = 6 * 1024 * 1024
 LOG = logging.getLogger("dogbreed.local.endpoint")
-_IMPORT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- the container
@@ -71,31 +69,11 @@ class RequestContext:
 
 
 def import_script(code_dir: Path, program: str) -> ModuleType:
-    """``code_dir/program`` imported under a name of its own, its sibling modules from ``code_dir``.
-
-    Modules named like the script's siblings (``common``, ``contract``) are set
-    aside while it imports, so that it binds its own copies, and put back after.
-    """
+    """``code_dir/program`` imported under a name of its own, its sibling modules from ``code_dir``."""
     path = code_dir / program
     if not path.is_file():
         raise LocalRunError(f"the model's inference script {path} does not exist (SAGEMAKER_PROGRAM={program})")
-    siblings = {p.stem for p in code_dir.glob("*.py")}
-    with _IMPORT_LOCK:
-        saved_modules = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
-        saved_path = list(sys.path)
-        sys.path.insert(0, str(code_dir))
-        try:
-            name = f"dogbreed_endpoint_{abs(hash(str(path)))}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up while the script runs
-            spec.loader.exec_module(module)
-        finally:
-            for name in siblings:
-                sys.modules.pop(name, None)
-            sys.modules.update(saved_modules)
-            sys.path[:] = saved_path
-    return module
+    return module_from_folder(code_dir, path, f"dogbreed_endpoint_{abs(hash(str(path)))}")
 
 
 def _takes_context(function: Callable) -> bool:

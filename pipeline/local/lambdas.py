@@ -14,7 +14,6 @@ answer.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -29,11 +28,11 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, TextIO
 
 from pipeline.local.aws import plain
+from pipeline.local.modules import module_from_folder
 from pipeline.local.references import LocalRunError, as_text
 from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
 FUNCTION_TIMEOUT_SECONDS = 120.0
-_IMPORT_LOCK = threading.Lock()
 
 
 class LambdaFailed(LocalRunError):
@@ -145,22 +144,7 @@ class LambdaFunctions:
         path = task / f"{module_name}.py"
         if not path.is_file():
             raise LocalRunError(f"the lambda asset has no {module_name}.py for function {function_name}")
-        siblings = {p.stem for p in task.glob("*.py")}
-        with _IMPORT_LOCK:
-            saved_modules = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
-            saved_path = list(sys.path)
-            sys.path.insert(0, str(task))
-            try:
-                spec = importlib.util.spec_from_file_location(module_name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[module_name] = module
-                spec.loader.exec_module(module)
-            finally:
-                for name in siblings:
-                    sys.modules.pop(name, None)
-                sys.modules.update(saved_modules)
-                sys.path[:] = saved_path
-        return module
+        return module_from_folder(task, path, module_name)
 
     def invoke(self, arn: str, event: Mapping[str, Any], log: Path, router: ThreadOutput | None) -> dict[str, Any]:
         """The function's answer to ``event``, as the JSON object Lambda would return."""
