@@ -66,20 +66,15 @@ class DefinitionDiff:
     def lines(self) -> list[str]:
         """The report ``dogbreed diff`` prints: one block per step or parameter, a path per change."""
         out: list[str] = []
-        for name in self.removed_steps:
-            out.append(f"- step {name}")
-        for name in self.added_steps:
-            out.append(f"+ step {name}")
-        for name, changes in self.changed_steps.items():
-            out.append(f"~ step {name}")
-            out.extend(f"    {change.describe()}" for change in changes)
-        for name in self.removed_parameters:
-            out.append(f"- parameter {name}")
-        for name in self.added_parameters:
-            out.append(f"+ parameter {name}")
-        for name, changes in self.changed_parameters.items():
-            out.append(f"~ parameter {name}")
-            out.extend(f"    {change.describe()}" for change in changes)
+        for noun, removed, added, changed in (
+            ("step", self.removed_steps, self.added_steps, self.changed_steps),
+            ("parameter", self.removed_parameters, self.added_parameters, self.changed_parameters),
+        ):
+            out.extend(f"- {noun} {name}" for name in removed)
+            out.extend(f"+ {noun} {name}" for name in added)
+            for name, changes in changed.items():
+                out.append(f"~ {noun} {name}")
+                out.extend(f"    {change.describe()}" for change in changes)
         for change in self.other:
             out.append(f"~ {change.describe()}")
         return out
