@@ -61,10 +61,6 @@ def build_model(backbone: str, num_classes: int) -> nn.Module:
     return model
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.fc.parameters())
-
-
 def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, list[str], dict[str, Any]]:
     """Rebuild the trained model from a model directory: weights, classes, info."""
     model_dir = Path(model_dir)

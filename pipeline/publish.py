@@ -393,7 +393,8 @@ def _refusal(error: ParameterError) -> str:
     if error.problem == UNKNOWN:
         return f"--param {error.name}: the pipeline has no such parameter; it has {', '.join(error.declared)}"
     if error.problem == WRONG_TYPE:
-        return f"--param {error.name}={error.text!r} is not a {error.parameter.get('Type', 'String').lower()}"
+        kind = error.parameter.get("Type", "String").lower()
+        return f"--param {error.name}={error.text!r} is not {'an' if kind == 'integer' else 'a'} {kind}"
     return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -163,12 +163,6 @@ class Settings:
             tags.setdefault("sagemaker:project-name", self.project_name)
             tags.setdefault("sagemaker:project-id", self.project_id)
         return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
-
-    def as_dict(self) -> dict[str, object]:
-        data = asdict(self)
-        data["source_dir"] = str(self.source_dir)
-        data["tags"] = dict(self.tags)
-        return data
 
 
 def default_source_dir() -> Path:

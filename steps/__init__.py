@@ -20,7 +20,8 @@ _root = logging.getLogger()
 _root_state = (_root.level, list(_root.handlers))
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 try:
-    import sagemaker  # noqa: F401  (imported for its side effects, under the guard)
+    import sagemaker  # noqa: F401  (imported under the guard for its side effects)
+    import sagemaker.workflow.pipeline  # noqa: F401  (reaches sagemaker.experiments, which configures logging)
 finally:
     if _previous is None:
         del os.environ["AWS_EC2_METADATA_DISABLED"]

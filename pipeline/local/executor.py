@@ -232,7 +232,7 @@ class LocalRun:
                                       container_environment(os.path.dirname(sys.executable), environment),
                                       cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
                 self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda")
-                with aws.aws_environment(environment), quiet_root_logger(), terminate_as_interrupt(), view, \
+                with aws.aws_environment(environment), terminate_as_interrupt(), view, \
                         routed_stdout() as router:
                     self._router = router
                     status, reason = self._schedule(view)
@@ -508,18 +508,6 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """Only warnings on the console while the table is drawn (the SageMaker SDK sets the root logger to INFO on import)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def last_matching_line(log: Path, patterns: list[str], window: int = 8192) -> str:
