@@ -22,12 +22,16 @@ Response (``application/json``), one entry per image in request order::
 
 Refusals are JSON ``{"error": "<what was wrong and what to send>", "status": <code>}``:
 415 unsupported Content-Type, 406 unsupported Accept, 400 empty, undecodable or malformed
-input, 413 body above 6 MiB, more than 32 images, or too many pixels.
+input, 413 body above 6 MiB, more than 32 images, or too many pixels; 500 when the
+model or the server fails (out of memory, a broken model): the caller gets
+``{"error": "internal error while ...; see the endpoint's log", "status": 500}`` and
+the traceback goes to the container log only.
 
 Inside the container a refused request sets the response status on the request
 context and flows through predict_fn and output_fn as a ``RequestError`` value,
 so the caller gets the short JSON message. Raising would also set the status,
-but the toolkit then appends the Python traceback to the body. Without a context
+but the toolkit then appends the Python traceback to the body, which is why each
+of the three request functions also turns an unexpected exception into a 500 refusal. Without a context
 (older toolkits, direct calls) the functions raise ``RequestError``, which the
 toolkit turns into the same status.
 
@@ -152,16 +156,17 @@ def input_fn(request_body: bytes | bytearray | str, request_content_type: str | 
         return parse_request(request_body, request_content_type, options_from_context(context))
     except RequestError as error:
         return refused(error, context)
+    except Exception:
+        return internal_error("reading the request", context)
 
 
 def predict_fn(data: Request | RequestError, model: Classifier, context: Any = None) -> Prediction | RequestError:
     if isinstance(data, RequestError):
         return data
-    batch = torch.stack([model.transform(image) for image in data.images]).to(model.device)
-    with torch.inference_mode():
-        logits = model.network(batch).float()
-        probabilities = torch.softmax(logits, dim=1)
-    return Prediction(probabilities.cpu(), logits.cpu(), model.classes, data.top_k, data.return_logits)
+    try:
+        return prediction_of(data, model)
+    except Exception:
+        return internal_error("predicting", context)
 
 
 def output_fn(prediction: Prediction | RequestError, accept: str | None, context: Any = None) -> tuple[str, str]:
@@ -169,9 +174,11 @@ def output_fn(prediction: Prediction | RequestError, accept: str | None, context
         return error_json(prediction), JSON
     try:
         check_accept(accept)
+        return json.dumps(response_document(prediction)), JSON
     except RequestError as error:
         return error_json(refused(error, context)), JSON
-    return json.dumps(response_document(prediction)), JSON
+    except Exception:
+        return error_json(internal_error("writing the response", context)), JSON
 
 
 def handle(body: bytes, content_type: str | None, accept: str | None,
@@ -188,7 +195,7 @@ def handle(body: bytes, content_type: str | None, accept: str | None,
         return error.status_code, error_json(error).encode(), JSON
     except Exception:
         log.exception("prediction failed")
-        return 500, error_json(RequestError(500, "internal error while predicting; see the endpoint's log")).encode(), JSON
+        return 500, error_json(RequestError(500, internal_error_message("predicting"))).encode(), JSON
 
 
 # ---------------------------------------------------------------- refusals
@@ -197,9 +204,22 @@ def refused(error: RequestError, context: Any) -> RequestError:
     """The error as a value once the context carries its status; raised when there is no context."""
     log.info("refused a request: %s", error)
     if context is None or not hasattr(context, "set_response_status"):
-        raise error
+        raise error from None
     context.set_response_status(code=error.status_code, phrase=error.phrase)
     return error
+
+
+def internal_error_message(stage: str) -> str:
+    return f"internal error while {stage}; see the endpoint's log"
+
+
+def internal_error(stage: str, context: Any) -> RequestError:
+    """The 500 refusal for the exception being handled, whose traceback goes to the log only.
+
+    Call it inside ``except``: the toolkit would otherwise put the traceback in the response body.
+    """
+    log.exception("request failed while %s", stage)
+    return refused(RequestError(500, internal_error_message(stage)), context)
 
 
 def error_json(error: RequestError) -> str:
@@ -376,6 +396,14 @@ def resolved(first: Options, second: Options) -> tuple[int, bool]:
 
 
 # ---------------------------------------------------------------- the response
+
+def prediction_of(request: Request, model: Classifier) -> Prediction:
+    batch = torch.stack([model.transform(image) for image in request.images]).to(model.device)
+    with torch.inference_mode():
+        logits = model.network(batch).float()
+        probabilities = torch.softmax(logits, dim=1)
+    return Prediction(probabilities.cpu(), logits.cpu(), model.classes, request.top_k, request.return_logits)
+
 
 def response_document(prediction: Prediction) -> dict[str, Any]:
     k = min(prediction.top_k, len(prediction.classes))

@@ -247,6 +247,64 @@ def test_container_functions_set_the_status_and_return_a_clean_body(model, body,
     assert document["status"] == status and document["error"] == context.status[1]
 
 
+class ForwardFails(torch.nn.Module):
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+@pytest.fixture
+def failing_model(model) -> inference.Classifier:
+    return inference.Classifier(ForwardFails(), model.classes, model.info, model.device, model.transform)
+
+
+def assert_short_internal_error(text: str, stage: str) -> None:
+    document = json.loads(text)
+    assert document == {"error": f"internal error while {stage}; see the endpoint's log", "status": 500}
+
+
+def assert_logged_with_traceback(caplog, exception_text: str) -> None:
+    [record] = [r for r in caplog.records if r.exc_info is not None]
+    assert record.levelname == "ERROR" and exception_text in str(record.exc_info[1])
+
+
+def test_a_failing_forward_gives_a_short_500_through_the_context_and_logs_the_traceback(failing_model, caplog):
+    context = TorchServeContext({})
+    with caplog.at_level("INFO", logger="inference"):
+        text, response_type = run_container_functions(failing_model, JPEG, "image/jpeg", "application/json", context)
+    assert response_type == "application/json"
+    assert_short_internal_error(text, "predicting")
+    assert context.status == (500, json.loads(text)["error"])
+    assert "out of memory" not in text and "Traceback" not in text
+    assert_logged_with_traceback(caplog, "CUDA out of memory")
+
+
+def test_a_failing_forward_raises_a_500_request_error_without_a_context(failing_model, caplog):
+    data = inference.input_fn(JPEG, "image/jpeg")
+    with caplog.at_level("INFO", logger="inference"), pytest.raises(inference.RequestError) as caught:
+        inference.predict_fn(data, failing_model)
+    assert caught.value.status_code == 500 and caught.value.__suppress_context__
+    assert_logged_with_traceback(caplog, "CUDA out of memory")
+
+
+def test_a_failing_forward_gives_a_500_from_the_local_handler(failing_model):
+    status, body, content_type = inference.handle(JPEG, "image/jpeg", None, None, failing_model)
+    assert (status, content_type) == (500, "application/json")
+    assert_short_internal_error(body.decode(), "predicting")
+
+
+def test_a_prediction_with_fewer_class_names_than_outputs_gives_a_short_500_from_output_fn(caplog):
+    """classes.json out of step with the weights: the network answers, naming its best class fails."""
+    probabilities = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    prediction = inference.Prediction(probabilities, probabilities.log(), ["001.Breed_A"], top_k=1, return_logits=False)
+    context = TorchServeContext({})
+    with caplog.at_level("INFO", logger="inference"):
+        text, response_type = inference.output_fn(prediction, "application/json", context)
+    assert response_type == "application/json"
+    assert_short_internal_error(text, "writing the response")
+    assert context.status[0] == 500
+    assert_logged_with_traceback(caplog, "list index out of range")
+
+
 def test_the_packed_code_folder_imports_its_siblings(model_dir, tmp_path):
     """As in the container: model_dir/code/inference.py loaded by path, common and contract beside it."""
     packed = tmp_path / "model"
