@@ -466,3 +466,92 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
         if not any(allowed(granted, action, resource) for resource in resources[service]):
             missing.append(action)
     assert missing == []
+
+
+# --- the Lambda roles allow every call their handler makes ------------------------
+
+# The variable names the handlers give their boto3 clients, and the client's service.
+HANDLER_CLIENTS = {"sagemaker": "sagemaker", "autoscaling": "application-autoscaling", "runtime": "sagemaker-runtime", "cloudwatch": "cloudwatch"}
+IAM_PREFIX = {"sagemaker-runtime": "sagemaker"}
+ALARM_ID = "AlarmHigh-9f1c2d3e-0a1b-4c5d-8e9f-0123456789ab"
+
+
+def dependent_permissions(action: str, endpoint: str, model_role: str) -> set[tuple[str, str]]:
+    """What AWS checks on the caller, beyond ``action`` itself, when the call acts on other services for it.
+
+    A target-tracking policy's alarms are named TargetTracking-<resource id>-AlarmHigh/-AlarmLow-<id>;
+    Application Auto Scaling creates, replaces and deletes them with the caller's permissions.
+    """
+    alarms = {f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:TargetTracking-endpoint/{endpoint}/variant/AllTraffic-{ALARM_ID}"}
+    endpoint_arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{endpoint}"
+    linked_role = f"arn:aws:iam::{ACCOUNT}:role/aws-service-role/sagemaker.application-autoscaling.amazonaws.com/AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint"
+    table = {
+        "application-autoscaling:RegisterScalableTarget": {
+            ("sagemaker:DescribeEndpoint", endpoint_arn), ("sagemaker:UpdateEndpointWeightsAndCapacities", endpoint_arn),
+            ("iam:CreateServiceLinkedRole", linked_role),
+        },
+        "application-autoscaling:PutScalingPolicy": {(a, r) for a in ("cloudwatch:PutMetricAlarm", "cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms") for r in alarms},
+        "application-autoscaling:DeleteScalingPolicy": {(a, r) for a in ("cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms") for r in alarms},
+        "application-autoscaling:DeregisterScalableTarget": {(a, r) for a in ("cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms") for r in alarms},
+        "sagemaker:CreateModel": {("iam:PassRole", model_role)},
+    }
+    return table.get(action, set())
+
+
+def direct_resource(action: str, endpoint: str) -> str:
+    """The resource a handler's call names, for an endpoint called ``endpoint``."""
+    service, name = action.split(":", 1)
+    if service == "application-autoscaling":
+        return f"arn:aws:application-autoscaling:{REGION}:{ACCOUNT}:scalable-target/056338ba3b5f42c6a2b8d8c1c2b5e4e2"
+    if service == "cloudwatch":
+        return f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{endpoint}-5xx-errors"  # the stack's rollback alarm
+    project = endpoint.rsplit("-", 2)[0]
+    if "ModelPackage" in name:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{project}-models/3"
+    if "EndpointConfig" in name:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint-config/{endpoint}-0123456789"
+    if "Model" in name:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model/{endpoint}-0123456789"
+    return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{endpoint}"
+
+
+def required_permissions(handler_file: str, endpoint: str, model_role: str) -> set[tuple[str, str]]:
+    """(IAM action, resource) for every boto3 call in lambda/<handler_file>, and what those calls need besides."""
+    import boto3
+
+    source = (ROOT / "lambda" / handler_file).read_text()
+    required: set[tuple[str, str]] = set()
+    for variable, method in set(re.findall(r"\b(" + "|".join(HANDLER_CLIENTS) + r")\.([a-z_]+)\b", source)):
+        service = HANDLER_CLIENTS[variable]
+        mapping = boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping
+        if method not in mapping:
+            continue
+        action = f"{IAM_PREFIX.get(service, service)}:{mapping[method]}"
+        required.add((action, direct_resource(action, endpoint)))
+        required |= dependent_permissions(action, endpoint, model_role)
+    return required
+
+
+@pytest.mark.parametrize(("role", "handler_file"), [("DeployFunctionRole", "deploy_endpoint.py"), ("CheckFunctionRole", "check_endpoint.py")])
+def test_the_endpoint_roles_allow_every_call_their_handler_makes(stack, role, handler_file):
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    model_role = f"arn:aws:iam::{ACCOUNT}:role/{stack['SageMakerModelRole']['Properties']['RoleName']}"
+    granted = role_statements(stack, role)
+    for slug in ("single-instance", "multi-instance"):
+        required = required_permissions(handler_file, f"{project}-{slug}", model_role)
+        actions = {action for action, _ in required}
+        if role == "CheckFunctionRole":
+            assert {"application-autoscaling:PutScalingPolicy", "cloudwatch:PutMetricAlarm", "sagemaker:InvokeEndpoint"} <= actions
+        else:
+            assert {"application-autoscaling:DeregisterScalableTarget", "cloudwatch:DeleteAlarms", "iam:PassRole"} <= actions
+        missing = sorted(f"{action} on {resource}" for action, resource in required if not allowed(granted, action, resource))
+        assert missing == [], role
+
+
+def test_the_target_tracking_alarm_grants_reach_only_the_project_endpoints(stack):
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    for role in ("DeployFunctionRole", "CheckFunctionRole"):
+        granted = role_statements(stack, role)
+        assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:TargetTracking-endpoint/other-endpoint/variant/AllTraffic-{ALARM_ID}")
+        assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
+        assert not allowed(granted, "cloudwatch:PutMetricAlarm", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
