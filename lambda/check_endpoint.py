@@ -129,8 +129,9 @@ def in_service_endpoint(sagemaker: Any, request: CheckRequest, budget_seconds: f
         if waited >= budget_seconds:
             raise CheckFailed(
                 "endpoint status",
-                f"endpoint {request.endpoint_name} is still {status} after {waited:.0f} s, all this function may wait; "
-                "SageMaker goes on with it: retry the step, or give the check function a longer timeout",
+                f"endpoint {request.endpoint_name} is still {status} after {waited:.0f} s, all this step may wait "
+                f"(a pipeline LambdaStep stops after {LAMBDA_STEP_LIMIT_SECONDS / 60:.0f} minutes); SageMaker goes on with the endpoint: "
+                "once it is InService, retry the pipeline execution (Retry on the failed execution in SageMaker Studio)",
             )
         time.sleep(min(request.poll_seconds, max(0.0, budget_seconds - waited)))
 

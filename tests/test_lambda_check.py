@@ -192,8 +192,11 @@ def test_an_endpoint_still_creating_fails_before_the_lambda_timeout(aws):
     context = LambdaContext(check.RESERVED_SECONDS + 0.5)
 
     started = time.monotonic()
-    with pytest.raises(check.CheckFailed, match=r"^endpoint status check failed: endpoint dogbreed-single-instance is still Creating after"):
+    with pytest.raises(check.CheckFailed, match=r"^endpoint status check failed: endpoint dogbreed-single-instance is still Creating after") as failure:
         check.handler(check_event(), context)
+    message = str(failure.value)
+    assert "stops after 10 minutes" in message and "once it is InService, retry the pipeline execution" in message
+    assert "timeout" not in message  # a longer function timeout cannot help: the LambdaStep's limit is fixed
     elapsed = time.monotonic() - started
     assert 0.4 <= elapsed < 3
     assert context.get_remaining_time_in_millis() > (check.RESERVED_SECONDS - 3) * 1000
