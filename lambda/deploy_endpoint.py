@@ -36,7 +36,7 @@ from events import (
 VARIANT_NAME = "AllTraffic"
 HASH_LENGTH = 10
 MAX_NAME_LENGTH = 63
-BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
+BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.yaml creates for both endpoints
 # Blue/green: shift all traffic at once, then keep the old fleet while the
@@ -291,6 +291,12 @@ def create_or_update_endpoint(request: DeployRequest, config_name: str) -> str:
         raise DeployError(
             f"endpoint {request.endpoint_name} is Failed ({endpoint.get('FailureReason', 'no reason given')}) and cannot be updated; "
             "delete it and run the step again to create it afresh"
+        )
+    if status == "UpdateRollbackFailed":  # stays so until someone acts: SageMaker does not retry the rollback
+        raise DeployError(
+            f"endpoint {request.endpoint_name} is UpdateRollbackFailed ({endpoint.get('FailureReason', 'no reason given')}) "
+            "and will not recover on its own: update it to a working endpoint config (aws sagemaker update-endpoint "
+            "--endpoint-name ... --endpoint-config-name ...) or delete it, then run the step again"
         )
     autoscaling = client("application-autoscaling")
     autoscaled = is_autoscaled(autoscaling, request.endpoint_name)

@@ -177,6 +177,20 @@ def test_an_endpoint_that_is_still_updating_is_not_touched(aws, update_endpoint_
     assert update_endpoint_in_moto == []
 
 
+def test_an_endpoint_whose_rollback_failed_is_refused_with_what_to_do(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    endpoint = sagemaker_backend().endpoints["dogbreed-single-instance"]
+    endpoint.endpoint_status, endpoint.failure_reason = "UpdateRollbackFailed", "Rollback could not restore the old fleet."
+
+    with pytest.raises(deploy.DeployError, match=r"is UpdateRollbackFailed \(Rollback could not restore the old fleet\.\) and will not recover") as failure:
+        deploy.handler(deploy_event(model_package()), None)
+    message = str(failure.value)
+    assert "update it to a working endpoint config" in message and "or delete it, then run the step again" in message
+    assert "wait until it is InService" not in message
+    assert update_endpoint_in_moto == []
+
+
 @pytest.mark.parametrize("status", ["PendingManualApproval", "Rejected"])
 def test_a_package_that_is_not_approved_is_refused(aws, status):
     deploy = load_handler("deploy_endpoint")
