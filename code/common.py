@@ -76,6 +76,29 @@ def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "c
     return model, classes, info
 
 
+# SageMaker shows the first 1 KB of a job's failure file (FailureReason, ExitMessage).
+FAILURE_MESSAGE_LIMIT = 1024
+
+
+def write_failure_message(path: str | os.PathLike, message: str) -> bool:
+    """Write ``message`` (UTF-8, cut to 1 KB) to a SageMaker job's failure file; True if written.
+
+    Only when the file's folder exists, as it does inside a job, so a local run writes
+    nothing under /opt/ml. Written through a temporary file and renamed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return False
+    data = message.encode("utf-8")[:FAILURE_MESSAGE_LIMIT].decode("utf-8", "ignore").encode("utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return True
+
+
 # Images are refused above this many pixels before they are decoded (decompression
 # bombs); 50 megapixels is more than any camera photo of a dog needs.
 MAX_IMAGE_PIXELS = 50_000_000

@@ -40,12 +40,14 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir
+from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, write_failure_message
 from contract import CLASSES_FILE, CONFUSION_MATRIX_FILE, EVALUATION_FILE, MODEL_FILE, MODEL_INFO_FILE
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
 DEFAULT_TEST = "/opt/ml/processing/input/test"
 DEFAULT_OUTPUT = "/opt/ml/processing/output/evaluation"
+# A processing job's exit message (DescribeProcessingJob ExitMessage, shown when it fails).
+FAILURE_MESSAGE_FILE = "/opt/ml/output/message"
 MODEL_ARCHIVE = "model.tar.gz"
 TOP_K = 5
 NOT_COMPUTED = "NaN"  # the format's standard_deviation when there is no bootstrap
@@ -256,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         evaluate(args)
     except EvaluationError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr, flush=True)
+        message = f"evaluate.py: error: {error}"
+        print(message, file=sys.stderr, flush=True)
+        write_failure_message(FAILURE_MESSAGE_FILE, message)
         return 2
     return 0
 

@@ -42,11 +42,13 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from common import MAX_IMAGE_PIXELS, ImageRejected, image_from_bytes
+from common import MAX_IMAGE_PIXELS, ImageRejected, image_from_bytes, write_failure_message
 from contract import MANIFEST_FILE, SPLITS
 
 DEFAULT_INPUT = "/opt/ml/processing/input/data"
 DEFAULT_OUTPUT = "/opt/ml/processing/output"
+# A processing job's exit message (DescribeProcessingJob ExitMessage, shown when it fails).
+FAILURE_MESSAGE_FILE = "/opt/ml/output/message"
 MANIFEST_DIR = "manifest"
 MANIFEST_FORMAT = 1
 UNSPLIT = "unsplit"
@@ -450,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prepare(args)
     except PreprocessError as error:
-        print(f"preprocess.py: error: {error}", file=sys.stderr, flush=True)
+        message = f"preprocess.py: error: {error}"
+        print(message, file=sys.stderr, flush=True)
+        write_failure_message(FAILURE_MESSAGE_FILE, message)
         return 2
     return 0
 

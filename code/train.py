@@ -47,6 +47,8 @@ METRICS_HISTORY_FILE = "metrics_history.json"
 INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "requirements.txt")
 DEFAULT_MASTER_PORT = "29500"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# A training job's failure reason (DescribeTrainingJob FailureReason).
+FAILURE_FILE = "/opt/ml/output/failure"
 # Settings that change the trained weights: a checkpoint is only resumed by a
 # run whose settings are the same. Epochs, patience and the speed settings may change.
 RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment", "learning_rate",
@@ -933,7 +935,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(args)
     except TrainingInputError as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        message = f"train.py: error: {err}"
+        print(message, file=sys.stderr, flush=True)
+        common.write_failure_message(FAILURE_FILE, message)
         return 2
     return 0
 

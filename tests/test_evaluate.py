@@ -156,10 +156,18 @@ def test_test_classes_that_differ_from_the_model_are_refused(trained, tmp_path, 
     assert not (tmp_path / "out" / contract.EVALUATION_FILE).exists()
 
 
-def test_a_model_folder_without_the_model_is_refused(prepared, tmp_path, capsys):
+def test_a_model_folder_without_the_model_is_refused(prepared, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
+    job_output = tmp_path / "opt-ml-output"
+    job_output.mkdir()
+    monkeypatch.setattr(evaluate, "FAILURE_MESSAGE_FILE", str(job_output / "message"))
     assert run(tmp_path / "empty", prepared / "test", tmp_path / "out") == 2
-    assert "neither model.tar.gz nor model.pth" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "neither model.tar.gz nor model.pth" in error
+    assert (job_output / "message").read_text() == error.strip()
+    assert [p.name for p in job_output.iterdir()] == ["message"]
+
+    monkeypatch.setattr(evaluate, "FAILURE_MESSAGE_FILE", str(tmp_path / "no-such-folder" / "message"))
 
     with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
         info = tarfile.TarInfo("model.pth")
@@ -171,6 +179,15 @@ def test_a_model_folder_without_the_model_is_refused(prepared, tmp_path, capsys)
     (tmp_path / "broken.tar.gz").write_bytes(b"not a tar file")
     assert run(tmp_path / "broken.tar.gz", prepared / "test", tmp_path / "out") == 2
     assert "not a readable tar.gz archive" in capsys.readouterr().err
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_the_failure_message_is_cut_to_1_kb_of_whole_utf8_characters(tmp_path):
+    message = "évaluation " * 200
+    assert common.write_failure_message(tmp_path / "message", message)
+    written = (tmp_path / "message").read_bytes()
+    assert 1022 <= len(written) <= 1024 and message.startswith(written.decode("utf-8"))
+    assert [p.name for p in tmp_path.iterdir()] == ["message"]
 
 
 def test_weighted_metrics_follow_the_class_shares():

@@ -139,9 +139,11 @@ def test_faults_are_listed_with_reasons_and_good_images_come_out_rgb_at_size(fau
     assert sorted(p.name for p in out.iterdir()) == ["manifest", "test", "train", "valid"]
 
 
-def test_too_many_bad_files_fail_clearly_and_leave_nothing_behind(faulty_dataset, tmp_path, capsys):
+def test_too_many_bad_files_fail_clearly_and_leave_nothing_behind(faulty_dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    monkeypatch.setattr(preprocess, "FAILURE_MESSAGE_FILE", str(tmp_path / "no-such-folder" / "message"))
     assert run(faulty_dataset, out) == 2
+    assert not (tmp_path / "no-such-folder").exists()
     error = capsys.readouterr().err
     assert f"{len(FAULTS)} of {3 * 20 + len(FAULTS) + len(CONVERTED)} files" in error
     assert "--max-bad-fraction" in error and "train/001.Breed_A/corrupt.png" in error

@@ -288,12 +288,17 @@ def test_bad_arguments_are_named(no_run_env: None, capsys: pytest.CaptureFixture
 
 # ---------------------------------------------------------------------------- bad data
 
-def test_missing_split_is_named(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_split_is_named(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 2})
+    job_output = tmp_path / "opt-ml-output"
+    job_output.mkdir()
+    monkeypatch.setattr(train, "FAILURE_FILE", str(job_output / "failure"))
     assert train.cli(SMALL + ["--data", str(root), "--model-dir", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err
     assert f"the valid split is missing: {root / 'valid'} is not a folder" in err and "--valid-dir" in err
     assert "Traceback" not in err and not (tmp_path / "model").exists()
+    assert (job_output / "failure").read_text() == f"train.py: error: {err.split('train.py: error: ', 1)[1]}".strip()
 
 
 def test_empty_split_is_named(tmp_path: Path) -> None:
