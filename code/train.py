@@ -43,6 +43,7 @@ import contract
 
 LOG = logging.getLogger("train")
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "checkpoint.pth"
 METRICS_HISTORY_FILE = "metrics_history.json"
 INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "requirements.txt")
 DEFAULT_MASTER_PORT = "29500"
@@ -713,9 +714,10 @@ def evaluate(parts: Parts, loader: DataLoader, device: torch.device, dist_info: 
 # ----------------------------------------------------------------------------
 
 def checkpoint_path(checkpoint_dir: Path) -> Path:
-    """One file per job: tuning trials that share a checkpoint location do not resume each other's runs."""
-    job = os.environ.get("TRAINING_JOB_NAME")
-    return checkpoint_dir / (f"checkpoint-{job}.pth" if job else "checkpoint.pth")
+    """One fixed name, not the job's: a step retry or a spot restart may run under a new job name
+    with the same checkpoint location, and must resume. A checkpoint of other settings is refused
+    by ``read_checkpoint``."""
+    return checkpoint_dir / CHECKPOINT_FILE
 
 
 def run_config(args: argparse.Namespace, classes: list[str], world_size: int) -> dict[str, Any]:

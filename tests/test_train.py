@@ -155,7 +155,7 @@ def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp
     checkpoints = tmp_path / "checkpoints"
     args = SAGEMAKER_HYPERPARAMETERS + ["--checkpoint_dir", str(checkpoints)]
     env = sagemaker_env(data, tmp_path)
-    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=env, cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env={**env, "TRAINING_JOB_NAME": "train-spot-1"}, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_output = []
     for line in process.stdout:
@@ -168,11 +168,12 @@ def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp
     assert process.returncode == -9, "".join(killed_output)
     assert not (tmp_path / "model").exists()
 
-    resumed = run_script(args, env, tmp_path)
+    # A step retry or a spot restart runs under another job name and still resumes.
+    resumed = run_script(args, {**env, "TRAINING_JOB_NAME": "train-spot-1-retry"}, tmp_path)
     assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
     assert metric_lines(resumed.stdout) == metric_lines(reference["stdout"])[1:]
     for job in (reference["job"] / "checkpoints", checkpoints):
-        assert (job / "checkpoint.pth").is_file()
+        assert [p.name for p in job.iterdir()] == ["checkpoint.pth"]
     final = [torch.load(d / "checkpoint.pth", weights_only=True)["model"] for d in (reference["job"] / "checkpoints", checkpoints)]
     saved = [torch.load(d / "model" / contract.MODEL_FILE, weights_only=True) for d in (reference["job"], tmp_path)]
     for first, second in (final, saved):
