@@ -20,6 +20,8 @@ from typing import Any, Mapping
 from events import (
     NAME_HINT,
     NAME_PATTERN,
+    SCALABLE_DIMENSION,
+    VARIANT_NAME,
     EventError,
     client,
     error_code,
@@ -30,6 +32,7 @@ from events import (
     read_int,
     read_str,
     request_id,
+    scaling_resource_id,
     step_failure,
 )
 
@@ -41,7 +44,6 @@ RESERVED_SECONDS = 30.0  # kept back from waiting for the scaling calls and the 
 DEFAULT_POLL_SECONDS = 15.0
 DEFAULT_NUM_CLASSES = 133
 PROBABILITY_TOLERANCE = 1e-3  # float32 softmax over 133 classes, rounded by JSON
-SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SCALE_IN_COOLDOWN_SECONDS = 300
 SCALE_OUT_COOLDOWN_SECONDS = 60
 WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
@@ -149,7 +151,7 @@ def check_config(endpoint: Mapping[str, Any], expected: str) -> None:
 
 def configure_autoscaling(autoscaling: Any, request: CheckRequest, variant_name: str) -> str:
     """Register the variant and put its target-tracking policy (both calls replace what exists); returns the policy name."""
-    resource_id = f"endpoint/{request.endpoint_name}/variant/{variant_name}"
+    resource_id = scaling_resource_id(request.endpoint_name, variant_name)
     policy_name = f"{request.endpoint_name}-invocations-per-instance"
     try:
         autoscaling.register_scalable_target(
@@ -282,7 +284,7 @@ def check(request: CheckRequest, context: Any) -> tuple[dict[str, str], str]:
     endpoint = in_service_endpoint(client("sagemaker"), request, wait_budget_seconds(context, request.wait_seconds))
     check_config(endpoint, request.endpoint_config_name)
     variants = endpoint.get("ProductionVariants") or [{}]
-    policy_name = configure_autoscaling(client("application-autoscaling"), request, variants[0].get("VariantName", "AllTraffic"))
+    policy_name = configure_autoscaling(client("application-autoscaling"), request, variants[0].get("VariantName", VARIANT_NAME))
     content_type, body, latency_ms = invoke_sample(client("sagemaker-runtime"), request)
     result = {
         "endpoint_name": request.endpoint_name,

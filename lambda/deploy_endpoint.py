@@ -20,6 +20,8 @@ from typing import Any, Mapping
 from events import (
     NAME_HINT,
     NAME_PATTERN,
+    SCALABLE_DIMENSION,
+    VARIANT_NAME,
     AwsCallFailed,
     EventError,
     client,
@@ -30,14 +32,13 @@ from events import (
     read_str,
     read_str_list,
     request_id,
+    scaling_resource_id,
     step_failure,
 )
 
-VARIANT_NAME = "AllTraffic"
 HASH_LENGTH = 10
 MAX_NAME_LENGTH = 63
 BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.yaml creates for both endpoints
 # Blue/green: shift all traffic at once, then keep the old fleet while the
 # rollback alarms watch the new one, so an alarm can switch traffic back. The
@@ -214,10 +215,6 @@ def describe_endpoint_or_none(sagemaker: Any, name: str) -> Mapping[str, Any] | 
         if is_not_found(error):
             return None
         raise
-
-
-def scaling_resource_id(endpoint_name: str, variant_name: str = VARIANT_NAME) -> str:
-    return f"endpoint/{endpoint_name}/variant/{variant_name}"
 
 
 def current_instance_type(sagemaker: Any, endpoint: Mapping[str, Any]) -> str:

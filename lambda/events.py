@@ -21,6 +21,8 @@ from botocore.config import Config
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 NAME_HINT = "1 to 63 letters, digits and hyphens, starting and ending with a letter or digit"
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
+VARIANT_NAME = "AllTraffic"  # the one production variant deploy-endpoint creates
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
 _MISSING = object()
 
@@ -139,6 +141,11 @@ def client(service: str, read_timeout: float = 20.0, max_attempts: int = 3) -> A
         user_agent_extra="dogbreed-lambda",
     )
     return boto3.client(service, config=config)
+
+
+def scaling_resource_id(endpoint_name: str, variant_name: str = VARIANT_NAME) -> str:
+    """Application Auto Scaling's ResourceId for an endpoint variant."""
+    return f"endpoint/{endpoint_name}/variant/{variant_name}"
 
 
 def error_code(error: Exception) -> str:
