@@ -45,6 +45,13 @@ STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.
 # bake is short because the Check step (at most 10 minutes) waits for it too.
 BAKE_SECONDS_WITH_ALARMS = 120
 MAX_UPDATE_SECONDS = 3600
+# Instance families with local NVMe instance storage. SageMaker encrypts that storage in
+# hardware and rejects an endpoint config's KmsKeyId for them, so it is left out there.
+LOCAL_STORAGE_FAMILIES = frozenset({
+    "c5d", "m5d", "r5d",
+    "g4dn", "g5", "g6", "g6e",
+    "p3dn", "p4d", "p4de", "p5",
+})
 
 MODEL_PACKAGE_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[a-zA-Z0-9/-]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
@@ -149,9 +156,17 @@ def endpoint_config_spec(request: DeployRequest, model_name: str) -> dict[str, A
         if request.kms_key_id:
             capture["KmsKeyId"] = request.kms_key_id
         content["DataCaptureConfig"] = capture
-    if request.kms_key_id:
+    if request.kms_key_id and has_local_storage(request.instance_type):
+        log(function="deploy-endpoint", event="kms-key-left-out", instance_type=request.instance_type,
+            reason="SageMaker refuses KmsKeyId for instance types with local NVMe storage, which is encrypted in hardware")
+    elif request.kms_key_id:
         content["KmsKeyId"] = request.kms_key_id
     return {"EndpointConfigName": content_name(request.endpoint_name, content), **content}
+
+
+def has_local_storage(instance_type: str) -> bool:
+    """Whether ``ml.<family>.<size>`` has local NVMe instance storage (see LOCAL_STORAGE_FAMILIES)."""
+    return instance_type.split(".")[1] in LOCAL_STORAGE_FAMILIES
 
 
 def deployment_config(alarm_names: tuple[str, ...]) -> dict[str, Any]:

@@ -85,6 +85,39 @@ def test_names_follow_the_content_and_fit_sagemaker_limits(aws):
     assert {option["CaptureMode"] for option in capture["CaptureOptions"]} == {"Input", "Output"}
 
 
+@pytest.mark.parametrize("instance_type", ["ml.g4dn.xlarge", "ml.m5d.large", "ml.c5d.2xlarge", "ml.r5d.large"])  # the ones moto accepts
+def test_the_kms_key_is_left_out_for_instance_types_with_local_storage(aws, capsys, instance_type):
+    deploy = load_handler("deploy_endpoint")
+    event = deploy_event(model_package(), instance_type=instance_type, data_capture_s3_uri="s3://bucket/dogbreed/data-capture", kms_key_id="alias/dogbreed")
+    result = deploy.handler(event, None)
+
+    config = sagemaker().describe_endpoint_config(EndpointConfigName=result["endpoint_config_name"])
+    assert config["ProductionVariants"][0]["InstanceType"] == instance_type
+    assert "KmsKeyId" not in config
+    assert config["DataCaptureConfig"]["KmsKeyId"] == "alias/dogbreed"  # the captured data in S3 is still encrypted with the key
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (left_out,) = [line for line in lines if line.get("event") == "kms-key-left-out"]
+    assert left_out["instance_type"] == instance_type and "local NVMe storage" in left_out["reason"]
+
+
+def test_the_kms_key_is_kept_for_instance_types_without_local_storage(aws, capsys):
+    deploy = load_handler("deploy_endpoint")
+    for instance_type in ("ml.m5.large", "ml.c5.xlarge", "ml.p3.2xlarge", "ml.inf1.xlarge"):
+        endpoint = f"dogbreed-{instance_type.replace('.', '-')}"
+        result = deploy.handler(deploy_event(model_package(), endpoint_name=endpoint, instance_type=instance_type, kms_key_id="alias/dogbreed"), None)
+        assert sagemaker().describe_endpoint_config(EndpointConfigName=result["endpoint_config_name"])["KmsKeyId"] == "alias/dogbreed", instance_type
+    assert "kms-key-left-out" not in capsys.readouterr().out
+
+
+def test_the_endpoint_config_leaves_the_kms_key_out_by_instance_family(aws):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package()
+    for instance_type, has_key in [("ml.p3dn.24xlarge", False), ("ml.g5.xlarge", False), ("ml.g6e.2xlarge", False), ("ml.p4d.24xlarge", False),
+                                   ("ml.g4ad.xlarge", True), ("ml.p3.2xlarge", True), ("ml.m5.large", True), ("ml.g4dn.xlarge", False)]:
+        spec = deploy.endpoint_config_spec(deploy.parse_event(deploy_event(arn, instance_type=instance_type, kms_key_id="alias/dogbreed")), "dogbreed-model")
+        assert ("KmsKeyId" in spec) is has_key, instance_type
+
+
 def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoint_in_moto, monkeypatch):
     monkeypatch.setenv("ROLLBACK_ALARM_NAME_PATTERN", "{endpoint_name}-5xx-errors")
     deploy = load_handler("deploy_endpoint")
