@@ -36,7 +36,7 @@ from steps.deploy import check_step, deploy_step
 from steps.evaluate import evaluate_step
 from steps.parameters import define_parameters
 from steps.prepare import prepare_data_step
-from steps.quality_gate import quality_gate_step
+from steps.quality_gate import approval_gate_step, quality_gate_step
 from steps.register import register_step
 from steps.train import train_step
 from steps.tune import tune_step
@@ -133,13 +133,15 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
         check = check_step(ctx, variant, deploy, prepare)
         trainings.append(training)
         evaluations.append(evaluation)
-        gates.append(quality_gate_step(ctx, variant, evaluation, if_steps=[register, deploy, check]))
+        approval = approval_gate_step(ctx, variant, if_steps=[deploy, check])
+        gates.append(quality_gate_step(ctx, variant, evaluation, if_steps=[register, approval]))
     return Pipeline(
         name=settings.pipeline_name,
         parameters=ctx.parameters.as_list(),
         steps=[prepare, tuning, *trainings, *evaluations, *gates],
         sagemaker_session=session,
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
+        pipeline_experiment_config=None,  # no experiment per execution: nothing reads it, and the role need not create them
     )
 
 

@@ -3,7 +3,7 @@ whose test accuracy reaches the AccuracyThreshold parameter; otherwise fail, say
 from __future__ import annotations
 
 from sagemaker.workflow.condition_step import ConditionStep
-from sagemaker.workflow.conditions import ConditionGreaterThanOrEqualTo
+from sagemaker.workflow.conditions import ConditionEquals, ConditionGreaterThanOrEqualTo
 from sagemaker.workflow.fail_step import FailStep
 from sagemaker.workflow.functions import Join, JsonGet
 from sagemaker.workflow.steps import ProcessingStep
@@ -40,4 +40,17 @@ def quality_gate_step(ctx: BuildContext, variant: Variant, evaluation: Processin
         conditions=[ConditionGreaterThanOrEqualTo(left=accuracy, right=threshold)],
         if_steps=if_steps,
         else_steps=[fail],
+    )
+
+
+def approval_gate_step(ctx: BuildContext, variant: Variant, if_steps: list) -> ConditionStep:
+    """Deploy only what is registered as Approved; a package left for manual approval ends the branch here."""
+    return ConditionStep(
+        name=variant.step("CheckApproval"),
+        display_name=f"Check approval ({variant.title})",
+        description="Deploys the registered model when ModelApprovalStatus is Approved; with PendingManualApproval "
+                    "the package waits in the registry for a person to approve it.",
+        conditions=[ConditionEquals(left=ctx.parameters.model_approval_status, right="Approved")],
+        if_steps=if_steps,
+        else_steps=[],
     )

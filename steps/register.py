@@ -12,7 +12,14 @@ from steps.variants import Variant
 
 CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
 RESPONSE_TYPES = ["application/json"]
-INFERENCE_INSTANCES = ["ml.m5.large", "ml.m5.xlarge", "ml.c5.xlarge", "ml.g4dn.xlarge"]
+CPU_INSTANCES = ("ml.m5.large", "ml.m5.xlarge", "ml.c5.large", "ml.c5.xlarge")
+GPU_INSTANCES = ("ml.g4dn.xlarge", "ml.g5.xlarge")
+
+
+def inference_instances(endpoint_instance_type: str) -> list[str]:
+    """Instance types the registered image can serve on: the inference image is built for CPU or GPU."""
+    gpu = endpoint_instance_type.startswith(("ml.g", "ml.p"))
+    return sorted({endpoint_instance_type, *(GPU_INSTANCES if gpu else CPU_INSTANCES)})
 
 
 def inference_environment(ctx: BuildContext) -> dict[str, str]:
@@ -42,7 +49,7 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
         model=model,
         content_types=CONTENT_TYPES,
         response_types=RESPONSE_TYPES,
-        inference_instances=INFERENCE_INSTANCES,
+        inference_instances=inference_instances(ctx.settings.endpoint_instance_type),
         transform_instances=["ml.m5.xlarge"],
         model_package_group_name=ctx.settings.model_package_group,
         approval_status=ctx.parameters.model_approval_status,

@@ -26,7 +26,7 @@ SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {
     "PrepareData", "TuneHyperparameters",
     *(f"{verb}{suffix}" for suffix in ("SingleInstance", "MultiInstance") for verb in (
-        "Train", "Evaluate", "CheckAccuracy", "Deploy", "Check", "AccuracyTooLow")),
+        "Train", "Evaluate", "CheckAccuracy", "CheckApproval", "Deploy", "Check", "AccuracyTooLow")),
     "RegisterSingleInstance-RegisterModel", "RegisterMultiInstance-RegisterModel",
 }
 CONTRACT = load_contract(ROOT)
@@ -147,9 +147,19 @@ def test_branches_hang_off_the_accuracy_condition(nodes):
     for suffix in ("SingleInstance", "MultiInstance"):
         gate = f"CheckAccuracy{suffix}"
         assert nodes[f"Register{suffix}-RegisterModel"].branch_of == (gate, "if")
-        assert nodes[f"Deploy{suffix}"].branch_of == (gate, "if")
-        assert nodes[f"Check{suffix}"].branch_of == (gate, "if")
+        assert nodes[f"CheckApproval{suffix}"].branch_of == (gate, "if")
+        assert nodes[f"Deploy{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
+        assert nodes[f"Check{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
         assert nodes[f"AccuracyTooLow{suffix}"].branch_of == (gate, "else")
+
+
+def test_only_an_approved_package_is_deployed(nodes):
+    for suffix in ("SingleInstance", "MultiInstance"):
+        arguments = nodes[f"CheckApproval{suffix}"].document["Arguments"]
+        assert arguments["Conditions"] == [{"Type": "Equals", "LeftValue": {"Get": "Parameters.ModelApprovalStatus"},
+                                            "RightValue": "Approved"}]
+        assert [s["Name"] for s in arguments["IfSteps"]] == [f"Deploy{suffix}", f"Check{suffix}"]
+        assert arguments["ElseSteps"] == []
 
 
 # --- what the steps do ------------------------------------------------------------------------
@@ -238,6 +248,12 @@ def test_registration_carries_the_evaluation_as_model_metrics(nodes):
     assert CONTRACT.EVALUATION_FILE in json.dumps(statistics["S3Uri"])
     assert arguments["ModelApprovalStatus"] == {"Get": "Parameters.ModelApprovalStatus"}
     assert arguments["ModelPackageGroupName"] == "dogbreed-models"
+    serving = arguments["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"]
+    assert "ml.m5.large" in serving and not any(t.startswith(("ml.g", "ml.p")) for t in serving)
+
+
+def test_no_experiment_is_created_per_execution(document):
+    assert document["PipelineExperimentConfig"] is None
 
 
 def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes):
