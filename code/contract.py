@@ -10,9 +10,12 @@ import re
 from typing import Mapping
 
 # Training -> tuner: one line per epoch, e.g.
-#   epoch=3 train_loss=0.412300 val_loss=0.523400 val_accuracy=0.851200
-METRIC_NAMES = ("train_loss", "val_loss", "val_accuracy")
-OBJECTIVE_METRIC = "val_loss"
+#   epoch=3 train_loss=0.412300 val_loss=0.523400 val_accuracy=0.851200 best_val_loss=0.501200
+# best_val_loss is the lowest val_loss so far: what the saved model (the best
+# epoch, see train.py's early stopping) achieves. The tuner ranks trials by the
+# last value it finds, so it is the objective rather than val_loss.
+METRIC_NAMES = ("train_loss", "val_loss", "val_accuracy", "best_val_loss")
+OBJECTIVE_METRIC = "best_val_loss"
 OBJECTIVE_TYPE = "Minimize"
 _FLOAT = r"([-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 

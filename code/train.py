@@ -894,6 +894,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
         metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
+        improved = best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]
+        metrics["best_val_loss"] = metrics["val_loss"] if improved else best["metrics"]["val_loss"]
         write_line(contract.format_metric_line(epoch, metrics))
         seconds = time.perf_counter() - started + (setup_seconds if not history else 0.0)
         # CPU seconds of this process's threads (data-loading workers excluded): steadier than wall time on a busy machine.
@@ -905,7 +907,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
                  epoch, seconds, train_stats["train_images"], train_stats["rank_images"], images_per_second,
                  parameters_digest(parts.trainable_module))
 
-        if best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]:
+        if improved:
             best = {"epoch": epoch, "metrics": metrics, "state": state_on_cpu(model) if dist_info.is_main else None}
             stale_epochs = 0
         else:

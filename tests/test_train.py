@@ -30,7 +30,7 @@ RUN_ENV = ("SM_CHANNEL_TRAINING", "SM_CHANNEL_TRAIN", "SM_CHANNEL_VALID", "SM_CH
 SAGEMAKER_HYPERPARAMETERS = [
     "--backbone", '"resnet18"', "--pretrained_weights", '"none"', "--image_size", "32", "--epochs", "3",
     "--batch_size", "8", "--learning_rate", "0.05", "--num_workers", "0", "--freeze_backbone", "true",
-    "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"val_loss"',
+    "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"best_val_loss"',
     "--num_threads", "1",
 ]
 SMALL = ["--backbone", "resnet18", "--pretrained-weights", "none", "--image-size", "32", "--num-workers", "0"]
@@ -120,6 +120,11 @@ def test_saved_weights_are_the_best_epochs(reference: dict, data: Path) -> None:
         logits = model(images)
     assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(best["val_loss"], abs=1e-4)
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(best["val_accuracy"], abs=1e-6)
+    # The tuning objective: the lowest validation loss so far, which the last line gives as the saved model's.
+    running_lowest = [min(e["val_loss"] for e in epochs[: i + 1]) for i in range(len(epochs))]
+    assert [e["best_val_loss"] for e in epochs] == pytest.approx(running_lowest, abs=1e-6)
+    assert epochs[-1]["best_val_loss"] == pytest.approx(info["metrics"]["val_loss"], abs=1e-6)
+    assert contract.OBJECTIVE_METRIC == "best_val_loss"
 
 
 def synthesized_metric_definitions() -> list[dict[str, str]]:
