@@ -93,11 +93,11 @@ def test_opt_ml_paths_move_under_the_container_root(tmp_path: Path):
 def test_hyperparameters_reach_the_script_as_the_training_toolkit_passes_them():
     raw = {"batch_size": '"64"', "learning_rate": "0.0123", "epochs": "7", "augment": '"true"', "backbone": "resnet18",
            "sagemaker_program": '"train.py"', "sagemaker_submit_directory": '"s3://b/code.tar.gz"',
-           "_tuning_objective_metric": "val_loss", "options": '{"b": 2, "a": 1}'}
+           "_tuning_objective_metric": "best_val_loss", "options": '{"b": 2, "a": 1}'}
     decoded = decoded_hyperparameters(raw)
     assert decoded["batch_size"] == "64" and decoded["learning_rate"] == 0.0123 and decoded["backbone"] == "resnet18"
     assert user_arguments(decoded) == [
-        "--_tuning_objective_metric", "val_loss", "--augment", "true", "--backbone", "resnet18", "--batch_size", "64",
+        "--_tuning_objective_metric", "best_val_loss", "--augment", "true", "--backbone", "resnet18", "--batch_size", "64",
         "--epochs", "7", "--learning_rate", "0.0123", "--options", "a=1,b=2",
     ]
 
@@ -106,11 +106,13 @@ def test_metric_definitions_read_the_training_log():
     definitions = contract.metric_definitions()
     log = "\n".join([
         "2026-01-01 INFO [rank 0/7] device cpu",
-        contract.format_metric_line(1, {"train_loss": 1.5, "val_loss": 1.25, "val_accuracy": 0.5}),
+        contract.format_metric_line(1, {"train_loss": 1.5, "val_loss": 1.25, "val_accuracy": 0.5, "best_val_loss": 1.25}),
         "noise val_loss=9",
-        contract.format_metric_line(2, {"train_loss": 0.75, "val_loss": 0.625, "val_accuracy": 0.875}),
+        contract.format_metric_line(2, {"train_loss": 0.75, "val_loss": 0.625, "val_accuracy": 0.875,
+                                        "best_val_loss": 0.625}),
     ])
-    assert parse_metrics(log, definitions) == {"train_loss": [1.5, 0.75], "val_loss": [1.25, 0.625], "val_accuracy": [0.5, 0.875]}
+    assert parse_metrics(log, definitions) == {"train_loss": [1.5, 0.75], "val_loss": [1.25, 0.625],
+                                               "val_accuracy": [0.5, 0.875], "best_val_loss": [1.25, 0.625]}
 
 
 # ---------------------------------------------------------------- tuning draws and conditions
