@@ -460,7 +460,7 @@ class LocalRun:
         metric = best["FinalHyperParameterTuningJobObjectiveMetric"]
         state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
                                     "objective": t.objective(metric["MetricName"])} for t in trials]
-        return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; best {metric['MetricName']}={metric['Value']:.4g}"
+        return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; winner {metric['MetricName']}={metric['Value']:.4g}"
 
     def _register(self, state: StepState, resolver: Resolver) -> str:
         arguments = resolver.resolve(state.node.document["Arguments"])
