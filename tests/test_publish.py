@@ -27,6 +27,7 @@ import pytest
 
 from pipeline.assets import zipball
 from pipeline.cli import main
+from pipeline.dag import steps_of
 from pipeline.settings import ENVIRONMENT, LAMBDA_FUNCTIONS
 
 moto_server = pytest.importorskip("moto.server")
@@ -197,7 +198,8 @@ def test_upsert_publishes_assets_functions_and_pipeline(first_upsert, manifest, 
     assert pipeline["RoleArn"].endswith(f":role/{PROJECT}-pipeline")
     tags = aws("sagemaker").list_tags(ResourceArn=pipeline["PipelineArn"])["Tags"]
     assert {"Key": "team", "Value": "vision"} in tags
-    assert "pipeline dogbreed-pipeline: created (16 steps)" in out
+    steps = len(steps_of(json.loads(pipeline["PipelineDefinition"])))
+    assert f"pipeline dogbreed-pipeline: created ({steps} steps)" in out
     assert f"provisioned concurrency {INVOKE}:live: set to 5 (was none), IN_PROGRESS" in out
     assert "7 of 7 resources changed" in out
     assert provisioned_count(aws, INVOKE) == 5
