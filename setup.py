@@ -10,6 +10,7 @@ DEV = [
     "torch==2.14.1",
     "torchvision==0.29.1",
     "numpy",
+    "scikit-learn",  # tests/real_images.py: the load_digits scans ship in its wheel
     "Pillow",
     "matplotlib",
     "pytest",

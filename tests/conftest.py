@@ -52,3 +52,11 @@ def make_dataset(root: Path, classes: int = 3, per_split: dict[str, int] | None 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def real_image_dataset(tmp_path: Path) -> Path:
+    """Real handwritten-digit scans as a dogImages tree (see tests/real_images.py)."""
+    from real_images import write_digits
+
+    return write_digits(tmp_path / "real")
