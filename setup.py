@@ -18,6 +18,14 @@ DEV = [
     "moto[server]>=5.1,<6",
     "cfn-lint",
     "parliament",
+    # The open-source toolkits the SageMaker PyTorch containers run train.py and inference.py under.
+    "sagemaker-training==5.1.4",
+    "sagemaker-pytorch-training==3.0.0",
+    "sagemaker-inference==1.10.1",
+    "sagemaker-pytorch-inference==2.0.25",
+    "torchserve==0.12.0",
+    "torch-model-archiver==0.12.0",
+    "hypothesis",
 ]
 
 setup(

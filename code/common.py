@@ -9,8 +9,11 @@ import io
 import json
 import os
 import struct
+import sys
+import traceback
+from contextlib import redirect_stderr
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -97,6 +100,60 @@ def write_failure_message(path: str | os.PathLike, message: str) -> bool:
     finally:
         temporary.unlink(missing_ok=True)
     return True
+
+
+Parsed = TypeVar("Parsed")
+USAGE_EXIT_CODE = 2
+FAILURE_EXIT_CODE = 1
+
+
+def argument_error_line(script: str, argparse_output: str) -> str:
+    """The ``<script>: error: ...`` line of what argparse printed before it exited."""
+    lines = [line.strip() for line in argparse_output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ": error: " in line:
+            return f"{script}: error: {line.split(': error: ', 1)[1]}"
+    return f"{script}: error: {lines[-1] if lines else 'invalid arguments'}"
+
+
+def report_failure(failure_file: str | os.PathLike, line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    write_failure_message(failure_file, line)
+
+
+def run_script(script: str, failure_file: str | os.PathLike, parse: Callable[[], Parsed],
+               run: Callable[[Parsed], Any], expected: tuple[type[BaseException], ...]) -> int:
+    """A container script's main: every failure ends as one ``<script>: error: ...`` line.
+
+    The line goes to stderr and to the job's failure file (``/opt/ml/output/failure``
+    for training, ``/opt/ml/output/message`` for processing), which SageMaker shows as
+    the job's FailureReason or ExitMessage. This covers argparse's refusals too (an
+    unknown hyperparameter, a bad value), which exit before any script code runs:
+    argparse's usage and error line stay in the log and its error line becomes the message.
+    ``expected`` are the script's own input errors (exit 2, no traceback); anything
+    else is reported with its type and exits 1, its traceback in the log.
+    """
+    captured = io.StringIO()
+    try:
+        with redirect_stderr(captured):
+            parsed = parse()
+    except SystemExit as stop:
+        sys.stderr.write(captured.getvalue())
+        if stop.code in (0, None):
+            return 0
+        write_failure_message(failure_file, argument_error_line(script, captured.getvalue()))
+        return stop.code if isinstance(stop.code, int) else USAGE_EXIT_CODE
+    sys.stderr.write(captured.getvalue())
+    try:
+        run(parsed)
+    except expected as error:
+        report_failure(failure_file, f"{script}: error: {error}")
+        return USAGE_EXIT_CODE
+    except Exception as error:
+        traceback.print_exc()
+        report_failure(failure_file, f"{script}: error: {type(error).__name__}: {error}")
+        return FAILURE_EXIT_CODE
+    return 0
 
 
 # Images are refused above this many pixels before they are decoded (decompression

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, write_failure_message
+from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, run_script
 from contract import CLASSES_FILE, CONFUSION_MATRIX_FILE, EVALUATION_FILE, MODEL_FILE, MODEL_INFO_FILE
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
@@ -254,15 +254,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = argument_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except EvaluationError as error:
-        message = f"evaluate.py: error: {error}"
-        print(message, file=sys.stderr, flush=True)
-        write_failure_message(FAILURE_MESSAGE_FILE, message)
-        return 2
-    return 0
+    return run_script("evaluate.py", FAILURE_MESSAGE_FILE, lambda: argument_parser().parse_args(argv), evaluate, (EvaluationError,))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from common import MAX_IMAGE_PIXELS, ImageRejected, image_from_bytes, write_failure_message
+from common import MAX_IMAGE_PIXELS, ImageRejected, image_from_bytes, run_script
 from contract import MANIFEST_FILE, SPLITS
 
 DEFAULT_INPUT = "/opt/ml/processing/input/data"
@@ -448,15 +448,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = argument_parser().parse_args(argv)
-    try:
-        prepare(args)
-    except PreprocessError as error:
-        message = f"preprocess.py: error: {error}"
-        print(message, file=sys.stderr, flush=True)
-        write_failure_message(FAILURE_MESSAGE_FILE, message)
-        return 2
-    return 0
+    return run_script("preprocess.py", FAILURE_MESSAGE_FILE, lambda: argument_parser().parse_args(argv), prepare, (PreprocessError,))
 
 
 if __name__ == "__main__":

@@ -935,15 +935,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        main(args)
-    except TrainingInputError as err:
-        message = f"train.py: error: {err}"
-        print(message, file=sys.stderr, flush=True)
-        common.write_failure_message(FAILURE_FILE, message)
-        return 2
-    return 0
+    return common.run_script("train.py", FAILURE_FILE, lambda: parse_args(argv), main, (TrainingInputError,))
 
 
 if __name__ == "__main__":
