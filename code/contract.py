@@ -24,6 +24,11 @@ _FLOAT = r"([-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 TRAIN_CHANNEL = "train"
 VALID_CHANNEL = "valid"
 PRETRAINED_CHANNEL = "pretrained"
+# The tuning trials read only this channel (SM_CHANNEL_FEATURES): the frozen
+# backbone's features of train and valid, written once by extract_features.py.
+FEATURES_CHANNEL = "features"
+FEATURES_HEADER_FILE = "features.json"
+FEATURES_SPLIT_FILES = {"train": "train.pt", "valid": "valid.pt"}
 SPLITS = ("train", "valid", "test")
 
 # Files in the model directory (model.tar.gz) written by train.py.
@@ -43,6 +48,17 @@ CLASS_COUNT_JSON_PATH = "class_count"
 
 # Where the ConditionStep reads the test accuracy in evaluation.json.
 ACCURACY_JSON_PATH = "multiclass_classification_metrics.accuracy.value"
+
+# Serving precision: the pipeline parameter's values; evaluate.py decides which one
+# is served and writes it at SERVED_PRECISION_JSON_PATH in evaluation.json, the
+# model package passes it to the endpoint in INFERENCE_PRECISION_ENV, and
+# inference.py's model_fn follows it. int8 is calibrated on the validation images
+# that train.py stores in CALIBRATION_DIR of the model directory.
+PRECISIONS = ("fp32", "int8")
+DEFAULT_PRECISION = "fp32"
+INFERENCE_PRECISION_ENV = "DOGBREED_INFERENCE_PRECISION"
+SERVED_PRECISION_JSON_PATH = "inference_precision.served"
+CALIBRATION_DIR = "calibration"
 
 
 def format_metric_line(epoch: int, metrics: Mapping[str, float]) -> str:

@@ -40,6 +40,7 @@ from torchvision import datasets, models
 
 import common
 import contract
+import features
 
 LOG = logging.getLogger("train")
 CHECKPOINT_FORMAT = 1
@@ -222,6 +223,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("cache-features", type=boolean, nargs="?", const=True, default=False,
         help="compute the frozen backbone's features once and train the head on them "
              "(needs --freeze-backbone true and --augment false)")
+    add("features", type=optional_path, default=env.get(f"SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}"),
+        help="train the head on the backbone features extract_features.py wrote to this folder instead of on images "
+             f"(default $SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}; needs --freeze-backbone true and --augment false)")
     add("num-workers", type=non_negative_int, default=default_num_workers(), help="data-loading processes")
     add("num-threads", type=positive_int, default=default_num_threads(),
         help="torch CPU threads of this process (default $OMP_NUM_THREADS, else the cores divided by the processes on this machine)")
@@ -263,6 +267,11 @@ def check_args(args: argparse.Namespace) -> None:
             "--cache-features needs a backbone that does not change (--freeze-backbone true) and images that do not "
             f"change between epochs (--augment false); got --freeze-backbone {str(args.freeze_backbone).lower()} "
             f"--augment {str(args.augment).lower()}. Turn caching off or set both.")
+    if args.features and (args.cache_features or not args.freeze_backbone or args.augment):
+        raise TrainingInputError(
+            f"--features {args.features} trains the head on features computed once, so it needs --freeze-backbone true, "
+            f"--augment false and no --cache-features; got --freeze-backbone {str(args.freeze_backbone).lower()} "
+            f"--augment {str(args.augment).lower()} --cache-features {str(args.cache_features).lower()}")
     if args.image_size < 32:
         raise TrainingInputError(f"--image-size must be at least 32 pixels for a ResNet, got {args.image_size}")
     if str(args.model_dir).startswith("s3://"):
@@ -632,6 +641,25 @@ def extract_features(backbone: nn.Module, dataset: datasets.ImageFolder, args: a
     return TensorDataset(everything.cpu(), torch.tensor(dataset.targets, dtype=torch.long))
 
 
+def resolved_weights(value: str | None) -> str | None:
+    """None (random), 'imagenet', or the path of the one state dict file ``value`` names."""
+    source = pretrained_source(value)
+    return source if source in (None, "imagenet") else str(weights_file(Path(source)))
+
+
+def read_feature_set(args: argparse.Namespace) -> features.FeatureSet:
+    """The --features folder, refused unless it was made with this job's backbone, image size and weights
+    (and, when the job is given image folders too, their classes)."""
+    expected: dict[str, Any] = {"backbone": args.backbone, "image_size": args.image_size,
+                                "weights": features.weights_id(resolved_weights(args.pretrained_weights), args.backbone, args.seed)}
+    if args.train_dir or args.valid_dir:
+        expected["classes"] = check_splits(*split_dirs(args))
+    try:
+        return features.read_features(args.features, expected)
+    except features.FeaturesError as err:
+        raise TrainingInputError(str(err)) from None
+
+
 # ----------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------
@@ -839,8 +867,13 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     LOG.info("device %s, %d CPU threads, %d data workers, torch %s", device, torch.get_num_threads(),
              args.num_workers, torch.__version__)
     train_dir, valid_dir = split_dirs(args)
-    train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
-    classes = train_set.classes
+    if args.features:
+        feature_set = read_feature_set(args)
+        train_set, valid_set, classes = feature_set.train, feature_set.valid, feature_set.classes
+        train_dir = valid_dir = Path(args.features)
+    else:
+        train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
+        classes = train_set.classes
     if len(train_set) < dist_info.world_size:
         raise TrainingInputError(f"the train split at {train_dir} has {len(train_set)} images, fewer than the {dist_info.world_size} processes")
     LOG.info("%d classes; %d training images in %s, %d validation images in %s",
@@ -856,8 +889,14 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         model.load_state_dict(checkpoint["model"])
 
     setup_started, setup_cpu_started = time.perf_counter(), time.process_time()
-    parts = model_parts(model, args.freeze_backbone, args.cache_features, device, dist_info)
-    if args.cache_features:
+    parts = model_parts(model, args.freeze_backbone, args.cache_features or bool(args.features), device, dist_info)
+    if args.features:
+        if feature_set.feature_dim != model.fc.in_features:
+            raise TrainingInputError(f"the features in {args.features} have {feature_set.feature_dim} values each; "
+                                     f"{args.backbone}'s head takes {model.fc.in_features}: extract them again")
+        train_loader = make_train_loader(train_set, args, dist_info, device, seeded=False, workers=0)
+        valid_loader = make_eval_loader(valid_set, args, dist_info, device, workers=0)
+    elif args.cache_features:
         backbone = feature_extractor(model).eval()
         train_data: Dataset = extract_features(backbone, train_set, args, dist_info, device, args.num_workers)
         valid_data: Dataset = extract_features(backbone, valid_set, args, dist_info, device, args.num_workers)
