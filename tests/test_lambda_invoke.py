@@ -190,9 +190,9 @@ def test_a_preflight_request_gets_204_with_the_allowed_methods(aws, invoke, monk
         (rest_event(json.dumps({"image_base64": "AAAA", "top_k": 0}), "application/json", encoded=False), 400, "top_k must be from 1 to 20, got 0"),
         (rest_event(json.dumps({"image_base64": "AAAA", "top_k": "many"}), "application/json", encoded=False), 400, "top_k must be a whole number from 1 to 20, got 'many'"),
         (rest_event(json.dumps({"url": "http://127.0.0.1/dog.jpg"}), "application/json", encoded=False), 400, "url must start with https://"),
-        (rest_event(json.dumps({"url": "https://127.0.0.1/dog.jpg"}), "application/json", encoded=False), 400, "url points to a private or local address"),
-        (rest_event(json.dumps({"url": "https://[::1]/dog.jpg"}), "application/json", encoded=False), 400, "url points to a private or local address"),
-        (rest_event(json.dumps({"url": "https://169.254.169.254/latest/meta-data"}), "application/json", encoded=False), 400, "url points to a private or local address"),
+        (rest_event(json.dumps({"url": "https://127.0.0.1/dog.jpg"}), "application/json", encoded=False), 400, "the URL points to an address that is not allowed"),
+        (rest_event(json.dumps({"url": "https://[::1]/dog.jpg"}), "application/json", encoded=False), 400, "the URL points to an address that is not allowed"),
+        (rest_event(json.dumps({"url": "https://169.254.169.254/latest/meta-data"}), "application/json", encoded=False), 400, "the URL points to an address that is not allowed"),
         (rest_event(json.dumps({"url": "https://user:pw@127.0.0.1/dog.jpg"}), "application/json", encoded=False), 400, "must not carry a user name or password"),
         ({"url": ["https://x.example"]}, 400, "url must be a string"),
         ("a string event", 400, "the event must be a JSON object"),
@@ -450,14 +450,14 @@ def test_an_https_image_url_is_fetched(invoke, image_site):
 @pytest.mark.parametrize(
     ("path", "options", "status", "message"),
     [
-        ("/page.html", {}, 415, "content type 'text/html', not image/jpeg or image/png"),
-        ("/big.jpg", {}, 413, "larger than 4000 bytes"),
-        ("/big-unannounced.jpg", {}, 413, "larger than 4000 bytes"),
-        ("/slow.jpg", {"timeout": 0.3}, 400, "did not answer within 0.3 s"),
-        ("/missing", {}, 400, "url answered HTTP 404"),
-        ("/to-http", {}, 400, "url must start with https://"),
-        ("/dog.jpg", {"ssl_context": None}, 400, "url cannot be fetched"),  # the default trust store does not know the site
-        ("/dog.jpg", {"allow_private_addresses": False}, 400, "private or local address"),
+        ("/page.html", {}, 415, "the URL did not answer with a JPEG or PNG image"),
+        ("/big.jpg", {}, 413, "the image is larger than 4000 bytes"),
+        ("/big-unannounced.jpg", {}, 413, "the image is larger than 4000 bytes"),
+        ("/slow.jpg", {"timeout": 0.3}, 400, "the download took longer than 0.3 s"),
+        ("/missing", {}, 400, "the URL answered HTTP 404"),
+        ("/to-http", {}, 400, "the URL could not be fetched"),  # a redirect to plain http
+        ("/dog.jpg", {"ssl_context": None}, 400, "the URL could not be fetched"),  # the default trust store does not know the site
+        ("/dog.jpg", {"allow_private_addresses": False}, 400, "the URL points to an address that is not allowed"),
     ],
 )
 def test_an_image_url_is_refused_when_it_cannot_be_trusted(invoke, image_site, path, options, status, message):
