@@ -34,6 +34,7 @@ from pipeline.validate import validate_definition
 from steps.context import BuildContext
 from steps.deploy import check_step, deploy_step
 from steps.evaluate import evaluate_step
+from steps.features import extract_features_step
 from steps.parameters import define_parameters
 from steps.prepare import prepare_data_step
 from steps.quality_gate import approval_gate_step, quality_gate_step
@@ -123,7 +124,8 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
         inference_image=framework_image(settings, "inference", settings.endpoint_instance_type),
     )
     prepare = prepare_data_step(ctx)
-    tuning = tune_step(ctx, prepare)
+    extraction = extract_features_step(ctx, prepare)
+    tuning = tune_step(ctx, extraction)
     trainings, evaluations, gates = [], [], []
     for variant in VARIANTS:
         training = train_step(ctx, variant, prepare, tuning)
@@ -138,7 +140,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
     return Pipeline(
         name=settings.pipeline_name,
         parameters=ctx.parameters.as_list(),
-        steps=[prepare, tuning, *trainings, *evaluations, *gates],
+        steps=[prepare, extraction, tuning, *trainings, *evaluations, *gates],
         sagemaker_session=session,
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
         pipeline_experiment_config=None,  # no experiment per execution: nothing reads it, and the role need not create them

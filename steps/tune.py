@@ -1,12 +1,13 @@
 """TuneHyperparameters: Bayesian search that minimizes the validation loss."""
 from __future__ import annotations
 
+from sagemaker.inputs import TrainingInput
 from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner, IntegerParameter
 from sagemaker.workflow.steps import ProcessingStep, TuningStep
 
 from steps.context import CACHE, BuildContext, retry_policies
-from steps.prepare import channel_uri
-from steps.training import pytorch_estimator, static_hyperparameters, training_channels
+from steps.features import features_uri
+from steps.training import pytorch_estimator, static_hyperparameters
 
 STEP_NAME = "TuneHyperparameters"
 TUNED = ("learning_rate", "batch_size", "epochs")
@@ -20,16 +21,23 @@ def hyperparameter_ranges() -> dict:
     }
 
 
-def tune_step(ctx: BuildContext, prepare: ProcessingStep) -> TuningStep:
-    """Trials train the head on cached backbone features (no augmentation): cheap, and
-    ranking them needs no augmentation. The final training steps reuse the winner."""
+def features_channel(ctx: BuildContext, extraction: ProcessingStep) -> dict[str, TrainingInput]:
+    """The trials' only channel: the features ExtractFeatures wrote (train.py reads SM_CHANNEL_FEATURES), never the images."""
+    return {ctx.contract.FEATURES_CHANNEL: TrainingInput(s3_data=features_uri(extraction, ctx.contract),
+                                                         content_type="application/x-pytorch")}
+
+
+def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
+    """Trials train only the head on the backbone features ExtractFeatures computed once (no augmentation:
+    ranking them needs none), on their own, small TuningInstanceType. The final training steps reuse the winner."""
     estimator = pytorch_estimator(
         ctx,
         instance_count=1,
-        hyperparameters=static_hyperparameters(ctx, augment=False, cache_features=True),
+        hyperparameters=static_hyperparameters(ctx, augment=False, cache_features=False),
         output_path=ctx.settings.s3_uri("jobs", STEP_NAME),
         base_job_name=f"{ctx.settings.project_name}-tune",
     )
+    estimator.instance_type = ctx.parameters.tuning_instance_type
     tuner = HyperparameterTuner(
         estimator,
         objective_metric_name=ctx.contract.OBJECTIVE_METRIC,
@@ -42,7 +50,7 @@ def tune_step(ctx: BuildContext, prepare: ProcessingStep) -> TuningStep:
         base_tuning_job_name=f"{ctx.settings.project_name}-tune",
     )
     step_args = tuner.fit(
-        inputs=training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")),
+        inputs=features_channel(ctx, extraction),
         job_name=f"{ctx.settings.project_name}-tune",
     )
     return TuningStep(

@@ -1,0 +1,65 @@
+"""ExtractFeatures: the frozen backbone's features of the prepared train and valid splits, once per execution.
+
+Every tuning trial trains only the head on them (``train.py --features``), so the
+backbone's forward pass over the images, which dominates a trial on CPU, is paid
+once instead of once per trial. The step runs ``code/extract_features.py`` on the
+training image with the trials' own backbone, image size, weights and seed (the
+static hyperparameters of ``steps/training.py``), so its header matches what each
+trial checks. Cached like the other job steps: a second execution on the same
+prepared data and parameters reuses the features.
+"""
+from __future__ import annotations
+
+from sagemaker.processing import ProcessingInput, ProcessingOutput
+from sagemaker.workflow.steps import ProcessingStep
+
+from steps.context import CACHE, BuildContext, retry_policies
+from steps.prepare import channel_uri
+from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.training import static_hyperparameters
+
+STEP_NAME = "ExtractFeatures"
+SCRIPT = "extract_features.py"
+INPUT_DIRS = {"train": f"{PROCESSING_ROOT}/input/train", "valid": f"{PROCESSING_ROOT}/input/valid"}
+OUTPUT_DIR = f"{PROCESSING_ROOT}/output/features"
+
+
+def extraction_arguments(ctx: BuildContext) -> list:
+    """The script's options: the trials' backbone, image size, weights and seed, so the header fits every trial."""
+    trial = static_hyperparameters(ctx, augment=False, cache_features=False)
+    return [
+        "--train", INPUT_DIRS["train"], "--valid", INPUT_DIRS["valid"], "--output", OUTPUT_DIR,
+        "--backbone", trial["backbone"],
+        "--image-size", trial["image_size"].to_string(),
+        "--pretrained-weights", trial["pretrained_weights"],
+        "--seed", trial["seed"],
+    ]
+
+
+def extract_features_step(ctx: BuildContext, prepare: ProcessingStep) -> ProcessingStep:
+    processor = script_processor(ctx, SCRIPT, base_job_name=f"{ctx.settings.project_name}-features")
+    step_args = processor.run(
+        inputs=[
+            *(ProcessingInput(source=channel_uri(prepare, split), destination=folder, input_name=split)
+              for split, folder in INPUT_DIRS.items()),
+            code_input(ctx),
+        ],
+        outputs=[ProcessingOutput(output_name=ctx.contract.FEATURES_CHANNEL, source=OUTPUT_DIR,
+                                  destination=ctx.execution_path(STEP_NAME, ctx.contract.FEATURES_CHANNEL))],
+        arguments=extraction_arguments(ctx),
+    )
+    return ProcessingStep(
+        name=STEP_NAME,
+        display_name="Extract features",
+        description="Computes the frozen backbone's features of the train and valid images once (evaluation "
+                    "transform, no augmentation), with a header of backbone, image size, weights and classes; "
+                    "every tuning trial trains only the head on them.",
+        step_args=step_args,
+        cache_config=CACHE,
+        retry_policies=retry_policies(),
+    )
+
+
+def features_uri(step: ProcessingStep, contract):
+    """The S3 URI of the features folder, as a property reference."""
+    return step.properties.ProcessingOutputConfig.Outputs[contract.FEATURES_CHANNEL].S3Output.S3Uri
