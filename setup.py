@@ -39,6 +39,7 @@ setup(
         "sagemaker>=2.257.7,<3",
         "boto3",
         "rich>=13",
+        "regex",  # pipeline/constraints.py: botocore's Java patterns use \p{...} classes, which re lacks
     ],
     extras_require={"dev": DEV},
     entry_points={"console_scripts": ["dogbreed=pipeline.cli:main"]},

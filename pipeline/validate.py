@@ -8,10 +8,14 @@ Two checks that need no network, run by ``synth`` on every build:
   the steps form a DAG;
 - every job step's ``Arguments`` is valid input for its Create* API according
   to botocore's own ``ParamValidator``, after each runtime expression is
-  replaced by a placeholder of the type the API expects at that position.
+  replaced by a placeholder of the type the API expects at that position;
+- every value that reaches an API is within the service's own limits
+  (``pipeline.constraints``: lengths, ranges, patterns, enums of botocore's
+  shapes), and within the rules the shapes cannot show (``service_rule_findings``).
 """
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from typing import Any, Iterator
@@ -19,6 +23,7 @@ from typing import Any, Iterator
 import botocore.session
 from botocore.validate import ParamValidator
 
+from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape
 from pipeline.dag import DefinitionError, StepNode, iter_references, steps_of, topological_order
 
 EXECUTION_VARIABLES = {
@@ -178,6 +183,185 @@ def api_arguments_errors(node: StepNode) -> str | None:
     return report.generate_report() if report.has_errors() else None
 
 
+# ---------------------------------------------------------------- the service's limits
+
+# Lambda step inputs that the project's handlers pass on to an API unchanged: input -> (service, operation,
+# member path, whether "" means "not set" and reaches no API).
+LAMBDA_INPUTS = {
+    "endpoint_name": ("sagemaker", "CreateEndpoint", ("EndpointName",), False),
+    "endpoint_config_name": ("sagemaker", "CreateEndpoint", ("EndpointConfigName",), True),
+    "model_package_arn": ("sagemaker", "CreateModel", ("Containers", "*", "ModelPackageName"), False),
+    "model_role_arn": ("sagemaker", "CreateModel", ("ExecutionRoleArn",), False),
+    "instance_type": ("sagemaker", "CreateEndpointConfig", ("ProductionVariants", "*", "InstanceType"), False),
+    "initial_instance_count": ("sagemaker", "CreateEndpointConfig", ("ProductionVariants", "*", "InitialInstanceCount"), False),
+    "kms_key_id": ("sagemaker", "CreateEndpointConfig", ("KmsKeyId",), True),
+    "data_capture_s3_uri": ("sagemaker", "CreateEndpointConfig", ("DataCaptureConfig", "DestinationS3Uri"), True),
+    "data_capture_percentage": ("sagemaker", "CreateEndpointConfig", ("DataCaptureConfig", "InitialSamplingPercentage"), False),
+    "min_capacity": ("application-autoscaling", "RegisterScalableTarget", ("MinCapacity",), False),
+    "max_capacity": ("application-autoscaling", "RegisterScalableTarget", ("MaxCapacity",), False),
+    "target_invocations_per_instance": ("application-autoscaling", "PutScalingPolicy",
+                                        ("TargetTrackingScalingPolicyConfiguration", "TargetValue"), False),
+}
+# A LambdaStep invokes its function synchronously: the request payload is at most 6 MB
+# (docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html, "Invocation payload").
+LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
+# docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html: at most 30 hyperparameters
+# searched, 30 values per categorical hyperparameter, 20 metric definitions, 750 training jobs (Bayesian).
+# docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-define-ranges.html: at most 100
+# hyperparameters in all, static and searched, counting the _tuning_objective_metric SageMaker adds.
+TUNING_MAX_SEARCHED = 30
+TUNING_MAX_CATEGORICAL_VALUES = 30
+TUNING_MAX_METRICS = 20
+TUNING_MAX_BAYESIAN_JOBS = 750
+TUNING_MAX_HYPERPARAMETERS = 100
+
+
+def _where(node: StepNode) -> str:
+    return f"step {node.name}"
+
+
+def _resolved(value: Any, parameters: dict[str, dict]) -> Any:
+    """A literal, or a parameter reference's default; None when it is only known at run time."""
+    if isinstance(value, dict) and isinstance(value.get("Get"), str) and value["Get"].startswith("Parameters."):
+        return parameters.get(value["Get"].split(".", 1)[1], {}).get("DefaultValue")
+    return None if isinstance(value, dict) else value
+
+
+def check_step_fields(walk: Walk, step: dict) -> None:
+    """Name, display name and description as ListPipelineExecutionSteps reports them.
+
+    The name is checked as given: names the SDK derives, such as a RegisterModel collection's
+    ``<name>-RegisterModel`` or a ModelStep's ``<name>-CreateModel``, are in the definition by then."""
+    for member, shape_name in (("Name", "StepName"), ("DisplayName", "StepDisplayName"), ("Description", "StepDescription")):
+        if member in step:
+            check_value(walk, step[member], named_shape("sagemaker", shape_name), member)
+
+
+def check_job_arguments(walk: Walk, node: StepNode) -> None:
+    shape = sagemaker_model().operation_model(STEP_APIS[node.type][0]).input_shape
+    check_value(walk, node.document.get("Arguments", {}), shape, "Arguments")
+
+
+def check_lambda_step(walk: Walk, node: StepNode) -> None:
+    step = node.document
+    if "FunctionArn" in step:
+        check_value(walk, step["FunctionArn"], input_member("lambda", "Invoke", "FunctionName"), "FunctionArn")
+    arguments = step.get("Arguments") or {}
+    size = len(json.dumps(arguments).encode())
+    if size > LAMBDA_PAYLOAD_LIMIT:
+        walk.report("Arguments", f"at most {LAMBDA_PAYLOAD_LIMIT} bytes (a synchronous Lambda payload)", f"{size} bytes")
+    for name, value in arguments.items():
+        if name not in LAMBDA_INPUTS:
+            continue
+        service, operation, path, empty_is_unset = LAMBDA_INPUTS[name]
+        walk.empty_is_unset = empty_is_unset
+        check_value(walk, value, input_member(service, operation, *path), f"Arguments.{name}")
+        walk.empty_is_unset = False
+
+
+def check_tuning_rules(walk: Walk, node: StepNode) -> None:
+    arguments = node.document.get("Arguments", {})
+    config = arguments.get("HyperParameterTuningJobConfig", {})
+    ranges = config.get("ParameterRanges", {})
+    searched = [r for kind in ("IntegerParameterRanges", "ContinuousParameterRanges", "CategoricalParameterRanges")
+                for r in ranges.get(kind, [])]
+    path = "Arguments.HyperParameterTuningJobConfig"
+    if len(searched) > TUNING_MAX_SEARCHED:
+        walk.report(f"{path}.ParameterRanges", f"at most {TUNING_MAX_SEARCHED} searched hyperparameters", f"{len(searched)}")
+    for index, item in enumerate(ranges.get("CategoricalParameterRanges", [])):
+        values = item.get("Values", [])
+        if isinstance(values, list) and len(values) > TUNING_MAX_CATEGORICAL_VALUES:
+            walk.report(f"{path}.ParameterRanges.CategoricalParameterRanges[{index}].Values",
+                        f"at most {TUNING_MAX_CATEGORICAL_VALUES} values per categorical hyperparameter", f"{len(values)} values")
+    definitions = [arguments.get("TrainingJobDefinition")] + list(arguments.get("TrainingJobDefinitions") or [])
+    for index, definition in enumerate(d for d in definitions if d):
+        where = "Arguments.TrainingJobDefinition" if index == 0 else f"Arguments.TrainingJobDefinitions[{index - 1}]"
+        metrics = definition.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
+        if len(metrics) > TUNING_MAX_METRICS:
+            walk.report(f"{where}.AlgorithmSpecification.MetricDefinitions",
+                        f"at most {TUNING_MAX_METRICS} metric definitions per tuning job", f"{len(metrics)}")
+        total = len(definition.get("StaticHyperParameters", {})) + len(searched) + 1  # + _tuning_objective_metric
+        if total > TUNING_MAX_HYPERPARAMETERS:
+            walk.report(f"{where}.StaticHyperParameters", f"at most {TUNING_MAX_HYPERPARAMETERS} hyperparameters in all "
+                        "(static, searched and the _tuning_objective_metric SageMaker adds)", f"{total}")
+    limits = config.get("ResourceLimits", {})
+    most, parallel = (_resolved(limits.get(k), walk.parameters) for k in ("MaxNumberOfTrainingJobs", "MaxParallelTrainingJobs"))
+    if config.get("Strategy") == "Bayesian" and isinstance(most, int) and most > TUNING_MAX_BAYESIAN_JOBS:
+        walk.report(f"{path}.ResourceLimits.MaxNumberOfTrainingJobs",
+                    f"at most {TUNING_MAX_BAYESIAN_JOBS} training jobs for a Bayesian search", f"{most}")
+    if isinstance(most, int) and isinstance(parallel, int) and parallel > most:
+        walk.report(f"{path}.ResourceLimits.MaxParallelTrainingJobs",
+                    "no more parallel training jobs than training jobs in all (MaxNumberOfTrainingJobs)",
+                    f"{parallel} parallel of {most}")
+
+
+def check_parameters(walk: Walk, parameters: list[dict]) -> None:
+    """Names and values as StartPipelineExecution takes them, and the ranges of steps.parameters."""
+    from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
+
+    name_shape = named_shape("sagemaker", "PipelineParameterName")
+    value_shape = input_member("sagemaker", "StartPipelineExecution", "PipelineParameters", "*", "Value")
+    defaults = {}
+    for index, parameter in enumerate(parameters):
+        name = parameter.get("Name", "")
+        walk.where = f"parameter {name}"
+        check_value(walk, name, name_shape, "Name")
+        for label, value in (("DefaultValue", parameter.get("DefaultValue")),
+                             *((f"EnumValues[{i}]", v) for i, v in enumerate(parameter.get("EnumValues") or []))):
+            if value is not None:
+                check_value(walk, value if isinstance(value, str) else json.dumps(value), value_shape, label)
+        if "DefaultValue" in parameter:
+            defaults[name] = parameter["DefaultValue"]
+            problem = range_problem(name, parameter["DefaultValue"], PARAMETER_RANGES)
+            if problem:
+                walk.report("DefaultValue", problem[0], problem[1])
+    walk.where = "parameters"
+    for smaller, larger, why in PARAMETER_ORDER:
+        if isinstance(defaults.get(smaller), (int, float)) and isinstance(defaults.get(larger), (int, float)) \
+                and defaults[smaller] > defaults[larger]:
+            walk.report(f"{smaller}, {larger}", f"{smaller} <= {larger}: {why}",
+                        f"defaults {defaults[smaller]} and {defaults[larger]}")
+
+
+def range_problem(name: str, value: Any, ranges: dict) -> tuple[str, str] | None:
+    """(rule, detail) when ``value`` is outside the range of parameter ``name``, else None."""
+    if name not in ranges or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    least, most, why = ranges[name]
+    if value < least or (most is not None and value > most):
+        allowed = f"{least} to {most}" if most is not None else f"{least} or more"
+        return f"{allowed} ({why})", f"{value!r} is outside"
+    return None
+
+
+def constraint_walk(document: dict, nodes: dict[str, StepNode] | None = None) -> Walk:
+    """Every finding of the service's limits in ``document``, and where each parameter lands."""
+    nodes = nodes if nodes is not None else steps_of(document)
+    parameters = {p["Name"]: p for p in document.get("Parameters", []) if "Name" in p}
+    walk = Walk("parameters", parameters)
+    check_parameters(walk, document.get("Parameters", []))
+    for node in nodes.values():
+        walk.where = _where(node)
+        check_step_fields(walk, node.document)
+        if node.type in STEP_APIS:
+            check_job_arguments(walk, node)
+        if node.type == "Tuning":
+            check_tuning_rules(walk, node)
+        if node.type == "Lambda":
+            check_lambda_step(walk, node)
+    walk.where = "pipeline"
+    size = len((json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    definition_shape = input_member("sagemaker", "CreatePipeline", "PipelineDefinition")
+    if size > definition_shape.metadata["max"]:
+        walk.report("PipelineDefinition", f"at most {definition_shape.metadata['max']} bytes (CreatePipeline)", f"{size} bytes")
+    return walk
+
+
+def parameter_landings(document: dict) -> dict[str, list[Landing]]:
+    """Parameter name -> where its references land, with the shape a value must fit there."""
+    return constraint_walk(document).landings
+
+
 def iter_problems(document: dict) -> Iterator[str]:
     try:
         nodes = check_references(document)
@@ -189,6 +373,13 @@ def iter_problems(document: dict) -> Iterator[str]:
             errors = api_arguments_errors(node)
             if errors:
                 yield f"step {node.name} ({STEP_APIS[node.type][0]}): {errors}"
+    for finding in constraint_walk(document, nodes).findings:
+        yield str(finding)
+
+
+def findings_of(document: dict) -> list[Finding]:
+    """The service-limit findings alone (each with where, path, rule and detail)."""
+    return constraint_walk(document).findings
 
 
 def validate_definition(document: dict) -> None:

@@ -9,6 +9,29 @@ from dataclasses import dataclass, fields
 
 from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
 
+# What a numeric parameter may be beyond what the API shapes where it lands allow (pipeline.validate
+# checks those): (least, most or None, why). Checked on the defaults by synth and on a run's values by
+# `dogbreed start` and `dogbreed local-run` before anything starts.
+PARAMETER_RANGES = {
+    "ImageSize": (32, 1024, "train.py refuses a side under 32 pixels (a ResNet's five halvings); "
+                            "PrepareData writes 256-pixel images, so more than 1024 only upsamples"),
+    "MultiInstanceCount": (1, 100, "instances of one training job (SageMaker's default quota is lower)"),
+    "TuningMaxJobs": (1, 750, "a Bayesian tuning job runs at most 750 training jobs "
+                              "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
+    "TuningMaxParallelJobs": (1, 100, "at most 100 parallel training jobs per tuning job, 10 by default "
+                                      "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
+    "AccuracyThreshold": (0.0, 1.0, "a test accuracy is a fraction"),
+    "EndpointInitialInstanceCount": (1, None, "an endpoint needs an instance"),
+    "EndpointMinCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
+    "EndpointMaxCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
+    "EndpointTargetInvocationsPerInstance": (0.001, None, "target tracking needs a positive target"),
+}
+# (smaller, larger, why): a run's value of the first must not exceed the second's.
+PARAMETER_ORDER = (
+    ("TuningMaxParallelJobs", "TuningMaxJobs", "a tuning job cannot run more trials at once than it runs in all"),
+    ("EndpointMinCapacity", "EndpointMaxCapacity", "auto scaling's minimum cannot exceed its maximum"),
+)
+
 
 @dataclass(frozen=True)
 class Parameters:

@@ -3,9 +3,18 @@
 A processing job gets the content-addressed ``code/`` tarball as an input,
 unpacks it, and runs one script from it with ``python3``. This is what the
 SDK's FrameworkProcessor does, minus the bootstrap script it would upload
-while the definition is being built.
+while the definition is being built: here the bootstrap is the entrypoint's
+``-c`` string itself, which CreateProcessingJob limits to 256 characters
+(``ContainerEntrypointString``; ``pipeline.validate`` checks it).
+
+The script's exit status is the job's (``exec``), and so is its failure
+message (the scripts write ``/opt/ml/output/message``); when the bootstrap
+itself fails (no tarball, a requirement that cannot be installed), the ERR
+trap writes the failing command there instead.
 """
 from __future__ import annotations
+
+import posixpath
 
 from sagemaker.processing import ProcessingInput, Processor
 
@@ -14,13 +23,13 @@ from steps.context import BuildContext
 PROCESSING_ROOT = "/opt/ml/processing"
 CODE_INPUT = f"{PROCESSING_ROOT}/input/code"
 CODE_DIR = f"{PROCESSING_ROOT}/code"
+FAILURE_FILE = "/opt/ml/output/message"
+CODE_ARCHIVE = "sourcedir.tar.gz"
 BOOTSTRAP = (
-    "set -euo pipefail; "
-    f"mkdir -p {CODE_DIR}; "
-    f"tar -xzf {CODE_INPUT}/sourcedir.tar.gz -C {CODE_DIR}; "
-    f"cd {CODE_DIR}; "
-    "if [ -f requirements.txt ]; then python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt; fi; "
-    'script="$1"; shift; exec python3 "$script" "$@"'
+    f"set -eu; trap 'echo \"bootstrap: $BASH_COMMAND failed\">{FAILURE_FILE}' ERR; "
+    f"mkdir -p {CODE_DIR}; cd $_; tar -xzf {posixpath.relpath(CODE_INPUT, CODE_DIR)}/{CODE_ARCHIVE}; "
+    "[ ! -f requirements.txt ] || pip install -qr requirements.txt; "
+    'exec python3 "$@"'
 )
 
 
