@@ -1,0 +1,166 @@
+"""Callback steps on this machine: the SageMaker callback API moto lacks, and SQS delivery as Lambda does it.
+
+moto 5.2.5 has no SendPipelineExecutionStepSuccess or SendPipelineExecutionStepFailure
+(its server answers them with an error for an unknown action). ``CallbackApi`` is a
+WSGI layer in front of moto that answers those two calls as the SageMaker API
+reference describes them and passes every other request to moto:
+
+- ``issue(step, execution_arn)`` makes a token (10 letters and digits, as
+  SageMaker's are) for a waiting step;
+- Success records the step's ``OutputParameters`` (a list of Name/Value strings),
+  Failure its ``FailureReason`` (at most 256 characters); either answers
+  ``{"PipelineExecutionArn"}``;
+- a token that no step waits for, or one already answered, is refused with
+  ResourceNotFound (400), so a second answer cannot change an outcome.
+
+``sqs_event`` turns messages received from moto's SQS into the event Lambda's
+event source mapping hands a function, and ``deliver`` does what the mapping
+does with the answer: messages the function reports in ``batchItemFailures``
+stay in the queue (to come back after their visibility timeout), the others
+are deleted.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import string
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from werkzeug.serving import BaseWSGIServer, make_server
+
+TARGET_PREFIX = "SageMaker."
+OPERATIONS = ("SendPipelineExecutionStepSuccess", "SendPipelineExecutionStepFailure")
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+MAX_FAILURE_REASON = 256
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+@dataclass
+class Callback:
+    step: str
+    execution_arn: str
+    outcome: str = ""  # "" while waiting, then "Succeeded" or "Failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    failure_reason: str = ""
+    answered: threading.Event = field(default_factory=threading.Event)
+
+
+class CallbackApi:
+    """WSGI application: the two callback operations here, everything else to ``moto``."""
+
+    def __init__(self, moto: Callable[..., Iterable[bytes]]) -> None:
+        self.moto = moto
+        self.callbacks: dict[str, Callback] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, step: str, execution_arn: str) -> str:
+        token = "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(10))
+        with self._lock:
+            self.callbacks[token] = Callback(step, execution_arn)
+        return token
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
+        if operation not in OPERATIONS:
+            return self.moto(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        try:
+            request = json.loads(environ["wsgi.input"].read(length) or b"{}")
+        except ValueError:
+            request = None
+        status, body = self._answer(operation, request)
+        payload = json.dumps(body).encode()
+        start_response(status, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(payload)))])
+        return [payload]
+
+    def _answer(self, operation: str, request: Any) -> tuple[str, dict[str, Any]]:
+        if not isinstance(request, dict) or not isinstance(request.get("CallbackToken"), str):
+            return _error("ValidationException", "CallbackToken is required")
+        token = request["CallbackToken"]
+        with self._lock:
+            callback = self.callbacks.get(token)
+            if callback is None or callback.outcome:
+                return _error("ResourceNotFound", f"no callback step is waiting for token {token}")
+            if operation == "SendPipelineExecutionStepSuccess":
+                outputs = request.get("OutputParameters", [])
+                if not isinstance(outputs, list) or not all(isinstance(item, dict) and isinstance(item.get("Name"), str)
+                                                            and isinstance(item.get("Value"), str) for item in outputs):
+                    return _error("ValidationException", "OutputParameters must be a list of {Name, Value} strings")
+                callback.outputs = {item["Name"]: item["Value"] for item in outputs}
+                callback.outcome = "Succeeded"
+            else:
+                reason = request.get("FailureReason", "")
+                if not isinstance(reason, str) or len(reason) > MAX_FAILURE_REASON:
+                    return _error("ValidationException", f"FailureReason must be a string of at most {MAX_FAILURE_REASON} characters")
+                callback.failure_reason = reason
+                callback.outcome = "Failed"
+            callback.answered.set()
+        return "200 OK", {"PipelineExecutionArn": callback.execution_arn}
+
+
+def _error(code: str, message: str) -> tuple[str, dict[str, Any]]:
+    return "400 Bad Request", {"__type": code, "message": message}
+
+
+class MotoWithCallbacks:
+    """moto's server app behind ``CallbackApi``, on a free 127.0.0.1 port, from a thread."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.api = CallbackApi(DomainDispatcherApplication(create_backend_app))
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, self.api, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+
+
+def queue_arn(sqs: Any, queue_url: str) -> str:
+    return sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def sqs_event(messages: list[dict[str, Any]], arn: str, region: str) -> dict[str, Any]:
+    """The event an SQS event source mapping sends for ``messages`` (ReceiveMessage's answer, all attributes)."""
+    return {"Records": [{
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": dict(message.get("Attributes", {})),
+        "messageAttributes": dict(message.get("MessageAttributes", {})),
+        "md5OfBody": message.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": arn,
+        "awsRegion": region,
+    } for message in messages]}
+
+
+def deliver(sqs: Any, queue_url: str, region: str, invoke: Callable[[dict[str, Any]], Any], wait_seconds: int = 1) -> int:
+    """Receive what is visible, hand it to ``invoke`` as Lambda would, delete what it did not report; returns the count."""
+    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_seconds,
+                                   AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
+    if not messages:
+        return 0
+    answer = invoke(sqs_event(messages, queue_arn(sqs, queue_url), region))
+    retry = {item.get("itemIdentifier") for item in (answer or {}).get("batchItemFailures", [])} if isinstance(answer, dict) else set()
+    for message in messages:
+        if message["MessageId"] not in retry:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return len(messages)
+
+
+def callback_message(token: str, execution_arn: str, arguments: dict[str, Any], status: str = "Executing") -> str:
+    """The body SageMaker puts on a CallbackStep's queue."""
+    return json.dumps({"token": token, "pipelineExecutionArn": execution_arn, "arguments": arguments, "status": status})
