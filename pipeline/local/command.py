@@ -181,7 +181,8 @@ def run_command(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     result = run.execute()
     contract = load_contract(settings.source_dir)
-    document_out = summary_document(result, {k: str(v) for k, v in applied.items()}, data, contract.ACCURACY_JSON_PATH)
+    document_out = summary_document(result, {k: str(v) for k, v in applied.items()}, data, contract.ACCURACY_JSON_PATH,
+                                    features_header=contract.FEATURES_HEADER_FILE)
     write_summary(document_out, run.workdir / "summary.json")
     print()
     print("\n".join(summary_lines(result, document_out)))

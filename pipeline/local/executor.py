@@ -459,7 +459,12 @@ class LocalRun:
         best = properties["BestTrainingJob"]
         metric = best["FinalHyperParameterTuningJobObjectiveMetric"]
         state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
-                                    "objective": t.objective(metric["MetricName"])} for t in trials]
+                                    "objective": t.objective(metric["MetricName"]),
+                                    "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None}
+                                   for t in trials]
+        channels = {item["ChannelName"]: item.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
+                    for item in arguments["TrainingJobDefinition"].get("InputDataConfig", [])}
+        state.details["channels"] = {name: str(self.s3.path(uri)) for name, uri in channels.items() if uri}
         return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; winner {metric['MetricName']}={metric['Value']:.4g}"
 
     def _register(self, state: StepState, resolver: Resolver) -> str:

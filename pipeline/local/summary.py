@@ -55,7 +55,31 @@ def accuracy_of(result: RunResult, accuracy_path: str) -> dict[str, float]:
     return values
 
 
-def summary_document(result: RunResult, applied: dict[str, str], data: dict[str, Any], accuracy_path: str) -> dict[str, Any]:
+def feature_extractions(result: RunResult, header_file: str) -> dict[str, dict[str, Any]]:
+    """By step: the features header a processing step wrote (what was extracted, how fast), read from its outputs."""
+    found = {}
+    for state in result.steps.values():
+        if state.node.type != "Processing" or state.status != "Succeeded":
+            continue
+        for output in state.details.get("outputs", {}).values():
+            header = Path(output) / header_file
+            if header.is_file():
+                try:
+                    document = json.loads(header.read_text())
+                except json.JSONDecodeError:
+                    continue
+                splits = document.get("splits", {})
+                found[state.name] = {
+                    "path": str(header), "step_seconds": round(state.seconds or 0.0, 1),
+                    **{key: document.get(key) for key in ("backbone", "image_size", "weights", "feature_dim")},
+                    "images": {split: entry.get("images") for split, entry in splits.items()},
+                    "extraction": document.get("extraction", {}),
+                }
+    return found
+
+
+def summary_document(result: RunResult, applied: dict[str, str], data: dict[str, Any], accuracy_path: str,
+                     features_header: str | None = None) -> dict[str, Any]:
     parameters = dict(result.scope.parameters)
     document: dict[str, Any] = {
         "execution_id": result.execution_id,
@@ -82,7 +106,10 @@ def summary_document(result: RunResult, applied: dict[str, str], data: dict[str,
                 "hyperparameters": best["TunedHyperParameters"],
                 "objective": best["FinalHyperParameterTuningJobObjectiveMetric"],
                 "trials": state.details.get("trials", []),
+                "channels": state.details.get("channels", {}),
             }
+    if features_header:
+        document["feature_extraction"] = feature_extractions(result, features_header)
     document["endpoint_invocations"] = result.facts.get("invocations", [])
     return document
 
@@ -115,11 +142,30 @@ def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
         duration = format_duration(state.seconds) if state.seconds is not None else ""
         remark = state.reason or state.note
         lines.append(f"  {state.name:<{width}}  {state.status:<9}  {duration:>7}  {remark}".rstrip())
+    extractions = document.get("feature_extraction") or {}
+    for name, extraction in extractions.items():
+        counts = " + ".join(f"{count} {split}" for split, count in extraction["images"].items())
+        speed = extraction["extraction"].get("images_per_second")
+        lines += ["", f"Features ({name}, once for all trials): {counts} images, {extraction['backbone']} at "
+                      f"{extraction['image_size']} px, {extraction['feature_dim']} values each, weights {extraction['weights']}",
+                  f"  extraction {extraction['extraction'].get('seconds', 0):.1f} s"
+                  + (f" ({speed:.0f} images/s)" if speed else "") + f", step {format_duration(extraction['step_seconds'])}: "
+                  f"{_relative(extraction['path'])}"]
     for name, tuning in document.get("tuning", {}).items():
         chosen = ", ".join(f"{key}={_decoded(value)}" for key, value in sorted(tuning["hyperparameters"].items()))
         objective = tuning["objective"]
         lines += ["", f"Hyperparameters ({name}, {len(tuning['trials'])} trials): {chosen}",
                   f"  best trial {tuning['best_training_job']}: {objective['MetricName']} {objective['Value']:.4f}"]
+        feature_dirs = {str(Path(extraction["path"]).parent) for extraction in extractions.values()}
+        on_features = bool(tuning["channels"]) and set(tuning["channels"].values()) <= feature_dirs
+        lines.append("  trials, each training only the head on the features above:" if on_features
+                     else f"  trials (channels {', '.join(tuning['channels']) or '-'}):")
+        for trial in tuning["trials"]:
+            tuned = " ".join(f"{key}={_decoded(value)}" for key, value in sorted(trial["tuned"].items()))
+            outcome = (f"{objective['MetricName']} {trial['objective']:.4f}" if trial["objective"] is not None
+                       else f"failed: {trial['failure']}")
+            took = format_duration(trial["seconds"]) if trial.get("seconds") is not None else ""
+            lines.append(f"    {trial['name']}  {took:>7}  {tuned}  {outcome}")
     models = [state for state in result.steps.values() if state.node.type == "Training" and state.details.get("model")]
     if models:
         lines += ["", "Models"]
