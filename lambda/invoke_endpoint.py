@@ -777,8 +777,9 @@ def fetch_image(
 def _redirect_target(current: Target, location: str) -> Target:
     try:
         return parse_image_url(urllib.parse.urljoin(current.url, location), "the redirect target")
-    except HttpError as refusal:
-        raise HttpError(400, URL_UNFETCHABLE, f"{current.host} redirects to {location[:200]!r}: {refusal.message}") from None
+    except (HttpError, ValueError) as refusal:
+        reason = refusal.message if isinstance(refusal, HttpError) else f"not a valid URL: {refusal}"
+        raise HttpError(400, URL_UNFETCHABLE, f"{current.host} redirects to {location[:200]!r}: {reason}") from None
 
 
 # --- the endpoint ----------------------------------------------------------

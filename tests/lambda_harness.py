@@ -8,6 +8,7 @@ moto mock they were made under.
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 import time
 from pathlib import Path
@@ -155,3 +156,103 @@ def endpoint_answers(body: Any, content_type: str = "application/json") -> None:
 
     text = body if isinstance(body, str) else json.dumps(body)
     sagemakerruntime_backends[ACCOUNT][REGION].results_queue.append((text, content_type, "AllTraffic", ""))
+
+
+# --- a network for the URL fetcher: only loopback, with public addresses routed to local servers -----
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class NetworkGuard:
+    """Replaces socket.socket.connect: loopback goes through, routed public addresses go to a local port,
+    and every other connection is refused before it leaves the machine (and recorded)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, int], int] = {}
+        self.connections: list[tuple[str, int]] = []  # what the code under test asked for, routed or not
+        self.refused: list[tuple[str, int]] = []
+
+    def route(self, public_address: str, port: int, local_port: int) -> None:
+        self.routes[(public_address, port)] = local_port
+
+    def connect(self, original, sock, address) -> Any:  # noqa: ANN001 - socket's signature
+        if not isinstance(address, tuple):
+            return original(sock, address)  # a Unix socket
+        host, port = str(address[0]), int(address[1])
+        self.connections.append((host, port))
+        if (host, port) in self.routes:
+            target = ("127.0.0.1", self.routes[(host, port)]) if sock.family == socket.AF_INET else ("::1", self.routes[(host, port)], 0, 0)
+            return original(sock, target)
+        if host in LOOPBACK_HOSTS:
+            return original(sock, address)
+        self.refused.append((host, port))
+        raise ConnectionRefusedError(f"the test network refuses {host}:{port} (only loopback and routed addresses)")
+
+    @property
+    def outside_attempts(self) -> list[tuple[str, int]]:
+        """Connections to anything but loopback and the routed public addresses."""
+        return list(self.refused)
+
+
+@pytest.fixture
+def network(monkeypatch: pytest.MonkeyPatch) -> NetworkGuard:
+    guard = NetworkGuard()
+    original = socket.socket.connect
+
+    def connect(sock, address):  # noqa: ANN001
+        return guard.connect(original, sock, address)
+
+    def connect_ex(sock, address):  # noqa: ANN001
+        try:
+            connect(sock, address)
+            return 0
+        except OSError as error:
+            return error.errno or 111
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return guard
+
+
+def make_certificates(folder: Path, names: tuple[str, ...]) -> tuple[Path, Path, Path]:
+    """A CA (its PEM is the trust store for SSL_CERT_FILE) and a server certificate it signed for ``names``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=2))
+
+    def build(subject: str, issuer: x509.Name, public_key, signing_key, extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(validity[0]).not_valid_after(validity[1]))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dogbreed test CA")])
+    ca = build("dogbreed test CA", ca_name, ca_key.public_key(), ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False), True),
+        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+    ])
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names = [x509.IPAddress(ipaddress.ip_address(name)) if name[0].isdigit() else x509.DNSName(name) for name in names]
+    leaf = build(names[0], ca_name, key.public_key(), ca_key, [
+        (x509.SubjectAlternativeName(alt_names), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+    ])
+    ca_path, cert_path, key_path = folder / "ca.pem", folder / "server.pem", folder / "server-key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
