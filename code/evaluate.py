@@ -17,7 +17,20 @@ ConditionStep reads ``contract.ACCURACY_JSON_PATH`` from it::
         "confusion_matrix": {"<true class>": {"<predicted class>": count, ...}, ...}},
      "dataset": {"item_count": 836, "class_count": 133},
      "additional_metrics": {"top_5_accuracy": {"value": 0.97, "standard_deviation": "NaN"},
-                            "per_class_accuracy": {"<class>": 0.9, ...}}}
+                            "per_class_accuracy": {"<class>": 0.9, ...},
+                            "fp32_accuracy": {...}, "int8_accuracy": {...}},
+     "inference_precision": {"requested": "int8", "served": "int8", "reason": "...",
+                             "fp32": {"accuracy": 0.83, "top_5_accuracy": 0.97},
+                             "int8": {"accuracy": 0.826, "top_5_accuracy": 0.97}}}
+
+Both precisions are measured (int8: serving_model.py's static quantization, calibrated on
+the images in the model's ``calibration/``); the metrics above are those of the precision
+that will be served, so the accuracy gate gates what the endpoint runs. int8 is served
+only when ``--inference-precision int8`` asks for it and its top-1 accuracy is at most one
+point below fp32's; otherwise fp32, and ``reason`` says why. The endpoint reads
+``inference_precision.served`` (``contract.SERVED_PRECISION_JSON_PATH``) through the model
+package's environment. An int8 model that cannot be built is recorded as
+``"int8": {"error": "..."}``.
 
 Weighted metrics are per-class values averaged with the class's share of the test images
 (scikit-learn's ``average="weighted"``; a class never predicted has precision 0).
@@ -41,7 +54,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, run_script
-from contract import CLASSES_FILE, CONFUSION_MATRIX_FILE, EVALUATION_FILE, MODEL_FILE, MODEL_INFO_FILE
+from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
+                      MODEL_INFO_FILE, PRECISIONS)
+from serving_model import QuantizationFailed, calibration_batch, precision_decision, quantized_int8
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
 DEFAULT_TEST = "/opt/ml/processing/input/test"
@@ -73,8 +88,14 @@ def model_dir_from(model_path: Path, scratch: Path) -> Path:
     return scratch
 
 
+def is_calibration_image(name: str) -> bool:
+    """``calibration/<file>`` of the model directory (one level, no other path)."""
+    folder, _, file = name.partition("/")
+    return folder == CALIBRATION_DIR and bool(file) and "/" not in file and not file.startswith(".")
+
+
 def extract_model_files(archive: Path, destination: Path) -> None:
-    """Copy the three model files out of the archive by name, in one pass; nothing else is written."""
+    """Copy the three model files and the calibration images out of the archive by name, in one pass; nothing else is written."""
     needed = (MODEL_FILE, CLASSES_FILE, MODEL_INFO_FILE)
     seen: list[str] = []
     try:
@@ -82,7 +103,9 @@ def extract_model_files(archive: Path, destination: Path) -> None:
             for member in tar:
                 name = os.path.normpath(member.name)
                 seen.append(name)
-                if member.isfile() and name in needed and not (destination / name).exists():
+                wanted = name in needed or is_calibration_image(name)
+                if member.isfile() and wanted and not (destination / name).exists():
+                    (destination / name).parent.mkdir(exist_ok=True)
                     with tar.extractfile(member) as source, open(destination / name, "wb") as target:
                         shutil.copyfileobj(source, target)
     except (tarfile.TarError, EOFError, OSError) as error:
@@ -217,8 +240,38 @@ def write_json_atomically(path: Path, document: dict) -> None:
 
 # ---------------------------------------------------------------- the run
 
+Outcome = tuple[np.ndarray, np.ndarray, np.ndarray]  # what predictions() returns
+
+
+def int8_outcome(model: torch.nn.Module, calibration: torch.Tensor | None, loader: DataLoader,
+                 classes: list[str], k: int) -> tuple[Outcome | None, str]:
+    """The int8 model's predictions on the test split (on the CPU, as it is served), or None and why not."""
+    try:
+        quantized = quantized_int8(model, calibration)
+    except QuantizationFailed as error:
+        return None, str(error)
+    return predictions(quantized, loader, classes, torch.device("cpu"), k), ""
+
+
+def precision_record(requested: str, served: str, reason: str, fp32: Outcome, int8: Outcome | None, int8_problem: str) -> dict[str, Any]:
+    """evaluation.json's ``inference_precision``: both precisions' test accuracy and which one is served, and why."""
+    def measured(outcome: Outcome) -> dict[str, float]:
+        true, predicted, in_top_k = outcome
+        return {"accuracy": float((true == predicted).mean()), f"top_{TOP_K}_accuracy": float(in_top_k.mean())}
+
+    return {
+        "requested": requested, "served": served, "reason": reason,
+        "fp32": measured(fp32),
+        "int8": measured(int8) if int8 is not None else {"error": int8_problem},
+    }
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate as ``args`` say; write both files and return the evaluation document."""
+    """Evaluate as ``args`` say; write both files and return the evaluation document.
+
+    Both precisions are measured; the model metrics (and so the accuracy gate) are those
+    of the precision that will be served (serving_model.precision_decision).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output)
     with tempfile.TemporaryDirectory(prefix="model-") as scratch:
@@ -227,19 +280,33 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             model, classes, info = load_model_dir(model_dir, device)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
             raise EvaluationError(f"cannot load the model from {args.model}: {error}") from None
+        image_size = int(info.get("image_size", DEFAULT_IMAGE_SIZE))
+        calibration = calibration_batch(model_dir, eval_transform(image_size))
     check_classes(Path(args.test), classes)
-    loader = test_loader(Path(args.test), int(info.get("image_size", DEFAULT_IMAGE_SIZE)), args.batch_size, args.num_workers)
-    true, predicted, in_top_k = predictions(model, loader, classes, device, min(TOP_K, len(classes)))
+    loader = test_loader(Path(args.test), image_size, args.batch_size, args.num_workers)
+    k = min(TOP_K, len(classes))
+    fp32 = predictions(model, loader, classes, device, k)
+    int8, int8_problem = int8_outcome(model, calibration, loader, classes, k)
+    fp32_accuracy = float((fp32[0] == fp32[1]).mean())
+    int8_accuracy = float((int8[0] == int8[1]).mean()) if int8 is not None else None
+    served, reason = precision_decision(args.inference_precision, fp32_accuracy, int8_accuracy, int8_problem)
+    true, predicted, in_top_k = int8 if served == "int8" else fp32
     document = evaluation_document(true, predicted, in_top_k, classes)
+    document["additional_metrics"]["fp32_accuracy"] = metric(fp32_accuracy)
+    if int8_accuracy is not None:
+        document["additional_metrics"]["int8_accuracy"] = metric(int8_accuracy)
+    document["inference_precision"] = precision_record(args.inference_precision, served, reason, fp32, int8, int8_problem)
 
     accuracy = document["multiclass_classification_metrics"]["accuracy"]["value"]
     top_k = document["additional_metrics"][f"top_{TOP_K}_accuracy"]["value"]
     output_dir.mkdir(parents=True, exist_ok=True)
-    title = f"Test confusion matrix: accuracy {accuracy:.1%}, top-{TOP_K} {top_k:.1%}, {len(true)} images"
+    title = f"Test confusion matrix ({served}): accuracy {accuracy:.1%}, top-{TOP_K} {top_k:.1%}, {len(true)} images"
     plot_confusion_matrix(confusion(true, predicted, len(classes)), classes, title, output_dir / CONFUSION_MATRIX_FILE)
     write_json_atomically(output_dir / EVALUATION_FILE, document)
+    int8_text = f"{int8_accuracy:.6f}" if int8_accuracy is not None else f"unavailable ({int8_problem})"
     print(f"test accuracy={accuracy:.6f} top_{TOP_K}_accuracy={top_k:.6f} images={len(true)} "
-          f"classes={len(classes)}; wrote {EVALUATION_FILE} and {CONFUSION_MATRIX_FILE} to {output_dir}", flush=True)
+          f"classes={len(classes)}; fp32 accuracy={fp32_accuracy:.6f}, int8 accuracy={int8_text}; "
+          f"serving {served}: {reason}; wrote {EVALUATION_FILE} and {CONFUSION_MATRIX_FILE} to {output_dir}", flush=True)
     return document
 
 
@@ -250,6 +317,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"where {EVALUATION_FILE} and {CONFUSION_MATRIX_FILE} are written")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    parser.add_argument("--inference-precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="the precision asked for; int8 is served only if its top-1 is within 1 point of fp32's")
     return parser
 
 

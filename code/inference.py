@@ -58,6 +58,7 @@ from urllib.parse import parse_qs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
+import time
     sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
@@ -65,7 +66,8 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from common import DEFAULT_IMAGE_SIZE, MAX_IMAGE_PIXELS, ImageRejected, eval_transform, image_from_bytes, load_model_dir  # noqa: E402
+from common import DEFAULT_IMAGE_SIZE, MAX_IMAGE_PIXELS, ImageRejected, eval_transform, image_from_bytes, load_model_dir, resize_size  # noqa: E402
+from serving_model import ServedNetwork, calibration_batch, requested_precision, served_network  # noqa: E402
 
 try:  # present only inside the SageMaker inference containers
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ErrorBase
@@ -96,6 +98,9 @@ class RequestError(_ErrorBase):
     Inside the container it is a ``sagemaker_inference`` toolkit error, so raising it
     sets the response status.
     """
+# JPEGs are decoded straight to a reduced size (Pillow's draft mode: DCT scaling, 1/2 to 1/8)
+# no smaller than the side the model's transform resizes to; model_fn sets it.
+_draft_side: int | None = None
 
     def __init__(self, status_code: int, message: str):
         Exception.__init__(self, status_code, message)
@@ -109,7 +114,11 @@ class RequestError(_ErrorBase):
 
 @dataclass
 class Classifier:
-    """What model_fn returns: the network and what is needed to feed it and name its outputs."""
+    """What model_fn returns: the network and what is needed to feed it and name its outputs.
+
+    ``network`` is the trained eager network; ``served`` is what answers requests (see
+    serving_model.py: optimized fp32 or int8), the eager network itself when it is None.
+    """
 
     network: nn.Module
     classes: list[str]
@@ -126,6 +135,19 @@ class Options:
 
 @dataclass
 class Request:
+    served: ServedNetwork | None = None
+
+    @property
+    def precision(self) -> str:
+        return self.served.precision if self.served else "fp32"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of one batch, as one forward pass of the served network."""
+        if self.served is None:
+            return self.network(batch)
+        if self.served.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.served.forward(batch)
     images: list[Image.Image]
     top_k: int
     return_logits: bool
@@ -143,12 +165,24 @@ class Prediction:
 # ---------------------------------------------------------------- the four container functions
 
 def model_fn(model_dir: str) -> Classifier:
-    """Rebuild the network from model_info.json and load model.pth; nothing is downloaded."""
+    """Rebuild the network from model_info.json and load model.pth, then prepare it for serving.
+
+    Nothing is downloaded. The precision comes from ``DOGBREED_INFERENCE_PRECISION`` (the model
+    package's environment; fp32 when unset); see serving_model.py for what each one runs.
+    """
+    global _draft_side
+    started = time.perf_counter()
+    precision = requested_precision()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network, classes, info = load_model_dir(model_dir, device)
-    transform = eval_transform(int(info.get("image_size", DEFAULT_IMAGE_SIZE)))
-    log.info("loaded %s with %d classes on %s from %s", info.get("backbone"), len(classes), device, model_dir)
-    return Classifier(network, classes, info, device, transform)
+    image_size = int(info.get("image_size", DEFAULT_IMAGE_SIZE))
+    transform = eval_transform(image_size)
+    calibration = calibration_batch(model_dir, transform)
+    served = served_network(network, device, precision, calibration, image_size)
+    _draft_side = resize_size(image_size)
+    log.info("loaded %s with %d classes on %s from %s; serving %s (%s) after %.1f s", info.get("backbone"), len(classes),
+             device, model_dir, served.precision, served.runtime, time.perf_counter() - started)
+    return Classifier(network, classes, info, device, transform, served)
 
 
 def input_fn(request_body: bytes | bytearray | str, request_content_type: str | None, context: Any = None) -> Request | RequestError:
@@ -332,7 +366,7 @@ def decoded_images(encoded: list[tuple[bytes, str]]) -> list[Image.Image]:
     images = []
     for data, where in encoded:
         try:
-            images.append(image_from_bytes(data, max_pixels=MAX_IMAGE_PIXELS, formats=IMAGE_FORMATS))
+            images.append(image_from_bytes(data, max_pixels=MAX_IMAGE_PIXELS, formats=IMAGE_FORMATS, draft_side=_draft_side))
         except ImageRejected as error:
             raise RequestError(413 if error.too_large else 400, f"{where}: {error.reason}") from None
     return images
@@ -400,7 +434,7 @@ def resolved(first: Options, second: Options) -> tuple[int, bool]:
 def prediction_of(request: Request, model: Classifier) -> Prediction:
     batch = torch.stack([model.transform(image) for image in request.images]).to(model.device)
     with torch.inference_mode():
-        logits = model.network(batch).float()
+        logits = model.forward(batch).float()
         probabilities = torch.softmax(logits, dim=1)
     return Prediction(probabilities.cpu(), logits.cpu(), model.classes, request.top_k, request.return_logits)
 
@@ -418,3 +452,4 @@ def response_document(prediction: Prediction) -> dict[str, Any]:
             entry["logits"] = prediction.logits[row].tolist()
         predictions.append(entry)
     return {"predictions": predictions}
+    """All the request's images in one forward pass."""

@@ -46,7 +46,9 @@ LOG = logging.getLogger("train")
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pth"
 METRICS_HISTORY_FILE = "metrics_history.json"
-INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "requirements.txt")
+INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "serving_model.py", "requirements.txt")
+# Validation images stored with the model for int8 calibration (serving_model.py).
+CALIBRATION_IMAGES = 32
 DEFAULT_MASTER_PORT = "29500"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 # A training job's failure reason (DescribeTrainingJob FailureReason).
@@ -835,7 +837,31 @@ def model_info(args: argparse.Namespace, classes: list[str], best: dict[str, Any
     }
 
 
-def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: list[str], info: dict[str, Any]) -> None:
+def calibration_sample(dataset: Any, count: int = CALIBRATION_IMAGES) -> list[Path]:
+    """Up to ``count`` image files of an ImageFolder split, spread evenly over it (so over its classes).
+
+    None for a split of precomputed features, which has no image files.
+    """
+    samples = getattr(dataset, "samples", None) or []
+    taken = min(count, len(samples))
+    return [Path(samples[int(i * len(samples) / taken)][0]) for i in range(taken)]
+
+
+def write_calibration_sample(destination: Path, images: Sequence[Path]) -> None:
+    """Copy ``images`` into ``destination`` as 0000.jpg, 0001.png, ... (replaced as a whole); nothing when there are none."""
+    shutil.rmtree(destination, ignore_errors=True)
+    if not images:
+        return
+    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for position, image in enumerate(images):
+        shutil.copyfile(image, staging / f"{position:04d}{image.suffix.lower()}")
+    os.replace(staging, destination)
+
+
+def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: list[str], info: dict[str, Any],
+                    calibration: Sequence[Path] = ()) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model_dir / contract.MODEL_FILE, state)
     atomic_write_json(model_dir / contract.CLASSES_FILE, classes)
@@ -968,7 +994,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
                "epochs_trained": len(history), "stopped_early": stopped, "world_size": dist_info.world_size,
                "setup_seconds": setup_seconds}
     if dist_info.is_main:
-        write_model_dir(Path(args.model_dir), best["state"], classes, model_info(args, classes, best, summary))
+        write_model_dir(Path(args.model_dir), best["state"], classes, model_info(args, classes, best, summary),
+                        calibration_sample(valid_set))
     LOG.info("best epoch %d: %s", best["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
     return summary
 
@@ -979,3 +1006,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
+    write_calibration_sample(model_dir / contract.CALIBRATION_DIR, calibration)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from sagemaker.processing import ProcessingInput, ProcessingOutput
-from sagemaker.workflow.functions import Join
+from sagemaker.workflow.functions import Join, JsonGet
 from sagemaker.workflow.properties import PropertyFile
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
@@ -31,7 +31,8 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
             code_input(ctx),
         ],
         outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(name))],
-        arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR],
+        arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR,
+                   "--inference-precision", ctx.parameters.inference_precision],
     )
     return ProcessingStep(
         name=name,
@@ -48,3 +49,12 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
 def evaluation_uri(ctx: BuildContext, evaluation: ProcessingStep) -> Join:
     output = evaluation.properties.ProcessingOutputConfig.Outputs[OUTPUT_NAME].S3Output.S3Uri
     return Join(on="/", values=[output, ctx.contract.EVALUATION_FILE])
+
+
+def served_precision(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep) -> JsonGet:
+    """The precision evaluate.py decided to serve (fp32 or int8), read from its evaluation.json."""
+    return JsonGet(
+        step_name=evaluation.name,
+        property_file=evaluation_property_file(variant, ctx.contract),
+        json_path=ctx.contract.SERVED_PRECISION_JSON_PATH,
+    )

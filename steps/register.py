@@ -7,7 +7,7 @@ from sagemaker.workflow.step_collections import RegisterModel
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
 from steps.context import BuildContext, retry_policies
-from steps.evaluate import evaluation_uri
+from steps.evaluate import evaluation_uri, served_precision
 from steps.variants import Variant
 
 CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
@@ -38,7 +38,8 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
         image_uri=ctx.inference_image,
         model_data=training.properties.ModelArtifacts.S3ModelArtifacts,
         role=ctx.settings.model_role_arn,
-        env=inference_environment(ctx),
+        # the endpoint's model_fn serves the precision the evaluation chose
+        env={**inference_environment(ctx), ctx.contract.INFERENCE_PRECISION_ENV: served_precision(ctx, variant, evaluation)},
         sagemaker_session=ctx.session,
     )
     metrics = ModelMetrics(model_statistics=MetricsSource(s3_uri=evaluation_uri(ctx, evaluation), content_type="application/json"))

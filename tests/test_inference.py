@@ -310,7 +310,7 @@ def test_the_packed_code_folder_imports_its_siblings(model_dir, tmp_path):
     packed = tmp_path / "model"
     shutil.copytree(model_dir, packed)
     (packed / "code").mkdir()
-    for name in ("inference.py", "common.py", "contract.py"):
+    for name in ("inference.py", "common.py", "contract.py", "serving_model.py"):
         shutil.copy(CODE_DIR / name, packed / "code" / name)
     (tmp_path / "request.jpg").write_bytes(JPEG)
     script = f"""
