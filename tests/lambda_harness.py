@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import boto3
 import pytest
@@ -256,3 +258,58 @@ def make_certificates(folder: Path, names: tuple[str, ...]) -> tuple[Path, Path,
     cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return ca_path, cert_path, key_path
+
+
+Behaviour = Callable[[socket.socket, str], None]
+
+
+class Site:
+    """A server on 127.0.0.1 that runs ``behaviour(connection, request_head)`` per connection, TLS unless told."""
+
+    def __init__(self, behaviour: Behaviour, certificates=None, tls: bool = True, handshake: bool = True) -> None:
+        self.behaviour, self.tls, self.handshake = behaviour, tls, handshake
+        self.requests: list[str] = []
+        self.server_names: list[str | None] = []
+        self.stopped = threading.Event()
+        self.context = None
+        if tls:
+            _, cert, key = certificates
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(cert, key)
+            self.context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        try:
+            connection.settimeout(10)
+            if not self.handshake:
+                self.stopped.wait(10)  # accepts, then never says a word
+                return
+            if self.tls:
+                connection = self.context.wrap_socket(connection, server_side=True)
+            head = b""
+            while b"\r\n\r\n" not in head and not (head and not self.tls):  # plain: answer whatever arrives
+                chunk = connection.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests.append(head.decode("latin-1"))
+            self.behaviour(connection, head.decode("latin-1"))
+        except (OSError, ssl.SSLError):
+            pass  # the client gave up: that is what most of these tests want
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
