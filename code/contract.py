@@ -24,6 +24,10 @@ _FLOAT = r"([-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 TRAIN_CHANNEL = "train"
 VALID_CHANNEL = "valid"
 PRETRAINED_CHANNEL = "pretrained"
+# The pretrained channel's default source is the job's own code archive (an object
+# every job has; SageMaker refuses an empty S3 URI): a channel holding only this
+# file supplies no weights.
+NO_WEIGHTS_PLACEHOLDER = "sourcedir.tar.gz"
 # The tuning trials read only this channel (SM_CHANNEL_FEATURES): the frozen
 # backbone's features of train and valid, written once by extract_features.py.
 FEATURES_CHANNEL = "features"

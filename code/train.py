@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision import datasets, models
 
 import common
@@ -50,6 +50,9 @@ INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "servi
 # Validation images stored with the model for int8 calibration (serving_model.py).
 CALIBRATION_IMAGES = 32
 DEFAULT_MASTER_PORT = "29500"
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin")
+# The pipeline parameter whose S3 URI becomes the pretrained channel (steps/parameters.py).
+PRETRAINED_URI_PARAMETER = "PretrainedWeightsS3Uri"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 # A training job's failure reason (DescribeTrainingJob FailureReason).
 FAILURE_FILE = "/opt/ml/output/failure"
@@ -106,6 +109,16 @@ def non_negative_int(value: str) -> int:
 
 def non_negative_float(value: str) -> float:
     return _number(float, 0.0, value)
+
+
+def cache_mode(value: str | bool) -> bool | str:
+    """true, false or auto (cache only when the backbone is frozen and augmentation is off)."""
+    if isinstance(value, str) and text(value).lower() == "auto":
+        return "auto"
+    try:
+        return boolean(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}") from None
 
 
 def optional_path(value: str) -> str | None:
@@ -209,22 +222,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("learning-rate", type=non_negative_float, default=0.01, help="SGD learning rate")
     add("momentum", type=non_negative_float, default=0.9, help="SGD momentum")
     add("weight-decay", type=non_negative_float, default=1e-4, help="SGD weight decay")
-    add("batch-size", type=positive_int, default=32, help="images per batch on each process")
+    add("batch-size", type=positive_int, default=32,
+        help="images per optimizer step over all processes (the global batch): N processes split it, so every "
+             "process count makes the same steps per epoch on the same batches")
     add("epochs", type=positive_int, default=10, help="most epochs to train")
     add("patience", type=non_negative_int, default=3,
         help="stop after this many epochs without a lower validation loss (0: never stop early)")
     add("backbone", type=text, choices=common.BACKBONES, default="resnet50", help="torchvision ResNet")
-    add("freeze-backbone", type=boolean, nargs="?", const=True, default=True,
-        help="train only the new head; the backbone, batch-norm statistics included, stays as loaded")
+    add("freeze-backbone", type=boolean, nargs="?", const=True, default=None,
+        help="train only the new head; the backbone, batch-norm statistics included, stays as loaded "
+             "(default: frozen when pretrained weights are loaded, trained when the weights are random; "
+             "true with --pretrained-weights none is refused)")
     add("pretrained-weights", type=text, default=None,
-        help="backbone weights: a state dict file (or a folder with one), 'imagenet' for torchvision's download, "
-             "or 'none' for random weights (default: the file in $SM_CHANNEL_PRETRAINED if set, else 'imagenet')")
+        help="backbone weights: 'imagenet' (the state dict in the "
+             f"'{contract.PRETRAINED_CHANNEL}' channel, $SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}, when it holds one, "
+             "else torchvision's download), a state dict file (or a folder with one), or 'none' for random weights "
+             "(default: imagenet)")
     add("image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="side of the square input, at least 32")
     add("augment", type=boolean, nargs="?", const=True, default=True,
         help="random resized crop and horizontal flip on training images")
-    add("cache-features", type=boolean, nargs="?", const=True, default=False,
+    add("cache-features", type=cache_mode, nargs="?", const=True, default=False,
         help="compute the frozen backbone's features once and train the head on them "
-             "(needs --freeze-backbone true and --augment false)")
+             "(true needs a frozen backbone and --augment false; auto caches when both hold, "
+             "else trains on the images)")
     add("features", type=optional_path, default=env.get(f"SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}"),
         help="train the head on the backbone features extract_features.py wrote to this folder instead of on images "
              f"(default $SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}; needs --freeze-backbone true and --augment false)")
@@ -263,12 +283,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.cache_features and (not args.freeze_backbone or args.augment):
+def resolve_freeze(args: argparse.Namespace) -> bool:
+    """The frozen-backbone rule: a random backbone always trains; loaded weights stay frozen unless told otherwise.
+
+    A head on a frozen random network learns little, so ``--freeze-backbone true``
+    with random weights is refused. Head-only training on given features
+    (``--features``) has no backbone in the job, so it counts as frozen.
+    """
+    random_weights = pretrained_source(args.pretrained_weights) is None
+    if args.features:
+        return True if args.freeze_backbone is None else args.freeze_backbone
+    if args.freeze_backbone and random_weights:
         raise TrainingInputError(
-            "--cache-features needs a backbone that does not change (--freeze-backbone true) and images that do not "
-            f"change between epochs (--augment false); got --freeze-backbone {str(args.freeze_backbone).lower()} "
-            f"--augment {str(args.augment).lower()}. Turn caching off or set both.")
+            "--freeze-backbone true with --pretrained-weights none would train a head on a frozen random network; "
+            "drop --freeze-backbone (a random backbone trains), or supply weights: --pretrained-weights <file>, "
+            f"or the pipeline parameter {PRETRAINED_URI_PARAMETER}")
+    return not random_weights if args.freeze_backbone is None else args.freeze_backbone
+
+
+def check_args(args: argparse.Namespace) -> None:
+    args.freeze_backbone = resolve_freeze(args)
+    if args.cache_features == "auto":
+        args.cache_features = args.freeze_backbone and not args.augment and not args.features
+    if args.cache_features and (not args.freeze_backbone or args.augment):
+        reason = ("the backbone trains, since the weights are random (--pretrained-weights none)"
+                  if pretrained_source(args.pretrained_weights) is None else
+                  f"--freeze-backbone {str(args.freeze_backbone).lower()} --augment {str(args.augment).lower()}")
+        raise TrainingInputError(
+            "--cache-features needs a backbone that does not change (frozen pretrained weights) and images that do not "
+            f"change between epochs (--augment false); here {reason}. Use --cache-features false (or auto, which "
+            "caches only when both hold), or supply pretrained weights and set --augment false.")
     if args.features and (args.cache_features or not args.freeze_backbone or args.augment):
         raise TrainingInputError(
             f"--features {args.features} trains the head on features computed once, so it needs --freeze-backbone true, "
@@ -423,26 +467,55 @@ def load_data(train_dir: Path, valid_dir: Path, image_size: int, augment: bool) 
     return train_set, valid_set
 
 
-class SeededSampler(Sampler):
-    """Yields (index, seed) pairs so that each sample's augmentation depends only on (seed, epoch, index).
+def rank_slice(size: int, dist_info: DistInfo) -> slice:
+    """This rank's contiguous part of a global batch of ``size``: the first ``size % N`` ranks take one more."""
+    base, extra = divmod(size, dist_info.world_size)
+    start = dist_info.rank * base + min(dist_info.rank, extra)
+    return slice(start, start + base + (dist_info.rank < extra))
 
-    That makes augmentation independent of worker processes and ranks, and a
-    resumed run sees exactly the images an uninterrupted run would have seen.
+
+class GlobalBatchSampler(Sampler):
+    """This rank's share of each global batch: the multi-instance rule.
+
+    Every epoch the whole training set is shuffled with (seed, epoch) alone, the
+    same permutation for every process count, and cut into global batches of
+    ``batch_size``. Each of the N ranks takes a contiguous slice of each global
+    batch (sizes differ by at most one), so N processes make the same optimizer
+    steps on the same images as one process does; ``global_sizes`` lets the loss
+    be weighted so that averaging gradients over ranks gives the global batch's mean.
+    The last global batch is dropped when it cannot give every rank an image, or
+    when it is a single image and batch norm trains (its statistics need two).
+
+    With ``seeded`` each index comes with a seed derived from (seed, epoch,
+    index), so augmentation is the same whatever the rank, worker or restart.
     """
 
-    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
+    def __init__(self, length: int, batch_size: int, dist_info: DistInfo, seed: int, batch_norm_trains: bool,
+                 seeded: bool) -> None:
+        self.length, self.batch_size, self.dist_info, self.seed = length, batch_size, dist_info, seed
+        self.seeded, self.epoch = seeded, 0
+        last = length % batch_size
+        smallest = max(dist_info.world_size, 2 if batch_norm_trains else 1)
+        self.drop_last = 0 < last < smallest
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.sampler:
-            yield index, derived_seed(self.seed, self.epoch, index)
+    def global_sizes(self) -> list[int]:
+        full, last = divmod(self.length, self.batch_size)
+        return [self.batch_size] * full + ([last] if last and not self.drop_last else [])
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        order = torch.randperm(self.length, generator=generator).tolist()
+        start = 0
+        for size in self.global_sizes():
+            mine = order[start:start + size][rank_slice(size, self.dist_info)]
+            start += size
+            yield [(index, derived_seed(self.seed, self.epoch, index)) for index in mine] if self.seeded else mine
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.global_sizes())
 
 
 class SeededDataset(Dataset):
@@ -477,14 +550,15 @@ def loader_options(args: argparse.Namespace, device: torch.device, workers: int)
 
 def make_train_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
                       seeded: bool, workers: int) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                 shuffle=True, seed=args.seed)
-    # Batch norm cannot train on a batch of one image: drop such a last batch (same decision on every rank).
-    drop_last = not args.freeze_backbone and len(sampler) % args.batch_size == 1
-    if seeded:
-        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(sampler, args.seed), drop_last=drop_last,
-                          **loader_options(args, device, workers))
-    return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **loader_options(args, device, workers))
+    """Batches of this rank's share of each global batch of ``--batch-size`` (see GlobalBatchSampler)."""
+    if args.batch_size < dist_info.world_size:
+        raise TrainingInputError(
+            f"--batch-size {args.batch_size} is the global batch, split across the {dist_info.world_size} processes, "
+            f"so it must be at least {dist_info.world_size}: raise it or use fewer instances")
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, dist_info, args.seed,
+                                 batch_norm_trains=not args.freeze_backbone, seeded=seeded)
+    options = {key: value for key, value in loader_options(args, device, workers).items() if key != "batch_size"}
+    return DataLoader(SeededDataset(dataset) if seeded else dataset, batch_sampler=sampler, **options)
 
 
 def make_eval_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
@@ -498,20 +572,54 @@ def make_eval_loader(dataset: Dataset, args: argparse.Namespace, dist_info: Dist
 # Model
 # ----------------------------------------------------------------------------
 
-def pretrained_source(value: str | None) -> str | None:
-    """'imagenet', a path, or None for random weights; the pretrained channel is the default when present."""
-    if value is None:
-        return os.environ.get("SM_CHANNEL_PRETRAINED") or "imagenet"
-    if value.lower() == "none":
+def channel_weights() -> Path | None:
+    """The state dict file in the pretrained channel; None without the channel or when it holds the placeholder.
+
+    The definition cannot leave an input out at run time, and SageMaker refuses an
+    empty S3 URI, so ``PretrainedWeightsS3Uri`` defaults to an object every job
+    has: the job's own code archive. A channel holding only that file means
+    "no weights supplied".
+    """
+    folder = os.environ.get(f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}")
+    if not folder:
         return None
-    return "imagenet" if value.lower() == "imagenet" else value
+    path = Path(folder)
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+    if names == [contract.NO_WEIGHTS_PLACEHOLDER]:
+        return None
+    if path.is_dir() and not any(Path(name).suffix in WEIGHTS_SUFFIXES for name in names):
+        raise TrainingInputError(
+            f"the '{contract.PRETRAINED_CHANNEL}' channel ({path}) holds no state dict file "
+            f"({', '.join(names[:5]) or 'nothing'}): point {PRETRAINED_URI_PARAMETER} at a .pth file of the backbone's "
+            "weights (torch.save(model.state_dict(), ...)), or leave it at its default for none")
+    return weights_file(path)
+
+
+def pretrained_source(value: str | None) -> str | None:
+    """'imagenet', a state dict path, or None for random weights.
+
+    'imagenet' (the default) reads the weights from the pretrained channel when it
+    holds some, so jobs without internet can transfer-learn.
+    """
+    channel = channel_weights()
+    lowered = "imagenet" if value is None else value.lower()
+    if lowered == "none":
+        if channel is not None:
+            raise TrainingInputError(
+                f"{PRETRAINED_URI_PARAMETER} supplies {channel.name} in the '{contract.PRETRAINED_CHANNEL}' channel, but "
+                "--pretrained-weights is none: set PretrainedWeights=imagenet to use the file, "
+                f"or leave {PRETRAINED_URI_PARAMETER} at its default to train from random weights")
+        return None
+    if lowered == "imagenet":
+        return str(channel) if channel is not None else "imagenet"
+    return value
 
 
 def weights_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pth", ".pt", ".bin"))
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
         if len(files) == 1:
             return files[0]
         raise TrainingInputError(
@@ -528,8 +636,9 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         filename = weights.url.rsplit("/", 1)[-1]
         raise TrainingInputError(
             f"cannot download torchvision's ImageNet weights for {backbone} from {weights.url} ({err}). "
-            f"Jobs with network isolation cannot download: put {filename} in the '{contract.PRETRAINED_CHANNEL}' "
-            "channel, or pass --pretrained-weights <file>, or --pretrained-weights none to train from random weights") from None
+            f"Jobs without internet cannot download: upload {filename} to S3 and set the pipeline parameter "
+            f"{PRETRAINED_URI_PARAMETER} to its URI (it becomes the '{contract.PRETRAINED_CHANNEL}' channel), "
+            "or pass --pretrained-weights <file>, or PretrainedWeights=none to train the whole network from random weights") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -569,6 +678,55 @@ def feature_extractor(model: nn.Module) -> nn.Module:
     return nn.Sequential(*children, nn.Flatten(1))
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole global batch, over every rank.
+
+    Each rank holds only 1/N of a global batch, often a handful of images: their
+    own statistics would make N processes train a different (noisier) model than
+    one process. Sums are all-reduced with the autograd-aware collective, so the
+    backward pass is exact too. torch's SyncBatchNorm does this on GPUs only; this
+    one runs on any backend (gloo on CPU instances, NCCL on GPUs). The state dict
+    is BatchNorm2d's, so the saved model loads into a plain ResNet.
+    """
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(inputs)
+        import torch.distributed.nn.functional as dist_nn
+
+        values = inputs.float()
+        count = torch.full((1,), values.numel() / values.shape[1], dtype=values.dtype, device=values.device)
+        totals = dist_nn.all_reduce(torch.cat([values.sum((0, 2, 3)), (values * values).sum((0, 2, 3)), count]))
+        channels = self.num_features
+        n = totals[-1]
+        mean = totals[:channels] / n
+        variance = (totals[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(variance.detach() * (n / (n - 1).clamp_min(1)), alpha=factor)
+        shape = (1, channels, 1, 1)
+        normalized = (values - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        if self.affine:
+            normalized = normalized * self.weight.view(shape) + self.bias.view(shape)
+        return normalized.to(inputs.dtype)
+
+
+def with_global_batch_norm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding the same parameters and statistics."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats).to(child.weight.device)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            with_global_batch_norm(child)
+    return module
+
+
 @dataclass
 class Parts:
     """What the optimizer trains (``trainable``, DDP-wrapped when distributed) and what runs frozen before it."""
@@ -593,7 +751,7 @@ def model_parts(model: nn.Module, freeze_backbone: bool, cached: bool, device: t
         frozen = None if cached else feature_extractor(model).eval()
         trainable: nn.Module = model.fc
     else:
-        frozen, trainable = None, model
+        frozen, trainable = None, with_global_batch_norm(model) if dist_info.enabled else model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         trainable = DistributedDataParallel(trainable, device_ids=device_ids)
@@ -688,30 +846,37 @@ def all_reduce_sums(values: Sequence[float], device: torch.device, dist_info: Di
 
 def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     device: torch.device, dist_info: DistInfo) -> dict[str, float]:
-    """One pass over this rank's shard; the loss is the mean over all ranks' samples, whatever the batch size."""
+    """One pass over this rank's share of every global batch; one optimizer step per global batch.
+
+    Each rank's loss is its images' summed loss times N over the global batch's
+    size, so DDP's gradient average is the gradient of the global batch's mean
+    loss: exactly what one process computes on that batch.
+    """
     parts.trainable.train()
     if parts.frozen is not None:
         parts.frozen.eval()
-    criterion = nn.CrossEntropyLoss()
-    loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, count, steps = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+    global_sizes = loader.batch_sampler.global_sizes()
     started = time.perf_counter()
-    for inputs, targets in loader:
+    for (inputs, targets), global_size in zip(loader, global_sizes, strict=True):
         inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
         with autocast(device):
             if parts.frozen is not None:
                 with torch.no_grad():
                     inputs = parts.frozen(inputs)
-            loss = criterion(parts.trainable(inputs), targets)
+            summed = criterion(parts.trainable(inputs).float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(summed * (dist_info.world_size / global_size)).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach().double() * len(targets)
+        loss_sum += summed.detach().double()
         count += len(targets)
+        steps += 1
     seconds = time.perf_counter() - started
     total_loss, total_count = all_reduce_sums([loss_sum.item(), count], device, dist_info)
     return {"train_loss": total_loss / max(total_count, 1), "train_images": total_count,
-            "rank_images": count, "train_seconds": seconds}
+            "rank_images": count, "train_seconds": seconds, "optimizer_steps": steps}
 
 
 @torch.no_grad()
@@ -866,6 +1031,7 @@ def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: li
     atomic_torch_save(model_dir / contract.MODEL_FILE, state)
     atomic_write_json(model_dir / contract.CLASSES_FILE, classes)
     atomic_write_json(model_dir / contract.MODEL_INFO_FILE, info)
+    write_calibration_sample(model_dir / contract.CALIBRATION_DIR, calibration)
     copied = copy_inference_code(model_dir / contract.MODEL_CODE_DIR)
     LOG.info("wrote %s, %s, %s and %s/ (%s) to %s", contract.MODEL_FILE, contract.CLASSES_FILE,
              contract.MODEL_INFO_FILE, contract.MODEL_CODE_DIR, ", ".join(copied), model_dir)
@@ -956,7 +1122,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
             break
         started, cpu_started = time.perf_counter(), time.process_time()
         seed_everything(derived_seed(args.seed, epoch, dist_info.rank))
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
         metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
         improved = best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]
@@ -967,9 +1133,10 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         cpu_seconds = time.process_time() - cpu_started + (setup_cpu_seconds if not history else 0.0)
         images_per_second = train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)
         history.append({"epoch": epoch, **metrics, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                        "train_images_per_second": images_per_second})
-        LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) at %.1f images/s; parameters %s",
-                 epoch, seconds, train_stats["train_images"], train_stats["rank_images"], images_per_second,
+                        "train_images_per_second": images_per_second, "optimizer_steps": train_stats["optimizer_steps"]})
+        LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) in %d optimizer steps of global batch %d "
+                 "at %.1f images/s; parameters %s", epoch, seconds, train_stats["train_images"],
+                 train_stats["rank_images"], train_stats["optimizer_steps"], args.batch_size, images_per_second,
                  parameters_digest(parts.trainable_module))
 
         if improved:
@@ -1006,4 +1173,3 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
-    write_calibration_sample(model_dir / contract.CALIBRATION_DIR, calibration)

@@ -1,4 +1,7 @@
-"""code/train.py on small generated image sets: resnet18 with random weights, 32-pixel inputs, three classes.
+"""code/train.py on small generated image sets: resnet18, 32-pixel inputs, three classes.
+
+Head-only runs load a seeded random resnet18 saved here as their "pretrained"
+weights (nothing can be downloaded): a frozen backbone needs loaded weights.
 
 The metric line, the artifacts and the resume are checked on the script run as
 a real process the way SageMaker runs it; the rest calls its functions directly.
@@ -26,14 +29,28 @@ TRAIN_SCRIPT = CODE_DIR / "train.py"
 RUN_ENV = ("SM_CHANNEL_TRAINING", "SM_CHANNEL_TRAIN", "SM_CHANNEL_VALID", "SM_CHANNEL_PRETRAINED", "SM_MODEL_DIR",
            "SM_OUTPUT_DATA_DIR", "SM_HOSTS", "SM_CURRENT_HOST", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
            "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TRAINING_JOB_NAME", "OMP_NUM_THREADS")
-# As SageMaker passes them: underscore names, strings JSON-quoted, plus the tuner's own entry.
-SAGEMAKER_HYPERPARAMETERS = [
-    "--backbone", '"resnet18"', "--pretrained_weights", '"none"', "--image_size", "32", "--epochs", "3",
-    "--batch_size", "8", "--learning_rate", "0.05", "--num_workers", "0", "--freeze_backbone", "true",
-    "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"best_val_loss"',
-    "--num_threads", "1",
-]
 SMALL = ["--backbone", "resnet18", "--pretrained-weights", "none", "--image-size", "32", "--num-workers", "0"]
+
+
+def sagemaker_hyperparameters(weights: Path) -> list[str]:
+    """As SageMaker passes them: underscore names, strings JSON-quoted, plus the tuner's own entry."""
+    return ["--backbone", '"resnet18"', "--pretrained_weights", f'"{weights}"', "--image_size", "32", "--epochs", "3",
+            "--batch_size", "8", "--learning_rate", "0.05", "--num_workers", "0", "--freeze_backbone", "true",
+            "--augment", "true", "--seed", "7", "--patience", "0", "--_tuning_objective_metric", '"best_val_loss"',
+            "--num_threads", "1"]
+
+
+def write_backbone_weights(path: Path, seed: int = 1) -> Path:
+    """A resnet18 state dict drawn with ``seed``, standing in for downloaded pretrained weights."""
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(train.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def head_only(weights: Path) -> list[str]:
+    """SMALL with loaded weights: the backbone is frozen by default."""
+    return [*SMALL[:2], "--pretrained-weights", str(weights), *SMALL[4:]]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -75,10 +92,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_backbone_weights(tmp_path_factory.mktemp("weights") / "resnet18.pth")
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One uninterrupted three-epoch run in the SageMaker manner: channels and outputs from SM_* variables."""
     job = tmp_path_factory.mktemp("reference")
-    args = SAGEMAKER_HYPERPARAMETERS + ["--checkpoint_dir", str(job / "checkpoints")]
+    args = sagemaker_hyperparameters(weights) + ["--checkpoint_dir", str(job / "checkpoints")]
     result = run_script(args, sagemaker_env(data, job), job)
     return {"job": job, "args": args, "stdout": result.stdout}
 
@@ -158,7 +180,7 @@ def test_the_definitions_metric_regexes_parse_the_real_output(reference: dict) -
 
 def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
-    args = SAGEMAKER_HYPERPARAMETERS + ["--checkpoint_dir", str(checkpoints)]
+    args = [*reference["args"][:-2], "--checkpoint_dir", str(checkpoints)]
     env = sagemaker_env(data, tmp_path)
     process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env={**env, "TRAINING_JOB_NAME": "train-spot-1"}, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -196,11 +218,11 @@ def in_process_run(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict
     return summary, capsys.readouterr().out
 
 
-def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: Path, tmp_path: Path,
+def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     results = {}
     for batch_size in (4, 16):
-        _, output = in_process_run(capsys, SMALL + ["--data", str(data), "--model-dir", str(tmp_path / f"m{batch_size}"),
+        _, output = in_process_run(capsys, head_only(weights) + ["--data", str(data), "--model-dir", str(tmp_path / f"m{batch_size}"),
                                                     "--learning-rate", "0", "--epochs", "1", "--seed", "3",
                                                     "--batch-size", str(batch_size)])
         (line,) = metric_lines(output)
@@ -210,11 +232,11 @@ def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: P
     assert results[4]["val_accuracy"] == results[16]["val_accuracy"]
 
 
-def test_cached_features_train_the_same_head(no_run_env: None, data: Path, tmp_path: Path,
+def test_cached_features_train_the_same_head(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     states, histories = [], []
     for cache in ("false", "true"):
-        summary, _ = in_process_run(capsys, SMALL + [
+        summary, _ = in_process_run(capsys, head_only(weights) + [
             "--data", str(data), "--model-dir", str(tmp_path / cache), "--epochs", "2", "--batch-size", "8",
             "--learning-rate", "0.05", "--augment", "false", "--cache-features", cache])
         states.append(torch.load(tmp_path / cache / contract.MODEL_FILE, weights_only=True))
@@ -225,10 +247,10 @@ def test_cached_features_train_the_same_head(no_run_env: None, data: Path, tmp_p
         assert cached["val_loss"] == pytest.approx(uncached["val_loss"], abs=1e-4)
 
 
-def test_early_stopping_keeps_the_best_epoch(no_run_env: None, data: Path, tmp_path: Path,
+def test_early_stopping_keeps_the_best_epoch(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     """With a learning rate of 0 the validation loss never falls after epoch 1, so patience 2 stops after epoch 3."""
-    summary, output = in_process_run(capsys, SMALL + [
+    summary, output = in_process_run(capsys, head_only(weights) + [
         "--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "6", "--patience", "2",
         "--learning-rate", "0", "--augment", "false", "--cache-features", "true"])
     assert len(metric_lines(output)) == 3
@@ -236,9 +258,9 @@ def test_early_stopping_keeps_the_best_epoch(no_run_env: None, data: Path, tmp_p
     assert json.loads((tmp_path / "model" / contract.MODEL_INFO_FILE).read_text())["best_epoch"] == 1
 
 
-def test_checkpoint_of_other_settings_is_refused(no_run_env: None, data: Path, tmp_path: Path,
+def test_checkpoint_of_other_settings_is_refused(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    common_args = SMALL + ["--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "1",
+    common_args = head_only(weights) + ["--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "1",
                            "--checkpoint-dir", str(tmp_path / "ckpt"), "--augment", "false", "--cache-features"]
     in_process_run(capsys, common_args + ["--learning-rate", "0.05"])
     with pytest.raises(train.TrainingInputError, match=r"other settings \(learning_rate 0.05 -> 0.1\).*empty folder"):
@@ -247,9 +269,9 @@ def test_checkpoint_of_other_settings_is_refused(no_run_env: None, data: Path, t
 
 # ---------------------------------------------------------------------------- arguments
 
-def test_hyperparameters_in_sagemaker_spelling(no_run_env: None) -> None:
-    args = train.parse_args(SAGEMAKER_HYPERPARAMETERS + ["--cache_features", "false"])
-    assert (args.backbone, args.pretrained_weights, args.image_size, args.batch_size) == ("resnet18", "none", 32, 8)
+def test_hyperparameters_in_sagemaker_spelling(no_run_env: None, weights: Path) -> None:
+    args = train.parse_args(sagemaker_hyperparameters(weights) + ["--cache_features", "false"])
+    assert (args.backbone, args.pretrained_weights, args.image_size, args.batch_size) == ("resnet18", str(weights), 32, 8)
     assert args.learning_rate == 0.05 and args.freeze_backbone is True and args.cache_features is False
     dashed = train.parse_args(["--learning-rate", "0.2", "--freeze-backbone", "false", "--augment", "False",
                                "--batch-size", '"16"'])
@@ -282,7 +304,12 @@ def test_threads_are_shared_between_local_processes(monkeypatch: pytest.MonkeyPa
     (["--backbone", "resnet101"], "invalid choice"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--cache-features", "true"], "--cache-features needs .*--augment false"),
-    (["--cache-features", "--augment", "false", "--freeze-backbone", "false"], "--freeze-backbone true"),
+    (["--cache-features", "--augment", "false", "--freeze-backbone", "false"], "here --freeze-backbone false"),
+    (["--cache-features", "--augment", "false", "--pretrained-weights", "none"],
+     "the backbone trains, since the weights are random.*--cache-features false \\(or auto"),
+    (["--freeze-backbone", "true", "--pretrained-weights", "none"],
+     "frozen random network; drop --freeze-backbone .*PretrainedWeightsS3Uri"),
+    (["--cache-features", "sometimes"], "expected true, false or auto"),
     (["--image-size", "16"], "at least 32"),
 ])
 def test_bad_arguments_are_named(no_run_env: None, capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
@@ -327,9 +354,9 @@ def test_class_folders_that_differ_between_splits_are_named(tmp_path: Path) -> N
         train.load_data(root / "train", root / "valid", 32, False)
 
 
-def test_test_split_is_not_needed(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_test_split_is_not_needed(no_run_env: None, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 4, "valid": 2})
-    summary, _ = in_process_run(capsys, SMALL + ["--train-dir", str(root / "train"), "--valid-dir", str(root / "valid"),
+    summary, _ = in_process_run(capsys, head_only(weights) + ["--train-dir", str(root / "train"), "--valid-dir", str(root / "valid"),
                                                  "--data", str(tmp_path / "absent"), "--model-dir", str(tmp_path / "m"),
                                                  "--epochs", "1", "--augment", "false", "--cache-features"])
     assert summary["epochs_trained"] == 1
@@ -382,5 +409,53 @@ def test_imagenet_weights_that_cannot_be_downloaded_say_how_to_supply_them(monke
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: the download fails at once
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    with pytest.raises(train.TrainingInputError, match=r"cannot download .* 'pretrained' channel.*--pretrained-weights none"):
+    with pytest.raises(train.TrainingInputError,
+                       match=r"cannot download .*PretrainedWeightsS3Uri to its URI \(it becomes the 'pretrained' channel\).*PretrainedWeights=none"):
         train.load_backbone_weights(common.build_model("resnet18", 3), "imagenet", "resnet18")
+
+
+# ---------------------------------------------------------------------------- the frozen-backbone rule
+
+def test_random_weights_train_the_whole_network(no_run_env: None, data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """--pretrained-weights none and no freeze flag: every backbone layer learns, batch-norm statistics too."""
+    summary, _ = in_process_run(capsys, SMALL + ["--data", str(data), "--model-dir", str(tmp_path / "m"), "--epochs", "1",
+                                                 "--batch-size", "8", "--learning-rate", "0.05", "--seed", "5"])
+    train.seed_everything(5)
+    initial = common.build_model("resnet18", 3).state_dict()
+    trained = torch.load(tmp_path / "m" / contract.MODEL_FILE, weights_only=True)
+    backbone = [k for k in initial if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    unchanged = [k for k in backbone if torch.equal(initial[k], trained[k])]
+    assert len(backbone) == 100 and unchanged == []
+    info = json.loads((tmp_path / "m" / contract.MODEL_INFO_FILE).read_text())
+    assert info["hyperparameters"]["freeze_backbone"] is False and info["pretrained_weights"] is None
+    assert summary["history"][0]["optimizer_steps"] == 8  # 60 images in global batches of 8, the last of 4 kept
+
+
+def test_loaded_weights_freeze_the_backbone_unless_told(no_run_env: None, weights: Path) -> None:
+    assert train.parse_args(head_only(weights)).freeze_backbone is True
+    assert train.parse_args(head_only(weights) + ["--freeze-backbone", "false"]).freeze_backbone is False
+    assert train.parse_args(SMALL).freeze_backbone is False
+    cached = train.parse_args(head_only(weights) + ["--augment", "false", "--cache-features", "auto"])
+    assert cached.cache_features is True
+    assert train.parse_args(SMALL + ["--augment", "false", "--cache-features", "auto"]).cache_features is False
+
+
+def test_the_pretrained_channel_supplies_weights_or_the_placeholder(monkeypatch: pytest.MonkeyPatch, no_run_env: None,
+                                                                    weights: Path, tmp_path: Path) -> None:
+    """The definition's default channel source (the job's code archive) means no weights; a .pth file is used."""
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
+    (channel / contract.NO_WEIGHTS_PLACEHOLDER).write_bytes(b"\x1f\x8b code archive")
+    assert train.pretrained_source("imagenet") == "imagenet" and train.pretrained_source("none") is None
+    assert train.parse_args(SMALL).freeze_backbone is False
+    (channel / contract.NO_WEIGHTS_PLACEHOLDER).unlink()
+    (channel / "notes.txt").write_text("not weights")
+    with pytest.raises(train.TrainingInputError, match=r"'pretrained' channel .* holds no state dict file \(notes.txt\)"):
+        train.pretrained_source("imagenet")
+    (channel / "resnet18.pth").write_bytes(weights.read_bytes())
+    assert train.pretrained_source("imagenet") == str(channel / "resnet18.pth")
+    assert train.parse_args(["--backbone", "resnet18"]).freeze_backbone is True
+    with pytest.raises(train.TrainingInputError, match=r"supplies resnet18.pth .* set PretrainedWeights=imagenet"):
+        train.pretrained_source("none")

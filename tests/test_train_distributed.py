@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from test_train import SMALL, TRAIN_SCRIPT, clean_env, metric_lines
+from test_train import SMALL, TRAIN_SCRIPT, clean_env, head_only, metric_lines, write_backbone_weights
 
 import common
 import contract
@@ -84,8 +84,9 @@ def test_two_sagemaker_hosts_train_one_model(data: Path, tmp_path: Path) -> None
 def test_torchrun_ranks_share_cached_features(data: Path, tmp_path: Path) -> None:
     """Under torchrun each rank computes half of the features and gathers the rest."""
     env = clean_env()
+    weights = write_backbone_weights(tmp_path / "weights" / "resnet18.pth")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), str(TRAIN_SCRIPT), *SMALL, "--data", str(data),
+               "--master-port", str(free_port()), str(TRAIN_SCRIPT), *head_only(weights), "--data", str(data),
                "--model-dir", str(tmp_path / "model"), "--epochs", "2", "--batch-size", "4", "--learning-rate", "0.05",
                "--augment", "false", "--cache-features", "true"]
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
