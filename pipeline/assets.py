@@ -138,3 +138,71 @@ def _atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
     temporary.replace(path)
+
+
+class ArtifactError(ValueError):
+    """A built definition or its assets cannot be published as they are; the message says why and what to do."""
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: dogbreed synth writes it beside the definition; "
+                            "keep the two (and build/assets/) together") from None
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path} is not JSON ({error}): run dogbreed synth again") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION or not isinstance(manifest.get("assets"), list):
+        raise ArtifactError(f"{path} is not an asset manifest of version {MANIFEST_VERSION}: run dogbreed synth again")
+    return manifest
+
+
+def archive_members(filename: str, data: bytes) -> list[str]:
+    if filename.endswith(".tar.gz"):
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            return sorted(member.name for member in tar.getmembers() if member.isfile())
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return sorted(info.filename for info in archive.infolist() if not info.is_dir())
+
+
+def asset_from_manifest(build_dir: Path, entry: dict, manifest_path: Path) -> Asset:
+    """The archive ``entry`` names, read from ``build_dir/assets``, refused unless its bytes are the manifest's."""
+    try:
+        name, filename, sha256, s3_uri = entry["name"], entry["filename"], entry["sha256"], entry["s3_uri"]
+    except (KeyError, TypeError):
+        raise ArtifactError(f"{manifest_path}: an asset entry lacks name, filename, sha256 or s3_uri: run dogbreed synth again") from None
+    path = build_dir / "assets" / sha256[:16] / filename
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise ArtifactError(f"asset {name}: {path} is missing; {manifest_path} lists it: run dogbreed synth again") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ArtifactError(f"asset {name}: {path} has changed since synth (SHA-256 {digest[:16]}..., the manifest says "
+                            f"{sha256[:16]}...): run dogbreed synth again, then test and publish what it writes")
+    files = tuple(entry.get("files", ()))
+    if sorted(files) != archive_members(filename, data):
+        raise ArtifactError(f"asset {name}: {path} does not hold the files {manifest_path} lists: run dogbreed synth again")
+    return Asset(name, entry.get("source", name), filename, sha256, s3_uri, files, data)
+
+
+def assets_from_manifest(manifest_path: Path) -> Assets:
+    """The code and Lambda archives that ``dogbreed synth`` wrote beside a definition, checked against its manifest."""
+    manifest = read_manifest(manifest_path)
+    assets = {entry.get("name"): asset_from_manifest(manifest_path.parent, entry, manifest_path) for entry in manifest["assets"]}
+    missing = {"code", "lambda"} - set(assets)
+    if missing:
+        raise ArtifactError(f"{manifest_path} lists no {' or '.join(sorted(missing))} asset: run dogbreed synth again")
+    return Assets(code=assets["code"], lambdas=assets["lambda"])
+
+
+def stale_sources(assets: Assets, settings: Settings) -> list[str]:
+    """The source folders whose archive today differs from the one in the manifest (edited since synth)."""
+    stale = []
+    for asset in assets:
+        folder = settings.source_dir / asset.source
+        if folder.is_dir():
+            current = build_asset(settings, asset.name, asset.source, asset.filename)
+            if current.sha256 != asset.sha256:
+                stale.append(f"{asset.source}/ (its archive is {current.sha256[:16]} now, {asset.sha256[:16]} at synth)")
+    return stale

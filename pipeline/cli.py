@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline.assets import ArtifactError
 from pipeline.dag import DefinitionError
 from pipeline.settings import ENVIRONMENT, Settings, SettingsError, load_settings, parse_tags
 
@@ -73,6 +74,23 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    """Synth's checks on a definition file; exit 1 with one line per finding."""
+    from pipeline.artifact import read_definition
+    from pipeline.dag import steps_of
+    from pipeline.validate import iter_problems
+
+    _, document = read_definition(args.file)
+    problems = list(iter_problems(document))
+    if problems:
+        print(f"{args.file}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid ({len(steps_of(document))} steps, {len(document.get('Parameters', []))} parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dogbreed", description="Build, publish and run the dog-breed SageMaker pipeline.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"definition path (default {DEFAULT_OUT})")
     add_settings_arguments(synth)
     synth.set_defaults(handler=_synth)
+
+    validate = commands.add_parser("validate", help="run synth's checks on a definition file; exit 1 with the findings")
+    validate.add_argument("file", type=Path, help="a pipeline definition JSON, e.g. build/pipeline.json")
+    validate.set_defaults(handler=_validate)
 
     graph = commands.add_parser("graph", help="print the pipeline's DAG")
     graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
@@ -104,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SettingsError, UsageError, DefinitionError) as error:
+    except (SettingsError, UsageError, DefinitionError, ArtifactError) as error:
         print(f"dogbreed {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -52,7 +52,7 @@ class Finding:
     detail: str  # "329 characters"
 
     def __str__(self) -> str:
-        return f"{self.where}, {self.path}: {self.detail}; SageMaker allows {self.rule}"
+        return f"{self.where}, {self.path}: {self.detail}; allowed: {self.rule}"
 
 
 @dataclass(frozen=True)

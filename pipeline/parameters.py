@@ -2,7 +2,11 @@
 
 A value must parse as its parameter's ``Type`` (Integer, Float, Boolean as
 true/false in any case, String) and, where the parameter lists
-``EnumValues``, be one of them. A refused value raises
+``EnumValues``, be one of them. It must then fit what it is used for, before
+anything starts: the range ``steps.parameters.PARAMETER_RANGES`` gives it, the
+limits of every API shape its references land on in the definition (an
+instance type SageMaker does not know, a count of 0), and the order
+``PARAMETER_ORDER`` sets between two parameters. A refused value raises
 :class:`ParameterError`, whose fields say which check failed so that each
 command can word the refusal for what it checks against.
 """
@@ -14,10 +18,11 @@ MALFORMED = "malformed"  # not NAME=VALUE
 UNKNOWN = "unknown"  # no parameter of that name
 WRONG_TYPE = "wrong type"
 NOT_ALLOWED = "not allowed"  # outside EnumValues
+OUT_OF_RANGE = "out of range"  # outside its range, an API's limits, or the order of two parameters
 
 
 class ParameterError(ValueError):
-    """A ``--param`` the definition refuses; ``problem`` is one of MALFORMED, UNKNOWN, WRONG_TYPE, NOT_ALLOWED."""
+    """A ``--param`` the definition refuses; ``problem`` is one of MALFORMED, UNKNOWN, WRONG_TYPE, NOT_ALLOWED, OUT_OF_RANGE."""
 
     def __init__(self, message: str, problem: str, pair: str, parameter: dict | None = None,
                  declared: Iterable[str] = ()) -> None:
@@ -66,4 +71,37 @@ def parameter_values(pairs: Iterable[str], document: dict) -> dict[str, Any]:
             raise ParameterError(f"--param {name}: the definition has no such parameter; it has {', '.join(sorted(declared))}",
                                  UNKNOWN, pair, declared=declared)
         values[name] = typed_value(declared[name], pair)
+    check_run_values(values, document)
     return values
+
+
+def check_run_values(values: dict[str, Any], document: dict) -> None:
+    """Refuse a run's parameter values (typed, e.g. from ``parameter_values``) that cannot work, naming the
+    parameter and what it allows; parameters not in ``values`` count with their defaults."""
+    from pipeline.constraints import parameter_value_findings
+    from pipeline.validate import parameter_landings, range_problem
+    from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
+
+    landings = parameter_landings(document) if values else {}
+    for name, value in values.items():
+        pair = f"{name}={_text(value)}"
+        problem = range_problem(name, value, PARAMETER_RANGES)
+        if problem:
+            raise ParameterError(f"--param {pair}: {name} must be {problem[0]}", OUT_OF_RANGE, pair)
+        findings = parameter_value_findings(name, value, landings.get(name, []))
+        if findings:
+            raise ParameterError(f"--param {pair}: where the pipeline uses {name}, {findings[0]}", OUT_OF_RANGE, pair)
+    defaults = {p["Name"]: p.get("DefaultValue") for p in document.get("Parameters", [])}
+    effective = {**defaults, **values}
+    for smaller, larger, why in PARAMETER_ORDER:
+        low, high = effective.get(smaller), effective.get(larger)
+        if (smaller in values or larger in values) and isinstance(low, (int, float)) and isinstance(high, (int, float)) \
+                and low > high:
+            name = smaller if smaller in values else larger
+            pair = f"{name}={_text(effective[name])}"
+            raise ParameterError(f"--param {pair}: {smaller} ({_text(low)}) must not exceed {larger} ({_text(high)}): {why}",
+                                 OUT_OF_RANGE, pair)
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from botocore.exceptions import ClientError
@@ -34,7 +35,7 @@ from pipeline.assets import Asset, Assets
 from pipeline.aws import AwsError, Clients, Target, add_aws_arguments, error_code, error_message, explained, is_not_found
 from pipeline.changes import DefinitionDiff, diff_definitions
 from pipeline.cli import UsageError, add_settings_arguments, settings_from_args
-from pipeline.parameters import MALFORMED, UNKNOWN, WRONG_TYPE, ParameterError, parameter_values
+from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError, parameter_values
 from pipeline.progress import PENDING, ProgressView, StepRow
 from pipeline.settings import LAMBDA_ALIAS, PLACEHOLDER_ACCOUNT, Settings
 
@@ -348,12 +349,15 @@ def _missing_tags(clients: Clients, arn: str, tags: list[dict[str, str]]) -> lis
 
 
 def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DEFAULT_MAX_PARALLEL_STEPS,
-           out: TextIO | None = None) -> Report:
-    """Publish the assets, the functions and the pipeline; print and return what changed."""
+           out: TextIO | None = None, built: Any = None) -> Report:
+    """Publish the assets, the functions and the pipeline; print and return what changed.
+
+    ``built`` is what to publish (a definition and its assets, e.g. from ``pipeline.artifact.load_artifact``);
+    without it the definition is synthesized from the settings here."""
     from pipeline.definition import synth
 
     out = out or sys.stdout
-    built = synth(settings)
+    built = built if built is not None else synth(settings)
     report = Report()
 
     def record(result: tuple[str, bool]) -> None:
@@ -395,6 +399,8 @@ def _refusal(error: ParameterError) -> str:
     if error.problem == WRONG_TYPE:
         kind = error.parameter.get("Type", "String").lower()
         return f"--param {error.name}={error.text!r} is not {'an' if kind == 'integer' else 'a'} {kind}"
+    if error.problem == OUT_OF_RANGE:
+        return str(error)
     return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
 
 
@@ -534,8 +540,13 @@ def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: S
 # ---------------------------------------------------------------- commands
 
 def _upsert_command(args: argparse.Namespace) -> int:
+    from pipeline.artifact import load_artifact
+
     settings, clients = publishing_settings(args, clients_from_args(args))
-    upsert(clients, settings, max_parallel_steps=args.max_parallel_steps)
+    built = load_artifact(args.definition, settings) if args.definition else None
+    if built is not None:
+        print(f"publishing {args.definition} and the assets its {args.definition.parent / 'assets.json'} lists", flush=True)
+    upsert(clients, settings, max_parallel_steps=args.max_parallel_steps, built=built)
     if args.start or args.wait:
         return start_and_maybe_wait(args, clients, settings)
     return 0
@@ -547,10 +558,11 @@ def _start_command(args: argparse.Namespace) -> int:
 
 
 def _diff_command(args: argparse.Namespace) -> int:
+    from pipeline.artifact import read_definition
     from pipeline.definition import synth
 
     settings, clients = publishing_settings(args, clients_from_args(args))
-    local = synth(settings).document
+    local = read_definition(args.definition)[1] if args.definition else synth(settings).document
     name = settings.pipeline_name
     with explained(f"reading pipeline {name}"):
         deployed = deployed_pipeline(clients, name)
@@ -600,6 +612,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     upsert_parser.add_argument("--start", action="store_true", help="start an execution afterwards")
     upsert_parser.add_argument("--max-parallel-steps", type=_positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
                                help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")
+    upsert_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
+                               help="publish this definition (written by dogbreed synth) and the assets its assets.json "
+                                    "lists, exactly as they are, instead of synthesizing one")
     _add_start_arguments(upsert_parser)
     add_settings_arguments(upsert_parser)
     add_aws_arguments(upsert_parser)
@@ -612,6 +627,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     start_parser.set_defaults(handler=_start_command)
 
     diff_parser = commands.add_parser("diff", help="compare the local definition with the deployed one; exit 1 when they differ")
+    diff_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
+                             help="compare this definition file instead of synthesizing one")
     add_settings_arguments(diff_parser)
     add_aws_arguments(diff_parser)
     diff_parser.set_defaults(handler=_diff_command)

@@ -20,7 +20,7 @@ PYTHON_VERSION = "py312"
 
 PLACEHOLDER_ACCOUNT = "111122223333"
 LAMBDA_ALIAS = "live"
-LAMBDA_FUNCTIONS = ("deploy-endpoint", "check-endpoint", "invoke-endpoint")
+LAMBDA_FUNCTIONS = ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint")
 
 # Environment variables, named as the SageMaker project templates name them in CodeBuild.
 ENVIRONMENT = {
@@ -38,6 +38,8 @@ ENVIRONMENT = {
     "spot_training": "SPOT_TRAINING",
     "deploy_lambda_role_arn": "DEPLOY_LAMBDA_ROLE_ARN",
     "check_lambda_role_arn": "CHECK_LAMBDA_ROLE_ARN",
+    "wait_lambda_role_arn": "WAIT_LAMBDA_ROLE_ARN",
+    "endpoint_wait_queue_url": "ENDPOINT_WAIT_QUEUE_URL",
     "invoke_lambda_role_arn": "INVOKE_LAMBDA_ROLE_ARN",
     "invoke_endpoint_name": "INVOKE_ENDPOINT_NAME",
     "allowed_origin": "ALLOWED_ORIGIN",
@@ -51,6 +53,10 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAME_63 = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _INTEGER = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 _ROLE = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
+_QUEUE_URL = re.compile(r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[a-zA-Z0-9_-]{1,80}$")
+# Set by CodeBuild in every build (docs.aws.amazon.com/codebuild/latest/userguide/build-env-ref-env-vars.html).
+CODEBUILD_BUILD_ARN = "CODEBUILD_BUILD_ARN"
+_BUILD_ARN = re.compile(r"^arn:aws[a-z-]*:codebuild:(?P<region>[a-z0-9-]+):(?P<account>[0-9]{12}):build/.+$")
 
 
 class SettingsError(ValueError):
@@ -82,6 +88,9 @@ class Settings:
     # The Lambda functions that upsert publishes; roles as infra/template.yaml names them.
     deploy_lambda_role_arn: str = ""
     check_lambda_role_arn: str = ""
+    wait_lambda_role_arn: str = ""
+    # The SQS queue the WaitFor... CallbackSteps send their token to (infra/template.yaml's EndpointWaitQueue).
+    endpoint_wait_queue_url: str = ""
     invoke_lambda_role_arn: str = ""
     invoke_endpoint_name: str = ""  # the endpoint the invoke function calls
     allowed_origin: str = ""  # comma-separated CORS origins of the invoke function; empty sends no CORS headers
@@ -97,6 +106,8 @@ class Settings:
             "model_package_group": f"{self.project_name}-models",
             "deploy_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-deploy-endpoint",
             "check_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-check-endpoint",
+            "wait_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-wait-endpoint",
+            "endpoint_wait_queue_url": f"https://sqs.{self.region}.amazonaws.com/{self.account}/{self.project_name}-endpoint-wait",
             "invoke_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-invoke-endpoint",
             "invoke_endpoint_name": f"{self.project_name}-single-instance",
         }
@@ -117,6 +128,8 @@ class Settings:
             ("model_role_arn", _ROLE, "an IAM role ARN"),
             ("deploy_lambda_role_arn", _ROLE, "an IAM role ARN"),
             ("check_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            ("wait_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            ("endpoint_wait_queue_url", _QUEUE_URL, "an SQS queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
             ("invoke_lambda_role_arn", _ROLE, "an IAM role ARN"),
             ("invoke_endpoint_name", _NAME_63, "a SageMaker endpoint name (letters, digits, hyphens, at most 63 characters)"),
         ]
@@ -220,4 +233,19 @@ def load_settings(flags: Mapping[str, object] | None = None, environ: Mapping[st
         if name not in known:
             raise SettingsError(f"unknown setting {name!r}")
         values[name] = _coerce(name, value) if isinstance(value, str) else value
+    for name, value in codebuild_target(environ).items():
+        values.setdefault(name, value)
     return Settings(**values)
+
+
+def codebuild_target(environ: Mapping[str, str]) -> dict[str, str]:
+    """Account and region of the CodeBuild build this runs in (from CODEBUILD_BUILD_ARN), without a network call;
+    empty outside CodeBuild. They come after flags and AWS_ACCOUNT_ID / AWS_REGION."""
+    arn = environ.get(CODEBUILD_BUILD_ARN, "")
+    if not arn:
+        return {}
+    match = _BUILD_ARN.match(arn)
+    if not match:
+        raise SettingsError(f"{CODEBUILD_BUILD_ARN}={arn!r} is not a CodeBuild build ARN "
+                            "(arn:aws:codebuild:<region>:<account>:build/<project>:<id>); unset it outside CodeBuild")
+    return {"account": match.group("account"), "region": match.group("region")}

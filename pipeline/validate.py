@@ -89,10 +89,10 @@ def _check_step_property(node: StepNode, tokens: list[str | int], where: str) ->
         if len(tokens) != 2 or tokens[1] not in names:
             raise DefinitionError(f"{where}: step {node.name} has no property file {tokens[1:]!r} (has {sorted(names)})")
         return
-    if node.type == "Lambda":
+    if node.type in ("Lambda", "Callback"):
         names = {o["OutputName"] for o in step.get("OutputParameters", [])}
         if head != "OutputParameters" or len(tokens) != 2 or tokens[1] not in names:
-            raise DefinitionError(f"{where}: Lambda step {node.name} has outputs {sorted(names)}")
+            raise DefinitionError(f"{where}: {node.type} step {node.name} has outputs {sorted(names)}")
         return
     if node.type not in STEP_APIS:
         raise DefinitionError(f"{where}: a {node.type} step has no properties")
@@ -330,7 +330,7 @@ def range_problem(name: str, value: Any, ranges: dict) -> tuple[str, str] | None
     least, most, why = ranges[name]
     if value < least or (most is not None and value > most):
         allowed = f"{least} to {most}" if most is not None else f"{least} or more"
-        return f"{allowed} ({why})", f"{value!r} is outside"
+        return f"{allowed}, since {why}", f"{value!r} is outside"
     return None
 
 

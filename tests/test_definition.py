@@ -1,6 +1,10 @@
-"""The pipeline definition JSON: shape, references, API arguments, contract, determinism.
+"""The pipeline definition JSON: shape, references, API arguments, service limits, contract, determinism.
 
-These tests need only the core install (no torch), as CodeBuild runs them.
+These tests need only the core install (no torch), as CodeBuild runs them. With
+``DOGBREED_DEFINITION=build/pipeline.json`` they test that file (and the assets
+its ``assets.json`` lists) instead of a fresh synth, with the settings of the
+environment, as ``dogbreed synth`` in the buildspec built it: CodeBuild tests
+the very artifact it then publishes.
 """
 from __future__ import annotations
 
@@ -19,27 +23,35 @@ from pipeline.cli import main
 from pipeline.dag import DefinitionError, steps_of, topological_order
 from pipeline.definition import load_contract, synth
 from pipeline.settings import Settings, SettingsError, load_settings
-from pipeline.validate import check_references, iter_problems
+from pipeline.artifact import load_artifact, read_definition
+from pipeline.validate import check_references, findings_of, iter_problems
 from conftest import ROOT
 
 SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {
     "PrepareData", "TuneHyperparameters",
     *(f"{verb}{suffix}" for suffix in ("SingleInstance", "MultiInstance") for verb in (
-        "Train", "Evaluate", "CheckAccuracy", "CheckApproval", "Deploy", "Check", "AccuracyTooLow")),
+        "Train", "Evaluate", "CheckAccuracy", "CheckApproval", "Deploy", "WaitFor", "Check", "AccuracyTooLow",
+        "CheckTwinDeployment", "CheckTwinAccuracy")),
     "RegisterSingleInstance-RegisterModel", "RegisterMultiInstance-RegisterModel",
+    "AccuracyTooLowSingleInstanceAfterMultiInstance", "AccuracyTooLowMultiInstanceAfterSingleInstance",
 }
 CONTRACT = load_contract(ROOT)
+DEFINITION_VARIABLE = "DOGBREED_DEFINITION"
+ARTIFACT = os.environ.get(DEFINITION_VARIABLE)
 
 
 @pytest.fixture(scope="module")
-def result():
-    return synth(load_settings({}, environ={}))
+def built_settings() -> Settings:
+    """The settings the tested definition was built with."""
+    return load_settings(environ=os.environ) if ARTIFACT else load_settings({}, environ={})
 
 
 @pytest.fixture(scope="module")
-def document(result) -> dict:
-    return result.document
+def document(built_settings) -> dict:
+    if ARTIFACT:
+        return read_definition(Path(ARTIFACT))[1]
+    return synth(built_settings).document
 
 
 @pytest.fixture
@@ -98,6 +110,23 @@ def test_job_step_arguments_are_valid_botocore_input(document):
     assert list(iter_problems(document)) == []
 
 
+def test_no_value_is_beyond_the_service_limits(document):
+    assert [str(finding) for finding in findings_of(document)] == []
+    for node in steps_of(document).values():
+        for text in node.document.get("Arguments", {}).get("AppSpecification", {}).get("ContainerEntrypoint", []):
+            assert len(text) <= 256, node.name
+
+
+def test_the_tested_definition_is_publishable_as_it_is(built_settings, tmp_path):
+    """The artifact's archives match its manifest and the source tree, and it targets the settings' account."""
+    path = Path(ARTIFACT) if ARTIFACT else tmp_path / "pipeline.json"
+    if not ARTIFACT:
+        assert main(["synth", "--out", str(path)]) == 0
+    loaded = load_artifact(path, built_settings)
+    assert loaded.definition == path.read_text()
+    assert {asset.name for asset in loaded.assets} == {"code", "lambda"}
+
+
 def test_botocore_validation_catches_a_wrong_type_and_an_unknown_field(document):
     broken = copy.deepcopy(document)
     training = next(s for s in broken["Steps"] if s["Name"] == "TrainSingleInstance")
@@ -150,7 +179,8 @@ def test_branches_hang_off_the_accuracy_condition(nodes):
         assert nodes[f"CheckApproval{suffix}"].branch_of == (gate, "if")
         assert nodes[f"Deploy{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
         assert nodes[f"Check{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
-        assert nodes[f"AccuracyTooLow{suffix}"].branch_of == (gate, "else")
+        assert nodes[f"CheckTwinDeployment{suffix}"].branch_of == (gate, "else")
+        assert nodes[f"AccuracyTooLow{suffix}"].branch_of == (f"CheckTwinDeployment{suffix}", "else")
 
 
 def test_only_an_approved_package_is_deployed(nodes):
@@ -158,8 +188,59 @@ def test_only_an_approved_package_is_deployed(nodes):
         arguments = nodes[f"CheckApproval{suffix}"].document["Arguments"]
         assert arguments["Conditions"] == [{"Type": "Equals", "LeftValue": {"Get": "Parameters.ModelApprovalStatus"},
                                             "RightValue": "Approved"}]
-        assert [s["Name"] for s in arguments["IfSteps"]] == [f"Deploy{suffix}", f"Check{suffix}"]
+        assert [s["Name"] for s in arguments["IfSteps"]] == [f"Deploy{suffix}", f"WaitFor{suffix}", f"Check{suffix}",
+                                                              f"CheckTwinAccuracy{suffix}"]
         assert arguments["ElseSteps"] == []
+
+
+def accuracy_condition(suffix: str) -> dict:
+    return {"Type": "GreaterThanOrEqualTo", "RightValue": {"Get": "Parameters.AccuracyThreshold"}, "LeftValue": {
+        "Std:JsonGet": {"Path": CONTRACT.ACCURACY_JSON_PATH, "PropertyFile": {"Get": f"Steps.Evaluate{suffix}.PropertyFiles.Evaluation{suffix}"}}}}
+
+
+def test_twins_are_independent_and_a_failure_waits_for_the_twin_deployment(nodes):
+    """No Fail step can be reached while the other model's deployment runs: SageMaker would start none of its later steps."""
+    for suffix, twin in (("SingleInstance", "MultiInstance"), ("MultiInstance", "SingleInstance")):
+        assert nodes[f"CheckAccuracy{suffix}"].document["Arguments"]["Conditions"] == [accuracy_condition(suffix)]
+        hold = nodes[f"CheckTwinDeployment{suffix}"].document["Arguments"]
+        assert hold["Conditions"] == [accuracy_condition(twin), {
+            "Type": "Equals", "LeftValue": {"Get": "Parameters.ModelApprovalStatus"}, "RightValue": "Approved"}]
+        assert hold["IfSteps"] == [] and [s["Name"] for s in hold["ElseSteps"]] == [f"AccuracyTooLow{suffix}"]
+        report = nodes[f"CheckTwinAccuracy{suffix}"]
+        assert report.document["DependsOn"] == [f"Check{suffix}"]
+        assert report.document["Arguments"]["Conditions"] == [accuracy_condition(twin)]
+        late = nodes[f"AccuracyTooLow{twin}After{suffix}"]
+        assert late.branch_of == (f"CheckTwinAccuracy{suffix}", "else") and late.type == "Fail"
+        message = json.dumps(late.document["Arguments"]["ErrorMessage"])
+        assert f"Steps.Evaluate{twin}.PropertyFiles" in message and "was deployed" in message
+        # nothing of one model's deployment depends on the other model's gate
+        chain = {f"Register{suffix}-RegisterModel", f"CheckApproval{suffix}", f"Deploy{suffix}", f"WaitFor{suffix}", f"Check{suffix}"}
+        for name in chain:
+            assert not any(twin in dependency for dependency in nodes[name].depends_on), name
+
+
+def test_a_callback_step_waits_for_each_endpoint_between_deploy_and_check(nodes, built_settings):
+    for suffix in ("SingleInstance", "MultiInstance"):
+        wait = nodes[f"WaitFor{suffix}"].document
+        assert wait["Type"] == "Callback"
+        assert wait["SqsQueueUrl"] == built_settings.endpoint_wait_queue_url
+        assert wait["Arguments"] == {
+            "endpoint_name": {"Get": f"Steps.Deploy{suffix}.OutputParameters['endpoint_name']"},
+            "endpoint_config_name": {"Get": f"Steps.Deploy{suffix}.OutputParameters['endpoint_config_name']"},
+            "max_wait_minutes": {"Get": "Parameters.EndpointWaitMinutes"},
+        }
+        assert [o["OutputName"] for o in wait["OutputParameters"]] == ["endpoint_name", "endpoint_config_name", "status"]
+        check = nodes[f"Check{suffix}"].document
+        assert check["Arguments"]["endpoint_config_name"] == {"Get": f"Steps.WaitFor{suffix}.OutputParameters['endpoint_config_name']"}
+        assert check["Arguments"]["wait_seconds"] <= 60  # Check only verifies; the wait is the callback's
+
+
+def test_the_maximum_wait_is_a_parameter_and_the_queue_a_setting(document):
+    assert {"Name": "EndpointWaitMinutes", "Type": "Integer", "DefaultValue": 60} in document["Parameters"]
+    settings = load_settings({}, environ={"ENDPOINT_WAIT_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/123456789012/waits"})
+    assert settings.endpoint_wait_queue_url == "https://sqs.eu-west-1.amazonaws.com/123456789012/waits"
+    with pytest.raises(SettingsError, match="endpoint_wait_queue_url='http://example.com/q' is not an SQS queue URL"):
+        load_settings({}, environ={"ENDPOINT_WAIT_QUEUE_URL": "http://example.com/q"})
 
 
 # --- what the steps do ------------------------------------------------------------------------
@@ -241,13 +322,13 @@ def test_processing_runs_on_the_training_framework_image_and_registration_on_the
     assert container["ModelDataUrl"] == {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifacts"}
 
 
-def test_registration_carries_the_evaluation_as_model_metrics(nodes):
+def test_registration_carries_the_evaluation_as_model_metrics(nodes, built_settings):
     arguments = nodes["RegisterMultiInstance-RegisterModel"].document["Arguments"]
     statistics = arguments["ModelMetrics"]["ModelQuality"]["Statistics"]
     assert statistics["ContentType"] == "application/json"
     assert CONTRACT.EVALUATION_FILE in json.dumps(statistics["S3Uri"])
     assert arguments["ModelApprovalStatus"] == {"Get": "Parameters.ModelApprovalStatus"}
-    assert arguments["ModelPackageGroupName"] == "dogbreed-models"
+    assert arguments["ModelPackageGroupName"] == built_settings.model_package_group
     serving = arguments["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"]
     assert "ml.m5.large" in serving and not any(t.startswith(("ml.g", "ml.p")) for t in serving)
 
@@ -256,17 +337,17 @@ def test_no_experiment_is_created_per_execution(document):
     assert document["PipelineExperimentConfig"] is None
 
 
-def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes):
-    settings = load_settings({}, environ={})
+def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes, built_settings):
+    settings = built_settings
     deploy = nodes["DeployMultiInstance"].document
     assert deploy["FunctionArn"] == settings.lambda_arn("deploy-endpoint")
     assert deploy["Arguments"]["model_package_arn"] == {"Get": "Steps.RegisterMultiInstance-RegisterModel.ModelPackageArn"}
-    assert deploy["Arguments"]["endpoint_name"] == "dogbreed-multi-instance"
+    assert deploy["Arguments"]["endpoint_name"] == f"{settings.project_name}-multi-instance"
     check = nodes["CheckMultiInstance"].document
     assert check["FunctionArn"] == settings.lambda_arn("check-endpoint")
-    assert check["Arguments"]["endpoint_name"] == {"Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_name']"}
+    assert check["Arguments"]["endpoint_name"] == {"Get": "Steps.WaitForMultiInstance.OutputParameters['endpoint_name']"}
     assert check["Arguments"]["endpoint_config_name"] == {
-        "Get": "Steps.DeployMultiInstance.OutputParameters['endpoint_config_name']"}
+        "Get": "Steps.WaitForMultiInstance.OutputParameters['endpoint_config_name']"}
     assert check["Arguments"]["num_classes"] == {"Std:JsonGet": {
         "Path": CONTRACT.CLASS_COUNT_JSON_PATH, "PropertyFile": {"Get": "Steps.PrepareData.PropertyFiles.Manifest"}}}
 
@@ -403,3 +484,79 @@ def test_a_bad_flag_is_one_line_and_exit_status_2(capsys):
     assert main(["synth", "--region", "nowhere"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "region='nowhere'" in error
+
+
+# --- CodeBuild: the account and region of the build, offline ---------------------------------
+
+BUILD_ARN = "arn:aws:codebuild:eu-west-1:444455556666:build/dogbreed-build:0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e"
+
+
+def test_codebuild_build_arn_gives_account_and_region_after_flags_and_environment():
+    settings = load_settings({}, environ={"CODEBUILD_BUILD_ARN": BUILD_ARN})
+    assert (settings.account, settings.region) == ("444455556666", "eu-west-1")
+    assert settings.bucket == "dogbreed-artifacts-444455556666-eu-west-1"
+    environ = {"CODEBUILD_BUILD_ARN": BUILD_ARN, "AWS_ACCOUNT_ID": "777788889999", "AWS_REGION": "us-west-2"}
+    assert (load_settings({}, environ=environ).account, load_settings({}, environ=environ).region) == ("777788889999", "us-west-2")
+    flagged = load_settings({"account": "123456789012", "region": "ap-south-1"}, environ={"CODEBUILD_BUILD_ARN": BUILD_ARN})
+    assert (flagged.account, flagged.region) == ("123456789012", "ap-south-1")
+
+
+def test_a_malformed_codebuild_build_arn_is_refused():
+    with pytest.raises(SettingsError, match=r"CODEBUILD_BUILD_ARN='arn:aws:codebuild:nowhere' is not a CodeBuild build ARN"):
+        load_settings({}, environ={"CODEBUILD_BUILD_ARN": "arn:aws:codebuild:nowhere"})
+
+
+# --- dogbreed validate ------------------------------------------------------------------------
+
+OLD_BOOTSTRAP = (  # the processing entrypoint before it was made to fit CreateProcessingJob's 256 characters
+    "set -euo pipefail; mkdir -p /opt/ml/processing/code; "
+    "tar -xzf /opt/ml/processing/input/code/sourcedir.tar.gz -C /opt/ml/processing/code; cd /opt/ml/processing/code; "
+    "if [ -f requirements.txt ]; then python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt; fi; "
+    'script="$1"; shift; exec python3 "$script" "$@"'
+)
+
+
+def test_validate_reports_the_old_entrypoint_and_passes_the_new_one(document, tmp_path, capsys):
+    good = tmp_path / "pipeline.json"
+    good.write_text(json.dumps(document))
+    assert main(["validate", str(good)]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}: valid (")
+    assert len(OLD_BOOTSTRAP) == 329
+    broken = copy.deepcopy(document)
+    processing = [s for s in broken["Steps"] if s["Type"] == "Processing"]
+    for step in processing:
+        step["Arguments"]["AppSpecification"]["ContainerEntrypoint"][2] = OLD_BOOTSTRAP
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps(broken))
+    assert main(["validate", str(bad)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"{bad}: {len(processing)} problems"
+    for step in processing:
+        assert (f"  step {step['Name']}, Arguments.AppSpecification.ContainerEntrypoint[2]: 329 characters; "
+                "allowed: at most 256 characters (ContainerEntrypointString)") in lines
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda d: next(p for p in d["Parameters"] if p["Name"] == "ImageSize").update(DefaultValue=16),
+     "parameter ImageSize, DefaultValue: 16 is outside; allowed: 32 to 1024, since train.py refuses"),
+    (lambda d: next(p for p in d["Parameters"] if p["Name"] == "TuningMaxParallelJobs").update(DefaultValue=9),
+     "step TuneHyperparameters, Arguments.HyperParameterTuningJobConfig.ResourceLimits.MaxParallelTrainingJobs: "
+     "9 parallel of 8; allowed: no more parallel training jobs than training jobs in all"),
+    (lambda d: next(p for p in d["Parameters"] if p["Name"] == "TrainingInstanceType").update(DefaultValue="ml.m5.huge"),
+     "step TrainSingleInstance, Arguments.ResourceConfig.InstanceType: parameter TrainingInstanceType's default "
+     "'ml.m5.huge': \"ml.m5.huge\" is not among them; allowed: one of"),
+    (lambda d: d["Steps"][0].update(DisplayName="Prepare " * 40),
+     "step PrepareData, DisplayName: 320 characters; allowed: at most 256 characters (StepDisplayName)"),
+])
+def test_synth_checks_find_parameter_defaults_and_names_beyond_the_rules(document, breakage, expected):
+    broken = copy.deepcopy(document)
+    breakage(broken)
+    problems = "\n".join(str(f) for f in findings_of(broken))
+    assert expected in problems, problems
+
+
+def test_validate_refuses_a_file_that_is_not_a_definition(tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text("[1, 2]")
+    assert main(["validate", str(path)]) == 2
+    assert "is not a pipeline definition" in capsys.readouterr().err

@@ -69,6 +69,17 @@ def parse_parameters(pairs: list[str], document: dict) -> dict[str, Any]:
         raise UsageError(str(error)) from None
 
 
+def check_run_parameters(values: dict[str, Any], document: dict) -> None:
+    """The run's values, local-run's own defaults included, within their ranges and order (a UsageError if not)."""
+    from pipeline.cli import UsageError
+    from pipeline.parameters import ParameterError, check_run_values
+
+    try:
+        check_run_values(values, document)
+    except ParameterError as error:
+        raise UsageError(str(error)) from None
+
+
 def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
     """local-run's own defaults for parameters the user did not set (those the definition has)."""
     names = {item["Name"] for item in document.get("Parameters", [])}
@@ -159,6 +170,7 @@ def run_command(args: argparse.Namespace) -> int:
     check_assets(document, settings, synthesized.assets)
     given = parse_parameters(args.param, document)
     applied = local_overrides(document, given, sample=args.data is None)
+    check_run_parameters({**applied, **given}, document)
     execution_id = new_execution_id()
     workdir = args.workdir or DEFAULT_WORKDIRS / execution_id
     options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=args.max_tuning_jobs,
