@@ -25,6 +25,7 @@ DEV = [
     "sagemaker-pytorch-inference==2.0.25",
     "torchserve==0.12.0",
     "torch-model-archiver==0.12.0",
+    "setuptools<81",  # sagemaker-pytorch-inference imports pkg_resources, which setuptools 81 removed
     "hypothesis",
 ]
 

@@ -214,6 +214,8 @@ def parse_request(event: Any, settings: Settings) -> Request:
     query = _last_values(event, "queryStringParameters", "multiValueQueryStringParameters", "query parameter")
     if from_load_balancer:  # an ALB passes query parameters on as the client encoded them
         query = {urllib.parse.unquote_plus(name): urllib.parse.unquote_plus(value) for name, value in query.items()}
+    elif event.get("version") == "2.0":  # payload 2.0 joins a repeated parameter's values with commas
+        query = {name: value.rsplit(",", 1)[-1] for name, value in query.items()}
     method = proxy_method(event)
     body, encoded = proxy_body(event, settings.max_image_bytes) if method == "POST" else (None, False)
     return Request(method, headers, query, body, encoded, True, None,
