@@ -32,16 +32,16 @@ from pipeline.assets import Assets, build_assets
 from pipeline.settings import Settings
 from pipeline.validate import validate_definition
 from steps.context import BuildContext
-from steps.deploy import check_step, deploy_step
+from steps.deploy import check_step, deploy_step, wait_step
 from steps.evaluate import evaluate_step
 from steps.features import extract_features_step
 from steps.parameters import define_parameters
 from steps.prepare import prepare_data_step
-from steps.quality_gate import approval_gate_step, quality_gate_step
+from steps.quality_gate import approval_gate_step, quality_gate_step, twin_accuracy_step
 from steps.register import register_step
 from steps.train import train_step
 from steps.tune import tune_step
-from steps.variants import VARIANTS
+from steps.variants import VARIANTS, twin_of
 
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
@@ -126,21 +126,22 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
     prepare = prepare_data_step(ctx)
     extraction = extract_features_step(ctx, prepare)
     tuning = tune_step(ctx, extraction)
-    trainings, evaluations, gates = [], [], []
-    for variant in VARIANTS:
-        training = train_step(ctx, variant, prepare, tuning)
-        evaluation = evaluate_step(ctx, variant, prepare, training)
-        register = register_step(ctx, variant, training, evaluation)
+    trainings = {variant: train_step(ctx, variant, prepare, tuning) for variant in VARIANTS}
+    evaluations = {variant: evaluate_step(ctx, variant, prepare, trainings[variant]) for variant in VARIANTS}
+    gates = []
+    for variant in VARIANTS:  # each model is gated, registered and deployed on its own (steps/quality_gate.py)
+        twin = twin_of(variant)
+        register = register_step(ctx, variant, trainings[variant], evaluations[variant])
         deploy = deploy_step(ctx, variant, register)
-        check = check_step(ctx, variant, deploy, prepare)
-        trainings.append(training)
-        evaluations.append(evaluation)
-        approval = approval_gate_step(ctx, variant, if_steps=[deploy, check])
-        gates.append(quality_gate_step(ctx, variant, evaluation, if_steps=[register, approval]))
+        wait = wait_step(ctx, variant, deploy)
+        check = check_step(ctx, variant, wait, prepare)
+        report = twin_accuracy_step(ctx, variant, twin, evaluations[twin], after=check)
+        approval = approval_gate_step(ctx, variant, if_steps=[deploy, wait, check, report])
+        gates.append(quality_gate_step(ctx, variant, evaluations[variant], twin, evaluations[twin], if_steps=[register, approval]))
     return Pipeline(
         name=settings.pipeline_name,
         parameters=ctx.parameters.as_list(),
-        steps=[prepare, extraction, tuning, *trainings, *evaluations, *gates],
+        steps=[prepare, extraction, tuning, *trainings.values(), *evaluations.values(), *gates],
         sagemaker_session=session,
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
         pipeline_experiment_config=None,  # no experiment per execution: nothing reads it, and the role need not create them

@@ -25,6 +25,7 @@ PARAMETER_RANGES = {
     "EndpointMinCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
     "EndpointMaxCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
     "EndpointTargetInvocationsPerInstance": (0.001, None, "target tracking needs a positive target"),
+    "EndpointWaitMinutes": (1, 720, "the wait-endpoint function gives up after at most 12 hours of polling"),
 }
 # (smaller, larger, why): a run's value of the first must not exceed the second's.
 PARAMETER_ORDER = (
@@ -54,6 +55,7 @@ class Parameters:
     endpoint_max_capacity: ParameterInteger
     endpoint_target_invocations: ParameterFloat
     data_capture_s3_uri: ParameterString
+    endpoint_wait_minutes: ParameterInteger
 
     def as_list(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -85,4 +87,5 @@ def define_parameters(settings) -> Parameters:
         endpoint_max_capacity=ParameterInteger("EndpointMaxCapacity", default_value=5),
         endpoint_target_invocations=ParameterFloat("EndpointTargetInvocationsPerInstance", default_value=100.0),
         data_capture_s3_uri=ParameterString("DataCaptureS3Uri", default_value=""),
+        endpoint_wait_minutes=ParameterInteger("EndpointWaitMinutes", default_value=60),
     )

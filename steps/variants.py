@@ -17,3 +17,8 @@ class Variant:
 SINGLE = Variant("SingleInstance", "single-instance", "single instance")
 MULTI = Variant("MultiInstance", "multi-instance", "multi instance")
 VARIANTS = (SINGLE, MULTI)
+
+
+def twin_of(variant: Variant) -> Variant:
+    """The other model of the pair."""
+    return MULTI if variant == SINGLE else SINGLE

@@ -472,7 +472,8 @@ def test_graph_command_draws_every_step_in_mermaid_and_dot(capsys):
     mermaid = capsys.readouterr().out
     assert mermaid.startswith("flowchart TD")
     assert "TuneHyperparameters --> TrainMultiInstance" in mermaid
-    assert "CheckAccuracySingleInstance -- else --> AccuracyTooLowSingleInstance" in mermaid
+    assert "CheckTwinDeploymentSingleInstance -- else --> AccuracyTooLowSingleInstance" in mermaid
+    assert "DeploySingleInstance --> WaitForSingleInstance" in mermaid and "WaitForSingleInstance --> CheckSingleInstance" in mermaid
     assert main(["graph", "--format", "dot"]) == 0
     dot = capsys.readouterr().out
     assert dot.startswith("digraph pipeline {")
