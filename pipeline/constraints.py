@@ -210,7 +210,11 @@ def check_type(walk: Walk, kind: str, shape, path: str, what: str) -> None:
     if kind in ("integer", "float") and wanted == "string":
         fits = True  # SageMaker Pipelines renders a number parameter as text where text is expected
     if not fits:
-        walk.report(path, f"a {wanted}{_label(shape)}", f"{what} gives a {kind}")
+        walk.report(path, f"{_article(wanted)} {wanted}{_label(shape)}", f"{what} gives {_article(kind)} {kind}")
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1] in "aeiou" else "a"
 
 
 def check_parameter_landing(walk: Walk, name: str, shape, path: str) -> None:
