@@ -14,6 +14,7 @@ another backbone, image size or weights is refused.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=train.positive_int, default=common.DEFAULT_IMAGE_SIZE)
     parser.add_argument("--pretrained-weights", type=train.text, default="imagenet",
                         help="a state dict file (or a folder with one), 'imagenet', or 'none' for random weights")
+    parser.add_argument("--pretrained-channel", default=None,
+                        help="the folder of the pipeline's pretrained weights channel; read by the rule a training job "
+                             "reads its own (a state dict there replaces 'imagenet', the placeholder means none)")
     parser.add_argument("--seed", type=train.non_negative_int, default=0,
                         help="the trials' seed: random weights (--pretrained-weights none) are drawn with it")
     parser.add_argument("--batch-size", type=train.positive_int, default=64)
@@ -64,6 +68,8 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     if (output / contract.FEATURES_HEADER_FILE).exists():
         raise train.TrainingInputError(f"{output} already holds features: write into an empty --output")
+    if args.pretrained_channel:
+        os.environ[f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}"] = args.pretrained_channel
     torch.set_num_threads(args.num_threads)
     device = train.training_device(0)
     train_set, valid_set = train.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)

@@ -63,7 +63,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return weights_file(tmp_path_factory.mktemp("weights"), seed=3)
 
 
-def extract(data: Path, output: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
+def extract(data: Path, output: Path, weights: Path | str, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(EXTRACT_SCRIPT), "--train", str(data / "train"), "--valid", str(data / "valid"),
                "--output", str(output), "--pretrained-weights", str(weights), *SMALL, *extra]
     return subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -176,6 +176,22 @@ def test_extraction_refuses_a_folder_that_holds_features(data: Path, weights: Pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"extract_features.py: error: {extracted} already holds features: write into an empty --output")
     assert (extracted / contract.FEATURES_HEADER_FILE).read_bytes() == before
+
+
+def test_weights_of_the_pretrained_channel_fit_a_trial_given_the_same_channel(
+        no_run_env: None, data: Path, weights: Path, extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    shutil.copy(weights, channel / "resnet18-weights.pth")
+    output = tmp_path / "features"
+    result = extract(data, output, "imagenet", "--pretrained-channel", str(channel))
+    assert result.returncode == 0, result.stdout + result.stderr
+    header = json.loads((output / contract.FEATURES_HEADER_FILE).read_text())
+    assert header["weights"] == json.loads((extracted / contract.FEATURES_HEADER_FILE).read_text())["weights"]
+    monkeypatch.setenv(f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}", str(channel))
+    summary = train.main(train.parse_args([*TRIAL, "--epochs", "1", "--pretrained-weights", "imagenet",
+                                           "--features", str(output), "--model-dir", str(tmp_path / "model")]))
+    assert summary["epochs_trained"] == 1 and (tmp_path / "model" / contract.MODEL_FILE).is_file()
 
 
 # ---------------------------------------------------------------- the definition
