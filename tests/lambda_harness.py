@@ -8,6 +8,7 @@ moto mock they were made under.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import socket
 import ssl
 import sys
@@ -65,8 +66,15 @@ def aws(monkeypatch: pytest.MonkeyPatch):
         yield
 
 
-def model_package(status: str = "Approved", group: str = "dogbreed-models") -> str:
-    """A registered model package (in moto) with the given approval status; returns its ARN."""
+_trained = itertools.count(1)
+
+
+def model_package(status: str = "Approved", group: str = "dogbreed-models", model_data_url: str = "") -> str:
+    """A registered model package (in moto) with the given approval status; returns its ARN.
+
+    Each package serves a model.tar.gz of its own (as each training job writes one) unless ``model_data_url`` is given.
+    """
+    model_data_url = model_data_url or f"s3://bucket/jobs/train-{next(_trained)}/output/model.tar.gz"
     sagemaker = boto3.client("sagemaker", region_name=REGION)
     try:
         sagemaker.create_model_package_group(ModelPackageGroupName=group)
@@ -76,7 +84,7 @@ def model_package(status: str = "Approved", group: str = "dogbreed-models") -> s
         ModelPackageGroupName=group,
         ModelApprovalStatus=status,
         InferenceSpecification={
-            "Containers": [{"Image": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312", "ModelDataUrl": "s3://bucket/model.tar.gz"}],
+            "Containers": [{"Image": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference:2.6-cpu-py312", "ModelDataUrl": model_data_url}],
             "SupportedContentTypes": ["image/jpeg", "image/png"],
             "SupportedResponseMIMETypes": ["application/json"],
         },
