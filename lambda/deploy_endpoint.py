@@ -1,12 +1,11 @@
 """Deploy an approved model package to a real-time endpoint (the Deploy... LambdaSteps).
 
 Creates a SageMaker model from the package and an endpoint config, both named
-after a hash of what they serve (image, model data URL, environment, role,
-instance settings; not the package version), then creates the endpoint or
-switches it to the new config with a blue/green update. It returns at once:
-waiting for the endpoint is the WaitFor... callback step's job, because an
-endpoint can take longer to come up than a LambdaStep may run. Running it
-again for a package version that serves the same artifacts changes nothing.
+after a hash of their content, then creates the endpoint or switches it to the
+new config with a blue/green update. It returns at once: waiting for the
+endpoint is the Check... step's job, because an endpoint takes longer to come up
+than a LambdaStep should run. Running it twice with the same event changes
+nothing.
 """
 from __future__ import annotations
 
@@ -26,9 +25,11 @@ from events import (
     AwsCallFailed,
     EventError,
     client,
+    error_code,
     error_message,
     is_not_found,
     log,
+    read_bool,
     read_int,
     read_str,
     read_str_list,
@@ -75,6 +76,7 @@ class DeployRequest:
     data_capture_percentage: int
     kms_key_id: str
     rollback_alarm_names: tuple[str, ...]
+    allow_update_without_rollback: bool = False
 
 
 def parse_event(event: Mapping[str, Any]) -> DeployRequest:
@@ -91,6 +93,7 @@ def parse_event(event: Mapping[str, Any]) -> DeployRequest:
         data_capture_percentage=read_int(event, "data_capture_percentage", default=100, minimum=1, maximum=100),
         kms_key_id=read_str(event, "kms_key_id", default="", allow_empty=True),
         rollback_alarm_names=alarms,
+        allow_update_without_rollback=read_bool(event, "allow_update_without_rollback", default=False),
     )
 
 
@@ -102,20 +105,44 @@ def default_rollback_alarms(endpoint_name: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in pattern.format(endpoint_name=endpoint_name).split(",") if name.strip())
 
 
-def existing_stack_alarms(cloudwatch: Any, endpoint_name: str) -> tuple[str, ...]:
-    """The endpoint's error alarm from infra/template.yaml, when it exists and this role may read it."""
-    name = STACK_ALARM_PATTERN.format(endpoint_name=endpoint_name)
+@dataclass(frozen=True)
+class RollbackPlan:
+    alarms: tuple[str, ...]
+    skipped_because: str = ""  # set only when the event allowed an update without automatic rollback
+
+
+def rollback_problem(cloudwatch: Any, names: tuple[str, ...]) -> str:
+    """Why ``names`` cannot guard a blue/green update ('' when every alarm exists and can be read)."""
     try:
-        found = cloudwatch.describe_alarms(AlarmNames=[name], AlarmTypes=["MetricAlarm"]).get("MetricAlarms", [])
-    except Exception as error:  # no alarm is no reason to refuse a deployment; the log says why
-        log(function="deploy-endpoint", event="rollback-alarm-unreadable", alarm=name, error=error_message(error))
-        return ()
-    return tuple(alarm["AlarmName"] for alarm in found)
+        answer = cloudwatch.describe_alarms(AlarmNames=list(names), AlarmTypes=["MetricAlarm", "CompositeAlarm"])
+    except Exception as error:  # botocore ClientError (AccessDenied, throttled) or no connection
+        code = error_code(error) or error.__class__.__name__
+        return (f"cannot read the rollback alarm(s) {', '.join(names)} ({code}: {error_message(error)}): "
+                "the deploy function's role needs cloudwatch:DescribeAlarms on them")
+    found = {alarm.get("AlarmName") for alarm in [*answer.get("MetricAlarms", []), *answer.get("CompositeAlarms", [])]}
+    missing = [name for name in names if name not in found]
+    if missing:
+        return (f"the rollback alarm(s) {', '.join(missing)} do not exist: deploy infra/template.yaml "
+                f"(it creates {STACK_ALARM_PATTERN}) or name existing alarms in rollback_alarm_names")
+    return ""
 
 
-def rollback_alarms(request: DeployRequest) -> tuple[str, ...]:
-    """Alarms named by the event or the environment, else the stack's alarm for this endpoint if it exists."""
-    return request.rollback_alarm_names or existing_stack_alarms(client("cloudwatch"), request.endpoint_name)
+def rollback_plan(request: DeployRequest) -> RollbackPlan:
+    """The alarms that guard the update: those of the event or the environment, else the stack's alarm.
+
+    An update never loses its automatic rollback silently: when the alarms
+    cannot be read or do not exist, the deploy fails saying which and why,
+    unless the event sets allow_update_without_rollback, and then the output
+    says that the update had no rollback.
+    """
+    names = request.rollback_alarm_names or (STACK_ALARM_PATTERN.format(endpoint_name=request.endpoint_name),)
+    problem = rollback_problem(client("cloudwatch"), names)
+    if not problem:
+        return RollbackPlan(names)
+    if not request.allow_update_without_rollback:
+        raise DeployError(f"{problem}; or set \"allow_update_without_rollback\": true in the event to update without automatic rollback")
+    log(function="deploy-endpoint", event="update-without-rollback", reason=problem)
+    return RollbackPlan((), f"none: {problem}")
 
 
 def content_name(prefix: str, content: Mapping[str, Any]) -> str:
@@ -125,27 +152,13 @@ def content_name(prefix: str, content: Mapping[str, Any]) -> str:
     return f"{head}-{digest}"
 
 
-def served_content(request: DeployRequest, package: Mapping[str, Any]) -> dict[str, Any]:
-    """What the model serves: the package's images, model data URLs and environments, and the role.
-
-    The package ARN is not part of it: each pipeline execution registers a new
-    version, and a version that serves the same artifacts must not redeploy.
-    """
-    containers = (package.get("InferenceSpecification") or {}).get("Containers") or []
-    return {
-        "ExecutionRoleArn": request.model_role_arn,
-        "Containers": [{key: container.get(key) for key in ("Image", "ImageDigest", "ModelDataUrl", "Environment")}
-                       for container in containers],
-    }
-
-
-def model_spec(request: DeployRequest, package: Mapping[str, Any]) -> dict[str, Any]:
-    """CreateModel arguments, ModelName included: named by what it serves, created from the package."""
-    return {
-        "ModelName": content_name(request.endpoint_name, served_content(request, package)),
+def model_spec(request: DeployRequest) -> dict[str, Any]:
+    """CreateModel arguments, ModelName included."""
+    content = {
         "ExecutionRoleArn": request.model_role_arn,
         "Containers": [{"ModelPackageName": request.model_package_arn}],
     }
+    return {"ModelName": content_name(request.endpoint_name, content), **content}
 
 
 def endpoint_config_spec(request: DeployRequest, model_name: str) -> dict[str, Any]:
@@ -270,12 +283,12 @@ def release_autoscaling(autoscaling: Any, endpoint_name: str) -> None:
     autoscaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
 
 
-def update_arguments(request: DeployRequest, config_name: str, keep_instance_count: bool) -> dict[str, Any]:
+def update_arguments(request: DeployRequest, config_name: str, keep_instance_count: bool, alarms: tuple[str, ...]) -> dict[str, Any]:
     """UpdateEndpoint arguments; an auto-scaled fleet keeps its current instance count."""
     arguments: dict[str, Any] = {
         "EndpointName": request.endpoint_name,
         "EndpointConfigName": config_name,
-        "DeploymentConfig": deployment_config(rollback_alarms(request)),
+        "DeploymentConfig": deployment_config(alarms),
     }
     if keep_instance_count:
         arguments["RetainAllVariantProperties"] = True
@@ -294,20 +307,20 @@ def is_autoscaled(autoscaling: Any, endpoint_name: str) -> bool:
     return bool(targets.get("ScalableTargets"))
 
 
-def create_or_update_endpoint(request: DeployRequest, config_name: str) -> str:
-    """Point the endpoint at ``config_name``; returns 'created', 'updated' or 'unchanged'."""
+def create_or_update_endpoint(request: DeployRequest, config_name: str) -> tuple[str, str]:
+    """Point the endpoint at ``config_name``; returns 'created', 'updated' or 'unchanged', and what an update skipped."""
     sagemaker = client("sagemaker")
     endpoint = describe_endpoint_or_none(sagemaker, request.endpoint_name)
     if endpoint is None:
         try:
             sagemaker.create_endpoint(EndpointName=request.endpoint_name, EndpointConfigName=config_name)
-            return "created"
+            return "created", ""
         except Exception as error:
             if "already exist" not in error_message(error).lower():
                 raise
             endpoint = sagemaker.describe_endpoint(EndpointName=request.endpoint_name)
     if endpoint["EndpointConfigName"] == config_name:
-        return "unchanged"
+        return "unchanged", ""
     status = endpoint.get("EndpointStatus", "")
     if status in BUSY_STATUSES:
         raise DeployError(
@@ -325,29 +338,34 @@ def create_or_update_endpoint(request: DeployRequest, config_name: str) -> str:
             "and will not recover on its own: update it to a working endpoint config (aws sagemaker update-endpoint "
             "--endpoint-name ... --endpoint-config-name ...) or delete it, then run the step again"
         )
+    rollback = rollback_plan(request)
     autoscaling = client("application-autoscaling")
     autoscaled = is_autoscaled(autoscaling, request.endpoint_name)
     if autoscaled and current_instance_type(sagemaker, endpoint) != request.instance_type:
         release_autoscaling(autoscaling, request.endpoint_name)
         autoscaled = False
-    sagemaker.update_endpoint(**update_arguments(request, config_name, keep_instance_count=autoscaled))
-    return "updated"
+    sagemaker.update_endpoint(**update_arguments(request, config_name, autoscaled, rollback.alarms))
+    return "updated", rollback.skipped_because
 
 
 def deploy(request: DeployRequest) -> dict[str, str]:
     """Create what is missing and point the endpoint at it; returns the names used and the action taken."""
     sagemaker = client("sagemaker")
-    package = approved_package(sagemaker, request.model_package_arn)
-    model = model_spec(request, package)
+    approved_package(sagemaker, request.model_package_arn)
+    model = model_spec(request)
     ensure_created(sagemaker.describe_model, sagemaker.create_model, model, "ModelName")
     config = endpoint_config_spec(request, model["ModelName"])
     ensure_created(sagemaker.describe_endpoint_config, sagemaker.create_endpoint_config, config, "EndpointConfigName")
-    return {
+    action, rollback_skipped = create_or_update_endpoint(request, config["EndpointConfigName"])
+    result = {
         "endpoint_name": request.endpoint_name,
         "endpoint_config_name": config["EndpointConfigName"],
         "model_name": model["ModelName"],
-        "action": create_or_update_endpoint(request, config["EndpointConfigName"]),
+        "action": action,
     }
+    if rollback_skipped:
+        result["rollback"] = rollback_skipped
+    return result
 
 
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:

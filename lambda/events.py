@@ -114,6 +114,16 @@ def read_float(
     return float(value)
 
 
+def read_bool(event: Mapping[str, Any], name: str, *, default: Any = _MISSING) -> bool:
+    """``event[name]`` as a bool, from a JSON boolean or the strings 'true' and 'false' (any case)."""
+    value = _raw(event, name, default)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise EventError(f"event field {name!r} must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
 def read_str_list(event: Mapping[str, Any], name: str) -> tuple[str, ...]:
     """A list of strings, given either as a JSON list or as one comma-separated string; absent means empty."""
     value = _raw(event, name, [])

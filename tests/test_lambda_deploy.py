@@ -14,6 +14,29 @@ MODEL_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model"
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
+def put_stack_alarm(endpoint_name: str) -> None:
+    """The endpoint's 5xx alarm as infra/template.yaml creates it."""
+    boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
+        AlarmName=f"{endpoint_name}-5xx-errors", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors",
+        Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}, {"Name": "VariantName", "Value": "AllTraffic"}],
+        Statistic="Sum", Period=60, EvaluationPeriods=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
+    )
+
+
+@pytest.fixture
+def no_stack_alarms():
+    """Asked for by a test that needs moto without the stack's rollback alarms."""
+
+
+@pytest.fixture(autouse=True)
+def stack_alarms(request):
+    """The two endpoints' rollback alarms exist in moto, as after deploying the stack (unless the test asks for no_stack_alarms)."""
+    if "aws" in request.fixturenames and "no_stack_alarms" not in request.fixturenames:
+        request.getfixturevalue("aws")
+        for endpoint_name in ("dogbreed-single-instance", "dogbreed-multi-instance"):
+            put_stack_alarm(endpoint_name)
+
+
 def deploy_event(package_arn: str, **overrides) -> dict:
     event = {
         "model_package_arn": package_arn,
@@ -118,21 +141,6 @@ def test_the_endpoint_config_leaves_the_kms_key_out_by_instance_family(aws):
         assert ("KmsKeyId" in spec) is has_key, instance_type
 
 
-def test_a_new_version_that_serves_the_same_artifacts_changes_nothing(aws, update_endpoint_in_moto):
-    """Every execution registers a package version; a fully cached rerun's version serves the same model.tar.gz."""
-    deploy = load_handler("deploy_endpoint")
-    artifacts = "s3://bucket/jobs/TrainSingleInstance/output/model.tar.gz"
-    first = deploy.handler(deploy_event(model_package(model_data_url=artifacts)), None)
-    second = deploy.handler(deploy_event(model_package(model_data_url=artifacts)), None)
-
-    assert second == {**first, "action": "unchanged"}
-    assert update_endpoint_in_moto == []  # no UpdateEndpoint: no blue/green fleet, no rollback risk
-    assert len(sagemaker().list_models()["Models"]) == 1
-    assert len(sagemaker().list_endpoint_configs()["EndpointConfigs"]) == 1
-    changed = deploy.handler(deploy_event(model_package(model_data_url=artifacts), initial_instance_count=2), None)
-    assert changed["action"] == "updated" and changed["model_name"] == first["model_name"]  # same model, new instance settings
-
-
 def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoint_in_moto, monkeypatch):
     monkeypatch.setenv("ROLLBACK_ALARM_NAME_PATTERN", "{endpoint_name}-5xx-errors")
     deploy = load_handler("deploy_endpoint")
@@ -154,21 +162,72 @@ def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoin
     assert len(update_endpoint_in_moto) == 1
 
 
-def test_an_update_rolls_back_on_the_stack_alarm_when_it_exists(aws, update_endpoint_in_moto):
+def test_an_update_without_its_rollback_alarm_fails_naming_it_unless_the_event_allows_it(aws, no_stack_alarms, update_endpoint_in_moto):
     deploy = load_handler("deploy_endpoint")
     deploy.handler(deploy_event(model_package()), None)
-    deploy.handler(deploy_event(model_package()), None)
-    boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
-        AlarmName="dogbreed-single-instance-5xx-errors", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors",
-        Dimensions=[{"Name": "EndpointName", "Value": "dogbreed-single-instance"}, {"Name": "VariantName", "Value": "AllTraffic"}],
-        Statistic="Sum", Period=60, EvaluationPeriods=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
-    )
-    deploy.handler(deploy_event(model_package()), None)
+    with pytest.raises(deploy.DeployError) as refusal:
+        deploy.handler(deploy_event(model_package(), initial_instance_count=2), None)
+    assert "dogbreed-single-instance-5xx-errors do not exist" in str(refusal.value)
+    assert '"allow_update_without_rollback": true' in str(refusal.value)
+    assert update_endpoint_in_moto == []
+
+    allowed = deploy.handler(deploy_event(model_package(), initial_instance_count=2, allow_update_without_rollback="true"), None)
+    assert allowed["action"] == "updated" and allowed["rollback"].startswith("none: the rollback alarm(s) dogbreed-single-instance-5xx-errors do not exist")
+    put_stack_alarm("dogbreed-single-instance")
+    guarded = deploy.handler(deploy_event(model_package(), initial_instance_count=3), None)
 
     without_alarm, with_alarm = update_endpoint_in_moto
     assert "AutoRollbackConfiguration" not in without_alarm["DeploymentConfig"]
     assert without_alarm["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["WaitIntervalInSeconds"] == 0
     assert with_alarm["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "dogbreed-single-instance-5xx-errors"}]}
+    assert "rollback" not in guarded
+
+
+def deny_describe_alarms(deploy) -> list[dict]:
+    """Make CloudWatch answer DescribeAlarms as it does for a role without cloudwatch:DescribeAlarms (the handler's own client)."""
+    from botocore.awsrequest import AWSResponse
+
+    calls: list[dict] = []
+
+    def access_denied(params, **_):
+        calls.append(params)
+        message = ("User: arn:aws:sts::123456789012:assumed-role/dogbreed-deploy-endpoint/dogbreed-deploy-endpoint is not authorized "
+                   "to perform: cloudwatch:DescribeAlarms on resource: arn:aws:cloudwatch:us-east-1:123456789012:alarm:"
+                   "dogbreed-single-instance-5xx-errors because no identity-based policy allows the cloudwatch:DescribeAlarms action")
+        return AWSResponse("https://monitoring.us-east-1.amazonaws.com/", 403, {}, None), {
+            "Error": {"Code": "AccessDenied", "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    deploy.client("cloudwatch").meta.events.register("before-call.cloudwatch.DescribeAlarms", access_denied)
+    return calls
+
+
+def test_an_update_whose_rollback_alarms_cannot_be_read_fails_naming_the_permission(aws, update_endpoint_in_moto, capsys):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    calls = deny_describe_alarms(deploy)
+    with pytest.raises(deploy.DeployError) as refusal:
+        deploy.handler(deploy_event(model_package(), initial_instance_count=2), LambdaContext())
+
+    message = str(refusal.value)
+    assert calls and "cannot read the rollback alarm(s) dogbreed-single-instance-5xx-errors (AccessDenied" in message
+    assert "needs cloudwatch:DescribeAlarms" in message and '"allow_update_without_rollback": true' in message
+    assert update_endpoint_in_moto == []
+    failure = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert failure["status"] == "failed" and failure["error_type"] == "DeployError" and "traceback" not in failure
+
+
+def test_an_update_may_go_without_readable_alarms_only_when_the_event_says_so(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    deny_describe_alarms(deploy)
+    result = deploy.handler(deploy_event(model_package(), initial_instance_count=2, allow_update_without_rollback=True), None)
+
+    assert result["action"] == "updated"
+    assert result["rollback"].startswith("none: cannot read the rollback alarm(s)") and "AccessDenied" in result["rollback"]
+    (update,) = update_endpoint_in_moto
+    assert "AutoRollbackConfiguration" not in update["DeploymentConfig"]
+    with pytest.raises(deploy.EventError, match="allow_update_without_rollback"):
+        deploy.parse_event(deploy_event(model_package(), allow_update_without_rollback="maybe"))
 
 
 def _register_scaling(endpoint_name: str) -> None:
