@@ -350,6 +350,8 @@ def test_start_returns_an_execution_arn_with_the_parameters(first_upsert, endpoi
     ("AccuracyThreshold=high", "--param AccuracyThreshold='high' is not a float"),
     ("Backbone=vgg16", "--param Backbone='vgg16' is not one of resnet18, resnet34, resnet50"),
     ("Backbone", "--param 'Backbone' is not Name=Value"),
+    ("ImageSize=0", "--param ImageSize=0: ImageSize must be 32 to 1024, since train.py refuses a side under 32 pixels"),
+    ("TuningMaxParallelJobs=9", "--param TuningMaxParallelJobs=9: TuningMaxParallelJobs (9) must not exceed TuningMaxJobs (8)"),
 ])
 def test_start_checks_parameters_against_the_deployed_pipeline(first_upsert, endpoint, sources, capsys, param, message):
     code, out, err = run(capsys, *cli(endpoint, sources, "start", "--param", param))
@@ -580,3 +582,110 @@ def test_rejected_credentials_are_reported_as_such(first_upsert, endpoint, sourc
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1
     assert re.match(r"dogbreed start: AWS did not accept the credentials while .* \((SignatureDoesNotMatch|InvalidClientTokenId)\)", err), err
+
+
+# ---------------------------------------------------------------- CodeBuild: one artifact from synth to publish
+
+CODEBUILD_PROJECT = "cbdogs"
+SOCKET_GUARD = """
+import socket
+def _refuse(self, address, *args):
+    raise OSError(f"network is blocked in this synth: {address!r}")
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+"""
+
+
+def codebuild_environment(account: str, home: Path) -> dict[str, str]:
+    """What a CodeBuild build's environment holds for dogbreed: the build ARN and the project, no account id."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_", "ARTIFACT_", "CODEBUILD_"))}
+    env.update(HOME=str(home), SAGEMAKER_PROJECT_NAME=CODEBUILD_PROJECT, AWS_REGION=REGION,
+               CODEBUILD_BUILD_ARN=f"arn:aws:codebuild:{REGION}:{account}:build/{CODEBUILD_PROJECT}-build:0f1e2d3c")
+    env.pop("DOGBREED_DEFINITION", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def codebuild_account(aws, account) -> str:
+    aws("s3").create_bucket(Bucket=f"{CODEBUILD_PROJECT}-artifacts-{account}-{REGION}")
+    for function in LAMBDA_FUNCTIONS:
+        aws("iam").create_role(RoleName=f"{CODEBUILD_PROJECT}-{function}", AssumeRolePolicyDocument=LAMBDA_TRUST)
+    return account
+
+
+def test_codebuild_synthesizes_offline_tests_and_publishes_one_artifact(
+        codebuild_account, endpoint, sources, aws, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(SOCKET_GUARD)
+    env = codebuild_environment(codebuild_account, tmp_path)
+    out = tmp_path / "build" / "pipeline.json"
+    synth = subprocess.run([sys.executable, "-m", "pipeline.cli", "synth", "--out", str(out)], cwd=sources,
+                           env={**env, "PYTHONPATH": str(guard)}, capture_output=True, text=True, timeout=300)
+    assert synth.returncode == 0, synth.stderr
+    text = out.read_text()
+    assert f"arn:aws:iam::{codebuild_account}:role/{CODEBUILD_PROJECT}-sagemaker-jobs" in text
+    assert f"arn:aws:lambda:{REGION}:{codebuild_account}:function:{CODEBUILD_PROJECT}-deploy-endpoint:live" in text
+
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_definition.py"), "-q", "-p", "no:cacheprovider",
+         "-k", "service_limits or publishable or botocore_input or every_reference_resolves or lambda_steps_call"],
+        cwd=sources, env={**env, "DOGBREED_DEFINITION": str(out)}, capture_output=True, text=True, timeout=300)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert re.search(r"^5 passed", tests.stdout, re.MULTILINE), tests.stdout
+
+    for name, value in env.items():
+        if name.startswith(("SAGEMAKER_", "CODEBUILD_")):
+            monkeypatch.setenv(name, value)
+    code, printed, err = run(capsys, *cli(endpoint, sources, "upsert", "--definition", str(out)))
+    assert code == 0, err
+    assert printed.startswith(f"publishing {out} and the assets its {out.parent / 'assets.json'} lists\n")
+    assert f"pipeline {CODEBUILD_PROJECT}-pipeline: created" in printed
+    deployed = aws("sagemaker").describe_pipeline(PipelineName=f"{CODEBUILD_PROJECT}-pipeline")["PipelineDefinition"]
+    assert deployed == text
+    manifest = json.loads((out.parent / "assets.json").read_text())
+    bucket = f"{CODEBUILD_PROJECT}-artifacts-{codebuild_account}-{REGION}"
+    for entry in manifest["assets"]:
+        body = aws("s3").get_object(Bucket=bucket, Key=entry["s3_uri"].split("/", 3)[3])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    code, printed, err = run(capsys, *cli(endpoint, sources, "diff", "--definition", str(out)))
+    assert (code, printed.strip()) == (0, f"no differences: the deployed definition of {CODEBUILD_PROJECT}-pipeline "
+                                          "equals the local one")
+
+
+def test_upsert_refuses_a_definition_whose_assets_changed_after_synth(codebuild_account, endpoint, sources, aws,
+                                                                      tmp_path, capsys, monkeypatch):
+    for name, value in codebuild_environment(codebuild_account, tmp_path).items():
+        if name.startswith(("SAGEMAKER_", "CODEBUILD_")):
+            monkeypatch.setenv(name, value)
+    out = tmp_path / "build" / "pipeline.json"
+    assert main(["synth", "--out", str(out), "--source-dir", str(sources)]) == 0
+    before = aws("sagemaker").describe_pipeline(PipelineName=f"{CODEBUILD_PROJECT}-pipeline")["LastModifiedTime"]
+    edited = edited_copy(sources, tmp_path / "edited", "code/train.py", "\n# edited after synth\n")
+    code, printed, err = run(capsys, *cli(endpoint, edited, "upsert", "--definition", str(out)))
+    assert code == 2 and "the source tree has changed since" in err and "code/ (its archive is" in err, err
+
+    code_entry = next(e for e in json.loads((out.parent / "assets.json").read_text())["assets"] if e["name"] == "code")
+    archive = out.parent / "assets" / code_entry["sha256"][:16] / code_entry["filename"]
+    archive.write_bytes(archive.read_bytes() + b"\0")
+    code, printed, err = run(capsys, *cli(endpoint, sources, "upsert", "--definition", str(out)))
+    assert (code, printed) == (2, "")
+    assert err.startswith(f"dogbreed upsert: asset code: {archive} has changed since synth (SHA-256 "), err
+    assert "run dogbreed synth again" in err
+    assert aws("sagemaker").describe_pipeline(PipelineName=f"{CODEBUILD_PROJECT}-pipeline")["LastModifiedTime"] == before
+
+
+def test_upsert_refuses_a_definition_built_for_another_account(codebuild_account, endpoint, sources, tmp_path,
+                                                               capsys, monkeypatch):
+    monkeypatch.setenv("SAGEMAKER_PROJECT_NAME", CODEBUILD_PROJECT)
+    out = tmp_path / "build" / "pipeline.json"
+    assert main(["synth", "--out", str(out), "--source-dir", str(sources), "--account", "999988887777"]) == 0
+    code, printed, err = run(capsys, *cli(endpoint, sources, "upsert", "--definition", str(out)))
+    assert code == 2
+    assert err.startswith(f"dogbreed upsert: will not publish {out}:\n  {out} was built for account 999988887777 (e.g. "), err
+    assert f"but the target account is {codebuild_account}" in err
