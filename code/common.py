@@ -116,9 +116,20 @@ def argument_error_line(script: str, argparse_output: str) -> str:
     return f"{script}: error: {lines[-1] if lines else 'invalid arguments'}"
 
 
+def job_failure_file(default: str | os.PathLike) -> Path:
+    """The failure file: ``default`` (under /opt/ml/output), or the same name in ``$SM_OUTPUT_DIR``.
+
+    The training toolkit sets SM_OUTPUT_DIR from SAGEMAKER_BASE_DIR, which is /opt/ml in the
+    container and the job's own folder when the toolkit runs elsewhere (local-run, tests); it
+    writes its own failure file there too, unless the script wrote one first.
+    """
+    output_dir = os.environ.get("SM_OUTPUT_DIR")
+    return Path(output_dir) / Path(default).name if output_dir else Path(default)
+
+
 def report_failure(failure_file: str | os.PathLike, line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-    write_failure_message(failure_file, line)
+    write_failure_message(job_failure_file(failure_file), line)
 
 
 def run_script(script: str, failure_file: str | os.PathLike, parse: Callable[[], Parsed],
@@ -141,7 +152,7 @@ def run_script(script: str, failure_file: str | os.PathLike, parse: Callable[[],
         sys.stderr.write(captured.getvalue())
         if stop.code in (0, None):
             return 0
-        write_failure_message(failure_file, argument_error_line(script, captured.getvalue()))
+        write_failure_message(job_failure_file(failure_file), argument_error_line(script, captured.getvalue()))
         return stop.code if isinstance(stop.code, int) else USAGE_EXIT_CODE
     sys.stderr.write(captured.getvalue())
     try:

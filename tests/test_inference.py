@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ts.context import Context, RequestProcessor
+
 import common
 import inference
 from conftest import CODE_DIR
@@ -205,19 +207,18 @@ def test_container_functions_raise_the_status_without_a_context():
     assert caught.value.status_code == 415 and "not supported" in caught.value.message
 
 
-class TorchServeContext:
-    """Stand-in for the model server's request context (ts.context.Context): headers in, status out."""
-
-    def __init__(self, headers: dict[str, str]):
-        headers = dict(headers)
-        self.status: tuple[int, str] | None = None
-        self.request_processor = [type("RequestProcessor", (), {"get_request_properties": lambda self: headers})()]
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.status = (code, phrase)
+def TorchServeContext(headers: dict[str, str]) -> Context:
+    """The model server's own request context for one request, as ts.service.Service sets it up."""
+    context = Context("model", "/opt/ml/model", None, 1, None, "0.12.0")
+    context.request_processor = [RequestProcessor(dict(headers))]
+    return context
 
 
-def run_container_functions(model, body, content_type: str, accept: str, context: TorchServeContext) -> tuple[str, str]:
+def status_of(context: Context) -> tuple[int, str | None]:
+    return context.get_response_status(0)
+
+
+def run_container_functions(model, body, content_type: str, accept: str, context: Context) -> tuple[str, str]:
     data = inference.input_fn(body, content_type, context)
     prediction = inference.predict_fn(data, model, context)
     return inference.output_fn(prediction, accept, context)
@@ -228,7 +229,7 @@ def test_container_functions_honour_custom_attributes(model):
     context = TorchServeContext({"Content-Type": "application/json", "X-Amzn-SageMaker-Custom-Attributes": "top_k=2;return_logits=true"})
     text, content_type = run_container_functions(model, body, "application/json", "application/json", context)
     [prediction] = json.loads(text)["predictions"]
-    assert content_type == "application/json" and context.status is None
+    assert content_type == "application/json" and status_of(context) == (200, None)
     assert len(prediction["top_k"]) == 2 and len(prediction["logits"]) == len(CLASSES)
 
 
@@ -242,9 +243,9 @@ def test_container_functions_set_the_status_and_return_a_clean_body(model, body,
     context = TorchServeContext({})
     text, response_type = run_container_functions(model, bytearray(body), content_type, accept, context)
     assert response_type == "application/json"
-    assert context.status[0] == status
+    assert status_of(context)[0] == status
     document = json.loads(text)
-    assert document["status"] == status and document["error"] == context.status[1]
+    assert document["status"] == status and document["error"] == status_of(context)[1]
 
 
 class ForwardFails(torch.nn.Module):
@@ -273,7 +274,7 @@ def test_a_failing_forward_gives_a_short_500_through_the_context_and_logs_the_tr
         text, response_type = run_container_functions(failing_model, JPEG, "image/jpeg", "application/json", context)
     assert response_type == "application/json"
     assert_short_internal_error(text, "predicting")
-    assert context.status == (500, json.loads(text)["error"])
+    assert status_of(context) == (500, json.loads(text)["error"])
     assert "out of memory" not in text and "Traceback" not in text
     assert_logged_with_traceback(caplog, "CUDA out of memory")
 
@@ -301,7 +302,7 @@ def test_a_prediction_with_fewer_class_names_than_outputs_gives_a_short_500_from
         text, response_type = inference.output_fn(prediction, "application/json", context)
     assert response_type == "application/json"
     assert_short_internal_error(text, "writing the response")
-    assert context.status[0] == 500
+    assert status_of(context)[0] == 500
     assert_logged_with_traceback(caplog, "list index out of range")
 
 

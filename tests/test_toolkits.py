@@ -1,0 +1,318 @@
+"""The container scripts under the real SageMaker container toolkits, as the PyTorch images run them.
+
+Training: ``sagemaker-training``'s entry point (what the image's ``train`` command runs) with
+``sagemaker-pytorch-training`` as the framework module, on a generated data set in a
+temporary ``SAGEMAKER_BASE_DIR``, with the hyperparameters of the synthesized
+``TrainSingleInstance`` step. Serving: ``sagemaker-pytorch-inference``'s ``HandlerService``
+on ``sagemaker-inference``'s ``Transformer``, loaded and driven by TorchServe's own Python
+worker code (``pipeline/local/torchserve.py``), and once behind the real TorchServe front end
+over HTTP on 127.0.0.1 where Java is installed.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import common
+import train
+from conftest import CODE_DIR, make_dataset
+from pipeline.local.torchserve import HANDLER_SERVICE, ModelWorker
+
+CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C"]
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def step_hyperparameters() -> dict[str, Any]:
+    """HyperParameters of the synthesized TrainSingleInstance step, as the service receives them."""
+    from pipeline.definition import synth
+    from pipeline.settings import load_settings
+
+    document = synth(load_settings({}, environ={})).document
+    document = json.loads(document) if isinstance(document, str) else document
+    step = next(step for step in document["Steps"] if step["Name"] == "TrainSingleInstance")
+    return step["Arguments"]["HyperParameters"]
+
+
+# What each reference of the step resolves to in this test: a small, fast job whose backbone
+# weights come from the pretrained channel, as in the pipeline (random weights saved to a file).
+PLAIN_VALUES = {"backbone": "resnet18", "image_size": 32, "pretrained_weights": "imagenet",
+                "batch_size": 8, "epochs": 1, "learning_rate": 0.01}
+
+
+def resolved(value: Any, name: str) -> str:
+    """A step property's value as the service resolves it: ``Get`` to the plain value, ``Std:Join`` to the joined string."""
+    if isinstance(value, str):
+        return value
+    assert name in PLAIN_VALUES, f"hyperparameter {name} of TrainSingleInstance is a reference this test has no value for: {value}"
+    if "Std:Join" in value:
+        join = value["Std:Join"]
+        return join["On"].join(resolved(part, name) for part in join["Values"])
+    assert set(value) == {"Get"}, value
+    return str(PLAIN_VALUES[name])
+
+
+def service_hyperparameters(step: dict[str, Any], **changes: Any) -> dict[str, str]:
+    """hyperparameters.json as SageMaker writes it for the step; ``changes`` JSON-encoded, as the SDK encodes values."""
+    written = {name: resolved(value, name) for name, value in step.items()}
+    written.update({name: json.dumps(value) for name, value in changes.items()})
+    return written
+
+
+def toolkit_training_job(base: Path, data: Path, hyperparameters: dict[str, str]) -> subprocess.CompletedProcess:
+    """One host of a training job under sagemaker-training, laid out in ``base`` as SageMaker lays out /opt/ml."""
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    (config / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "lo"}))
+    (config / "inputdataconfig.json").write_text(json.dumps(
+        {channel: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for channel in CHANNELS}))
+    for channel in CHANNELS:
+        shutil.copytree(data / channel, base / "input" / "data" / channel)
+    shutil.copytree(CODE_DIR, base / "code", ignore=shutil.ignore_patterns("__pycache__"))  # the unpacked sourcedir.tar.gz
+    for folder in ("model", "output/data", "output/intermediate"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    environment = {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
+        "SAGEMAKER_BASE_DIR": str(base),
+        "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",  # set by the PyTorch training image
+        "SM_STUDIO_LOCAL_MODE": "true",  # one host: no wait for algo-1 to resolve
+        **THREADS,
+    }
+    return subprocess.run([sys.executable, "-m", "sagemaker_training.cli.train"], env=environment, cwd=base,
+                          capture_output=True, text=True, timeout=600)
+
+
+CHANNELS = ("train", "valid", "pretrained")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three channels of the training step: images and a resnet18 state dict."""
+    import torch
+    from torchvision import models
+
+    root = make_dataset(tmp_path_factory.mktemp("data"), classes=2, per_split={"train": 4, "valid": 2})
+    (root / "pretrained").mkdir()
+    torch.save(models.resnet18(weights=None).state_dict(), root / "pretrained" / "resnet18.pth")
+    return root
+
+
+def test_train_runs_under_the_training_toolkit_with_the_steps_hyperparameters(step_hyperparameters, data, tmp_path):
+    """The model artifacts appear; a JSON ``false`` reaches train.py as the argument ``False`` and is read as false."""
+    base = tmp_path / "opt" / "ml"
+    job = toolkit_training_job(base, data, service_hyperparameters(step_hyperparameters, augment=False))
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "Reporting training SUCCESS" in log and " --augment False " in log
+    for name in ("model.pth", "classes.json", "model_info.json", "code/inference.py"):
+        assert (base / "model" / name).is_file(), name
+    info = json.loads((base / "model" / "model_info.json").read_text())
+    assert (info["backbone"], info["image_size"], info["hyperparameters"]["augment"]) == ("resnet18", 32, False)
+    assert (base / "output" / "success").is_file() and not (base / "output" / "failure").exists()
+
+
+def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_hyperparameters, data, tmp_path):
+    base = tmp_path / "opt" / "ml"
+    job = toolkit_training_job(base, data, service_hyperparameters(step_hyperparameters, learning_rat=0.1))
+    assert job.returncode != 0
+    reason = (base / "output" / "failure").read_text()
+    assert reason.startswith("train.py: error: unrecognized arguments: --learning_rat 0.1"), reason
+    assert "\n" not in reason.strip() and "Traceback" not in reason
+
+
+# ---------------------------------------------------------------- serving
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+PHOTO = Image.new("RGB", (48, 40), (180, 40, 30))
+JPEG = encoded(PHOTO, "JPEG")
+PNG = encoded(Image.new("RGBA", (30, 30), (0, 90, 200, 128)), "PNG")
+B64 = base64.b64encode(JPEG).decode()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder as train.py writes it (random resnet18 weights), with the code train.py packs."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("served") / "model"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(common.build_model("resnet18", len(CLASSES)).state_dict(), folder / "model.pth")
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    (folder / "model_info.json").write_text(json.dumps({"backbone": "resnet18", "image_size": 32}))
+    train.copy_inference_code(folder / "code")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir: Path) -> ModelWorker:
+    return ModelWorker(model_dir, model_dir / "code", {"SAGEMAKER_PROGRAM": "inference.py"})
+
+
+ACCEPTED = {
+    "jpeg": ("image/jpeg", JPEG),
+    "png": ("image/png", PNG),
+    "x-image": ("application/x-image", JPEG),
+    "base64 json": ("application/json", json.dumps({"image_base64": B64}).encode()),
+    "json instances": ("application/json", json.dumps({"instances": [B64, {"image_base64": B64}], "top_k": 2}).encode()),
+}
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_the_handler_service_answers_images_and_json_with_predictions(worker, name):
+    content_type, body = ACCEPTED[name]
+    status, payload, response_type = worker.invoke(body, {"Content-Type": content_type, "Accept": "application/json"})
+    assert (status, response_type) == (200, "application/json"), payload
+    predictions = json.loads(payload)["predictions"]
+    assert len(predictions) == (2 if name == "json instances" else 1)
+    assert all(entry["label"] in CLASSES for prediction in predictions for entry in prediction["top_k"])
+
+
+REFUSED = {
+    "text": ("text/plain", b"a dog", 415),
+    "empty image": ("image/jpeg", b"", 400),
+    "empty json": ("application/json", b"", 400),
+    "truncated jpeg": ("image/jpeg", JPEG[: len(JPEG) // 2], 400),
+    "malformed json": ("application/json", b'{"image_base64": ', 400),
+    "non-utf-8 json": ("application/json", b'{"image_base64": "\xff\xfe"}', 400),
+    "non-utf-8 csv": ("text/csv", b"\xff\xfe1,2,3", 400),
+    "utf-8 csv": ("text/csv", b"1,2,3", 415),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_the_handler_service_refuses_bad_bodies_with_short_json(worker, name):
+    content_type, body, expected = REFUSED[name]
+    status, payload, response_type = worker.invoke(body, {"Content-Type": content_type, "Accept": "application/json"})
+    assert (status, response_type) == (expected, "application/json"), payload
+    document = json.loads(payload)
+    assert document["status"] == expected and document["error"]
+    assert b"Traceback" not in payload and len(payload) < 600
+
+
+def test_custom_attributes_reach_the_script_through_the_toolkit(worker):
+    status, payload, _ = worker.invoke(JPEG, {"Content-Type": "image/jpeg",
+                                              "X-Amzn-SageMaker-Custom-Attributes": "top_k=1;return_logits=true"})
+    prediction = json.loads(payload)["predictions"][0]
+    assert status == 200 and len(prediction["top_k"]) == 1 and len(prediction["logits"]) == len(CLASSES)
+
+
+def test_without_the_guard_the_toolkit_answers_a_non_utf8_json_body_with_a_traceback(tmp_path):
+    """Pins why inference.py guards the toolkit: it decodes JSON and CSV bodies before input_fn sees them."""
+    code = tmp_path / "model" / "code"
+    code.mkdir(parents=True)
+    (code / "plain.py").write_text(
+        "def model_fn(model_dir):\n    return None\n\n"
+        "def input_fn(body, content_type):\n    return body\n\n"
+        "def predict_fn(data, model):\n    return data\n\n"
+        "def output_fn(prediction, accept):\n    return 'ok', 'text/plain'\n")
+    import sagemaker_inference.transformer as transformer
+
+    guarded = transformer.Transformer.transform
+    transformer.Transformer.transform = getattr(guarded, "toolkit_transform", guarded)
+    try:
+        plain = ModelWorker(tmp_path / "model", code, {"SAGEMAKER_PROGRAM": "plain.py"})
+        status, payload, _ = plain.invoke(b'{"a": "\xff"}', {"Content-Type": "application/json"})
+    finally:
+        transformer.Transformer.transform = guarded
+    assert status == 500 and b"Traceback" in payload and b"UnicodeDecodeError" in payload
+
+
+# ---------------------------------------------------------------- the real TorchServe front end
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe's front end needs Java 11+")
+def test_torchserve_serves_the_model_over_http_on_loopback(model_dir, tmp_path):
+    """TorchServe started as the container's ``serve`` starts it, bound to 127.0.0.1 and with one worker."""
+    from sagemaker_pytorch_serving_container import torchserve
+
+    port, metrics = free_port(), free_port()
+    environment = {**os.environ, **THREADS, "SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_BIND_TO_PORT": str(port),
+                   "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "PYTHONPATH": str(model_dir / "code"),
+                   "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs"),
+                   "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    saved = dict(os.environ)
+    os.environ.update(environment)
+    try:
+        properties = torchserve._generate_ts_config_properties(HANDLER_SERVICE)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    properties = properties.replace(f"0.0.0.0:{port}", f"127.0.0.1:{port}")  # the container binds every interface
+    properties += f"metrics_address=http://127.0.0.1:{metrics}\n"
+    (tmp_path / "ts.properties").write_text(properties)
+    (tmp_path / "store").mkdir()
+    server = subprocess.Popen(
+        ["torchserve", "--start", "--foreground", "--ncs", "--model-store", str(tmp_path / "store"),
+         "--ts-config", str(tmp_path / "ts.properties"), "--log-config", torchserve.DEFAULT_TS_LOG_FILE,
+         "--models", f"model={model_dir}"],
+        env=environment, cwd=tmp_path, stdout=open(tmp_path / "torchserve.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "torchserve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                    if response.status == 200 and b"Healthy" in response.read():
+                        status, payload = post(f"{url}/invocations", JPEG, "image/jpeg")
+                        if status == 200:
+                            break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "torchserve.log").read_text()[-3000:]
+            time.sleep(1)
+        assert json.loads(payload)["predictions"][0]["top_k"][0]["label"] in CLASSES
+        status, payload = post(f"{url}/invocations", b'{"image_base64": "\xff"}', "application/json")
+        assert status == 400 and json.loads(payload)["status"] == 400 and b"Traceback" not in payload
+        status, payload = post(f"{url}/invocations", b"a dog", "text/plain")
+        assert status == 415 and b"Traceback" not in payload
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
