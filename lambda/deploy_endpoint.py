@@ -1,11 +1,12 @@
 """Deploy an approved model package to a real-time endpoint (the Deploy... LambdaSteps).
 
 Creates a SageMaker model from the package and an endpoint config, both named
-after a hash of their content, then creates the endpoint or switches it to the
-new config with a blue/green update. It returns at once: waiting for the
-endpoint is the Check... step's job, because an endpoint takes longer to come up
-than a LambdaStep should run. Running it twice with the same event changes
-nothing.
+after a hash of what they serve (image, model data URL, environment, role,
+instance settings; not the package version), then creates the endpoint or
+switches it to the new config with a blue/green update. It returns at once:
+waiting for the endpoint is the WaitFor... callback step's job, because an
+endpoint can take longer to come up than a LambdaStep may run. Running it
+again for a package version that serves the same artifacts changes nothing.
 """
 from __future__ import annotations
 
@@ -152,13 +153,27 @@ def content_name(prefix: str, content: Mapping[str, Any]) -> str:
     return f"{head}-{digest}"
 
 
-def model_spec(request: DeployRequest) -> dict[str, Any]:
-    """CreateModel arguments, ModelName included."""
-    content = {
+def served_content(request: DeployRequest, package: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model serves: the package's images, model data URLs and environments, and the role.
+
+    The package ARN is not part of it: each pipeline execution registers a new
+    version, and a version that serves the same artifacts must not redeploy.
+    """
+    containers = (package.get("InferenceSpecification") or {}).get("Containers") or []
+    return {
+        "ExecutionRoleArn": request.model_role_arn,
+        "Containers": [{key: container.get(key) for key in ("Image", "ImageDigest", "ModelDataUrl", "Environment")}
+                       for container in containers],
+    }
+
+
+def model_spec(request: DeployRequest, package: Mapping[str, Any]) -> dict[str, Any]:
+    """CreateModel arguments, ModelName included: named by what it serves, created from the package."""
+    return {
+        "ModelName": content_name(request.endpoint_name, served_content(request, package)),
         "ExecutionRoleArn": request.model_role_arn,
         "Containers": [{"ModelPackageName": request.model_package_arn}],
     }
-    return {"ModelName": content_name(request.endpoint_name, content), **content}
 
 
 def endpoint_config_spec(request: DeployRequest, model_name: str) -> dict[str, Any]:
@@ -351,8 +366,8 @@ def create_or_update_endpoint(request: DeployRequest, config_name: str) -> tuple
 def deploy(request: DeployRequest) -> dict[str, str]:
     """Create what is missing and point the endpoint at it; returns the names used and the action taken."""
     sagemaker = client("sagemaker")
-    approved_package(sagemaker, request.model_package_arn)
-    model = model_spec(request)
+    package = approved_package(sagemaker, request.model_package_arn)
+    model = model_spec(request, package)
     ensure_created(sagemaker.describe_model, sagemaker.create_model, model, "ModelName")
     config = endpoint_config_spec(request, model["ModelName"])
     ensure_created(sagemaker.describe_endpoint_config, sagemaker.create_endpoint_config, config, "EndpointConfigName")

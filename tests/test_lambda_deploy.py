@@ -141,6 +141,21 @@ def test_the_endpoint_config_leaves_the_kms_key_out_by_instance_family(aws):
         assert ("KmsKeyId" in spec) is has_key, instance_type
 
 
+def test_a_new_version_that_serves_the_same_artifacts_changes_nothing(aws, update_endpoint_in_moto):
+    """Every execution registers a package version; a fully cached rerun's version serves the same model.tar.gz."""
+    deploy = load_handler("deploy_endpoint")
+    artifacts = "s3://bucket/jobs/TrainSingleInstance/output/model.tar.gz"
+    first = deploy.handler(deploy_event(model_package(model_data_url=artifacts)), None)
+    second = deploy.handler(deploy_event(model_package(model_data_url=artifacts)), None)
+
+    assert second == {**first, "action": "unchanged"}
+    assert update_endpoint_in_moto == []  # no UpdateEndpoint: no blue/green fleet, no rollback risk
+    assert len(sagemaker().list_models()["Models"]) == 1
+    assert len(sagemaker().list_endpoint_configs()["EndpointConfigs"]) == 1
+    changed = deploy.handler(deploy_event(model_package(model_data_url=artifacts), initial_instance_count=2), None)
+    assert changed["action"] == "updated" and changed["model_name"] == first["model_name"]  # same model, new instance settings
+
+
 def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoint_in_moto, monkeypatch):
     monkeypatch.setenv("ROLLBACK_ALARM_NAME_PATTERN", "{endpoint_name}-5xx-errors")
     deploy = load_handler("deploy_endpoint")
