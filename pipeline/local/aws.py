@@ -23,24 +23,28 @@ QUIET_LOGGERS = ("werkzeug", "moto", "botocore.credentials")
 
 
 class EmbeddedMoto:
-    """moto's server in a thread of this process, on a free loopback port, with empty backends."""
+    """moto's server in a thread of this process, on a free loopback port, with empty backends, and the
+    callback API of CallbackSteps that moto lacks (``pipeline.local.callbacks``) in front of it."""
 
     def __init__(self) -> None:
         self._server = None
         self._levels: dict[str, int] = {}
         self.url = ""
 
+    @property
+    def callbacks(self):
+        return self._server.api
+
     def __enter__(self) -> "EmbeddedMoto":
-        from moto.server import ThreadedMotoServer
+        from pipeline.local.callbacks import MotoWithCallbacks
 
         self._levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
         for name in QUIET_LOGGERS:  # the server logs every request
             logging.getLogger(name).setLevel(logging.ERROR)
 
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = MotoWithCallbacks()
         self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
+        self.url = self._server.url
         self.reset()
         return self
 
@@ -59,6 +63,19 @@ class EmbeddedMoto:
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
+
+
+def set_endpoint_status(region: str, endpoint_name: str, status: str) -> bool:
+    """Put an endpoint of the embedded SageMaker in ``status`` (moto makes every endpoint InService at once);
+    False when no account of the embedded backend has it."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    for account in list(sagemaker_backends.keys()):
+        endpoint = sagemaker_backends[account][region].endpoints.get(endpoint_name)
+        if endpoint is not None:
+            endpoint.endpoint_status = status
+            return True
+    return False
 
 
 def client(service: str, endpoint_url: str, region: str) -> Any:

@@ -17,6 +17,16 @@ LOCAL_DEFAULTS = {"PretrainedWeights": "none"}
 SAMPLE_DEFAULTS = {"Backbone": "resnet18", "ImageSize": 32, "TuningMaxJobs": 4}
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return value
+
+
 def register(subparsers: Any) -> None:
     from pipeline.cli import add_settings_arguments
 
@@ -40,6 +50,9 @@ def register(subparsers: Any) -> None:
                         help="run at most N tuning trials (default: the TuningMaxJobs parameter)")
     parser.add_argument("--parallel", type=_positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
                         help="steps (and tuning trials) run at once; an N-instance job counts as one (default %(default)s)")
+    parser.add_argument("--endpoint-delay", type=_seconds, default=0.0, metavar="SECONDS",
+                        help="an endpoint a Deploy step creates or updates stays Creating/Updating this long, "
+                             "so the WaitFor steps poll it as on SageMaker (default 0)")
     parser.add_argument("--definition", type=Path, default=None,
                         help="run this definition JSON instead of synthesizing one (its assets must be this tree's)")
     parser.add_argument("--no-progress", dest="plain", action="store_const", const=True, default=None,
@@ -174,7 +187,7 @@ def run_command(args: argparse.Namespace) -> int:
     execution_id = new_execution_id()
     workdir = args.workdir or DEFAULT_WORKDIRS / execution_id
     options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=args.max_tuning_jobs,
-                         parallel=args.parallel, plain=args.plain)
+                         parallel=args.parallel, plain=args.plain, endpoint_delay_seconds=args.endpoint_delay)
     try:
         run = LocalRun(document, settings, synthesized.assets, workdir, options, execution_id)
         run.prepare()

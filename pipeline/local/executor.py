@@ -6,14 +6,19 @@ it starts; its properties, shaped like its Describe* API's answer, are what
 later steps' references read. A condition step decides which of its branches
 runs; steps of the other branch, and steps that depend on them, are skipped.
 When a step fails (a Fail step included) no further step starts, the running
-ones finish, and the run ends Failed with the first failure's reason.
+ones finish, and the run ends Failed naming every failed step: SageMaker does
+the same ("When a Fail step and other pipeline steps execute at the same time,
+the pipeline does not terminate until all concurrent steps are completed").
 
 Local stand-ins: S3 is a folder, jobs are processes (``containers``), tuning
 is a few seeded random trials (``tuning``), the model registry and the
 endpoints' control plane are an embedded moto server, Lambda functions are
 the project's handlers called in this process (``lambdas``), and the
-endpoints' data plane is a local server (``endpoint``). Retry policies are not
-applied and step caching is off: every step runs.
+endpoints' data plane is a local server (``endpoint``). A Callback step sends
+SageMaker's message to its queue in moto's SQS, and the project's wait-endpoint
+function receives it as Lambda's SQS event source mapping would deliver it,
+until it answers the token (``callbacks``). Retry policies are not applied and
+step caching is off: every step runs.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import Any, Callable, Iterator, TextIO
 from pipeline.assets import Assets
 from pipeline.dag import DefinitionError, StepNode, topological_order
 from pipeline.local import aws
+from pipeline.local.callbacks import callback_message, deliver
 from pipeline.local.conditions import evaluate_all
 from pipeline.local.containers import (
     JobContext,
@@ -55,7 +61,11 @@ from pipeline.settings import Settings
 
 SUCCEEDED, FAILED, EXECUTING, STOPPED = "Succeeded", "Failed", "Executing", "Stopped"
 SKIPPED, NOT_RUN = "Skipped", "Not run"
-SUPPORTED_TYPES = ("Processing", "Training", "Tuning", "RegisterModel", "Lambda", "Condition", "Fail")
+SUPPORTED_TYPES = ("Processing", "Training", "Tuning", "RegisterModel", "Lambda", "Callback", "Condition", "Fail")
+WAIT_FUNCTION = "wait-endpoint"  # the function the endpoint-wait queue triggers (infra/template.yaml)
+# Locally the wait function looks every second or two instead of SageMaker-scale intervals.
+WAIT_FUNCTION_ENVIRONMENT = {"INITIAL_POLL_SECONDS": "1", "MAX_POLL_SECONDS": "2"}
+CALLBACK_GRACE_SECONDS = 120  # beyond the step's max_wait_minutes, before local-run gives up on an unanswered token
 REFRESH_SECONDS = 0.5
 NOTE_WIDTH = 90  # a step's remark in the table; the summary has it whole
 LOG = logging.getLogger("dogbreed.local")
@@ -73,6 +83,7 @@ class RunOptions:
     plain: bool | None = None
     seed: int = 0
     output: TextIO | None = None
+    endpoint_delay_seconds: float = 0.0  # an endpoint a Deploy step creates or updates stays Creating/Updating this long
 
 
 @dataclass
@@ -187,6 +198,8 @@ class LocalRun:
         self._router: ThreadOutput | None = None
         self.ctx: JobContext | None = None
         self.sagemaker: Any = None
+        self.sqs: Any = None
+        self.moto: aws.EmbeddedMoto | None = None
         self.functions: LambdaFunctions | None = None
         self.runtime: RuntimeServer | None = None
 
@@ -224,6 +237,8 @@ class LocalRun:
         output = self.options.output or sys.stdout
         view = ProgressView(f"{self.settings.pipeline_name} {self.execution_id} (local)", plain=self.options.plain, file=output)
         with aws.EmbeddedMoto() as moto:
+            self.moto = moto
+            self.sqs = aws.client("sqs", moto.url, self.settings.region)
             self.sagemaker = aws.client("sagemaker", moto.url, self.settings.region)
             with RuntimeServer(self.sagemaker, self.s3, self.workdir / "endpoints", self.workdir / "endpoints" / "invocations.log") as runtime:
                 self.runtime = runtime
@@ -231,7 +246,9 @@ class LocalRun:
                 self.ctx = JobContext(self.s3, self.workdir / "jobs", self.settings.region, self.settings.account,
                                       container_environment(os.path.dirname(sys.executable), environment),
                                       cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
-                self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda")
+                wait_function = self.settings.lambda_function_name(WAIT_FUNCTION)
+                self.functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda",
+                                                 lambda name: WAIT_FUNCTION_ENVIRONMENT if name == wait_function else {})
                 with aws.aws_environment(environment), terminate_as_interrupt(), view, \
                         routed_stdout() as router:
                     self._router = router
@@ -281,7 +298,7 @@ class LocalRun:
         if failures:
             first = self.states[failures[0]]
             self._mark_not_run(f"the run failed at {first.name}")
-            status, reason = FAILED, f"step {first.name} failed: {first.reason}"
+            status, reason = FAILED, "; ".join(f"step {name} failed: {self.states[name].reason}" for name in failures)
         else:
             self._mark_not_run("its dependencies did not run")
             status, reason = SUCCEEDED, ""
@@ -379,6 +396,7 @@ class LocalRun:
             "RegisterModel": self._register,
             "Lambda": self._lambda,
             "Condition": self._condition,
+            "Callback": self._callback,
             "Fail": self._fail,
         }[state.node.type]
         return handler(state, Resolver(self.scope, state.name))
@@ -438,6 +456,7 @@ class LocalRun:
         state.logs = result.logs
         self.scope.set_properties(state.name, result.properties)
         state.details["model"] = str(result.model_artifact)
+        state.details["runner"] = result.runner
         final = {item["MetricName"]: item["Value"] for item in result.properties["FinalMetricDataList"]}
         state.details["final_metrics"] = final
         return " ".join(f"{name}={value:.4g}" for name, value in final.items())
@@ -460,7 +479,8 @@ class LocalRun:
         metric = best["FinalHyperParameterTuningJobObjectiveMetric"]
         state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
                                     "objective": t.objective(metric["MetricName"]),
-                                    "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None}
+                                    "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None,
+                                    "runner": t.result.runner if t.result else None}
                                    for t in trials]
         channels = {item["ChannelName"]: item.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
                     for item in arguments["TrainingJobDefinition"].get("InputDataConfig", [])}
@@ -481,6 +501,52 @@ class LocalRun:
         answer = self.functions.invoke(arn, event, log, self._router)
         self.runtime.start_containers()  # an endpoint the function created or updated loads its model now
         outputs = output_parameters(answer, state.node.document.get("OutputParameters", []), arn.split(":")[6])
+        self._delay_endpoint(outputs)
+        self.scope.set_properties(state.name, {"OutputParameters": outputs})
+        state.details["outputs"] = outputs
+        return " ".join(f"{name}={value}" for name, value in outputs.items())
+
+    def _delay_endpoint(self, outputs: dict[str, Any]) -> None:
+        """With --endpoint-delay, an endpoint just created or updated is Creating or Updating for that long, as on SageMaker."""
+        action, name = outputs.get("action"), outputs.get("endpoint_name")
+        delay = self.options.endpoint_delay_seconds
+        if delay <= 0 or not name or action not in ("created", "updated"):
+            return
+        aws.set_endpoint_status(self.settings.region, name, "Creating" if action == "created" else "Updating")
+        timer = threading.Timer(delay, aws.set_endpoint_status, (self.settings.region, name, "InService"))
+        timer.daemon = True
+        timer.start()
+
+    def _queue_url(self, sqs_queue_url: str) -> str:
+        """The embedded SQS queue named by a Callback step's SqsQueueUrl, created on first use."""
+        name = sqs_queue_url.rstrip("/").rsplit("/", 1)[-1]
+        with self._lock:
+            return self.sqs.create_queue(QueueName=name)["QueueUrl"]
+
+    def _callback(self, state: StepState, resolver: Resolver) -> str:
+        """Send SageMaker's callback message and let the wait function answer it, delivered as Lambda's SQS mapping does."""
+        document = state.node.document
+        arguments = resolver.resolve(document.get("Arguments", {}))
+        queue_url = self._queue_url(document["SqsQueueUrl"])
+        execution_arn = self.scope.execution["PipelineExecutionArn"]
+        token = self.moto.callbacks.issue(state.name, execution_arn)
+        callback = self.moto.callbacks.callbacks[token]
+        self.sqs.send_message(QueueUrl=queue_url, MessageBody=callback_message(token, execution_arn, arguments))
+        arn = self.settings.lambda_arn(WAIT_FUNCTION)
+        log = self.workdir / "lambda" / f"{state.name}.log"
+        state.logs = [log]
+        limit = float(arguments.get("max_wait_minutes") or 60) * 60 + CALLBACK_GRACE_SECONDS
+        started, looks = utc_now(), 0
+        while not callback.answered.is_set():
+            if (utc_now() - started).total_seconds() > limit:
+                raise StepFailure(f"no answer to the callback token within {limit:.0f} s: see {log}")
+            looks += deliver(self.sqs, queue_url, self.settings.region,
+                             lambda event: self.functions.invoke(arn, event, log, self._router))
+            state.note = f"{looks} message deliveries to {self.settings.lambda_function_name(WAIT_FUNCTION)}"
+        state.details["callback"] = {"token": token, "deliveries": looks, "outcome": callback.outcome}
+        if callback.outcome != "Succeeded":
+            raise StepFailure(callback.failure_reason or "the callback step was answered with a failure")
+        outputs = output_parameters(callback.outputs, document.get("OutputParameters", []), "the callback answer")
         self.scope.set_properties(state.name, {"OutputParameters": outputs})
         state.details["outputs"] = outputs
         return " ".join(f"{name}={value}" for name, value in outputs.items())

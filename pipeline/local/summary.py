@@ -183,9 +183,9 @@ def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
     gates = [state for state in result.steps.values() if state.node.type == "Condition" and state.details.get("notes")]
     for state in gates:
         lines.append(f"  {state.name}: {'; '.join(state.details['notes'])}")
-    checks = [state for state in result.steps.values() if state.node.type == "Lambda" and state.details.get("outputs")]
+    checks = [state for state in result.steps.values() if state.node.type in ("Lambda", "Callback") and state.details.get("outputs")]
     if checks:
-        lines += ["", "Lambda steps"]
+        lines += ["", "Lambda and callback steps"]
         for state in checks:
             answer = ", ".join(f"{key}={value}" for key, value in state.details["outputs"].items())
             lines.append(f"  {state.name}: {answer}")
