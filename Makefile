@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+# checkov's dependencies clash with the SageMaker SDK's: it gets a virtual environment of its own.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := $(VENV)/tools-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 .PHONY: run test synth clean
 
@@ -17,7 +21,13 @@ run: $(STAMP)
 	$(BIN)/dogbreed synth
 	$(BIN)/dogbreed local-run
 
-test: $(STAMP)
+$(CHECKOV_STAMP): | $(STAMP)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
+test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/python -m pytest
 
 synth: $(STAMP)
