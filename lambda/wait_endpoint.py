@@ -204,8 +204,8 @@ def postpone(delivery: Delivery, request: WaitRequest) -> int:
     """Hide the message until the next look; returns the seconds chosen."""
     remaining = request.max_wait_minutes * 60 - (time.time() - delivery.sent_at)
     seconds = poll_seconds(delivery.receive_count, remaining)
-    client("sqs").change_message_visibility(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle,
-                                            VisibilityTimeout=seconds)
+    sqs = client("sqs")
+    sqs.change_message_visibility(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle, VisibilityTimeout=seconds)
     return seconds
 
 

@@ -67,9 +67,12 @@ class FunctionSpec:
 FUNCTIONS = (
     FunctionSpec("deploy-endpoint", "deploy_endpoint.handler", 120, 256,
                  "Deploys an approved model package to an endpoint (the pipeline's Deploy steps)."),
+    # one look at an endpoint per SQS delivery; the queue's visibility timeout (360 s) stays above this timeout
+    FunctionSpec("wait-endpoint", "wait_endpoint.handler", 60, 128,
+                 "Answers the pipeline's WaitFor callback steps once their endpoint is InService, failed or waited for too long."),
     # a LambdaStep gives up after 10 minutes; the handler fits its wait into the time Lambda leaves it
     FunctionSpec("check-endpoint", "check_endpoint.handler", 600, 256,
-                 "Waits for an endpoint, sets its auto scaling and tests it with a real image (the pipeline's Check steps)."),
+                 "Sets an InService endpoint's auto scaling and tests it with a real image (the pipeline's Check steps)."),
     FunctionSpec("invoke-endpoint", "invoke_endpoint.handler", 30, 512,
                  "Classifies a dog photo with the public endpoint and answers the top breeds as JSON."),
 )

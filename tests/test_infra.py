@@ -67,6 +67,8 @@ class Resolver:
             "AWS::S3::Bucket": "BucketName", "AWS::IAM::Role": "RoleName", "AWS::Logs::LogGroup": "LogGroupName",
             "AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",
         }
+        if kind == "AWS::SQS::Queue":  # Ref of a queue is its URL
+            return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{properties['QueueName']}"
         return properties[names[kind]] if kind in names else f"{logical}-physical-id"
 
     def get_att(self, logical: str, attribute: str) -> str:
@@ -77,6 +79,7 @@ class Resolver:
             "AWS::IAM::Role": f"arn:{PARTITION}:iam::{ACCOUNT}:role/{name}",
             "AWS::Logs::LogGroup": f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:{name}",
             "AWS::CloudWatch::Alarm": f"arn:{PARTITION}:cloudwatch:{REGION}:{ACCOUNT}:alarm:{name}",
+            "AWS::SQS::Queue": f"arn:{PARTITION}:sqs:{REGION}:{ACCOUNT}:{name.rsplit('/', 1)[-1]}",
         }
         if attribute != "Arn":
             raise AssertionError(f"the resolver knows only Arn attributes, not {logical}.{attribute}")
@@ -330,14 +333,14 @@ def test_roles_pass_only_the_roles_their_services_need(template):
         "DeployFunctionRole": {(f"{role}-sagemaker-model", "sagemaker.amazonaws.com")},
         "PipelineRole": {(f"{role}-sagemaker-jobs", "sagemaker.amazonaws.com")},
         "CodeBuildRole": {(f"{role}-pipeline", "sagemaker.amazonaws.com")}
-        | {(f"{role}-{function}", "lambda.amazonaws.com") for function in ("deploy-endpoint", "check-endpoint", "invoke-endpoint")},
+        | {(f"{role}-{function}", "lambda.amazonaws.com") for function in ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint")},
     }
 
 
 def test_the_endpoint_roles_reach_only_the_two_project_endpoints(stack):
     project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
     endpoints = {f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/{project}-{slug}" for slug in ("single-instance", "multi-instance")}
-    for role in ("DeployFunctionRole", "CheckFunctionRole"):
+    for role in ("DeployFunctionRole", "WaitFunctionRole", "CheckFunctionRole"):
         for statement in role_statements(stack, role):
             for resource in as_list(statement["Resource"]):
                 if ":endpoint/" in resource:
@@ -471,9 +474,14 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
 # --- the Lambda roles allow every call their handler makes ------------------------
 
 # The variable names the handlers give their boto3 clients, and the client's service.
-HANDLER_CLIENTS = {"sagemaker": "sagemaker", "autoscaling": "application-autoscaling", "runtime": "sagemaker-runtime", "cloudwatch": "cloudwatch"}
+HANDLER_CLIENTS = {"sagemaker": "sagemaker", "autoscaling": "application-autoscaling", "runtime": "sagemaker-runtime", "cloudwatch": "cloudwatch",
+                   "sqs": "sqs"}
 IAM_PREFIX = {"sagemaker-runtime": "sagemaker"}
 ALARM_ID = "AlarmHigh-9f1c2d3e-0a1b-4c5d-8e9f-0123456789ab"
+
+
+def endpoint_wait_queue(endpoint: str) -> str:
+    return f"arn:aws:sqs:{REGION}:{ACCOUNT}:{endpoint.rsplit('-', 2)[0]}-endpoint-wait"
 
 
 def dependent_permissions(action: str, endpoint: str, model_role: str) -> set[tuple[str, str]]:
@@ -494,6 +502,8 @@ def dependent_permissions(action: str, endpoint: str, model_role: str) -> set[tu
         "application-autoscaling:DeleteScalingPolicy": {(a, r) for a in ("cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms") for r in alarms},
         "application-autoscaling:DeregisterScalableTarget": {(a, r) for a in ("cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms") for r in alarms},
         "sagemaker:CreateModel": {("iam:PassRole", model_role)},
+        # Lambda's SQS event source mapping receives, deletes and reads the queue as the function's role
+        "sqs:ChangeMessageVisibility": {(a, endpoint_wait_queue(endpoint)) for a in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")},
     }
     return table.get(action, set())
 
@@ -501,11 +511,15 @@ def dependent_permissions(action: str, endpoint: str, model_role: str) -> set[tu
 def direct_resource(action: str, endpoint: str) -> str:
     """The resource a handler's call names, for an endpoint called ``endpoint``."""
     service, name = action.split(":", 1)
+    project = endpoint.rsplit("-", 2)[0]
+    if service == "sqs":
+        return endpoint_wait_queue(endpoint)
+    if "PipelineExecutionStep" in name:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{project}-pipeline/execution/abc123"
     if service == "application-autoscaling":
         return f"arn:aws:application-autoscaling:{REGION}:{ACCOUNT}:scalable-target/056338ba3b5f42c6a2b8d8c1c2b5e4e2"
     if service == "cloudwatch":
         return f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{endpoint}-5xx-errors"  # the stack's rollback alarm
-    project = endpoint.rsplit("-", 2)[0]
     if "ModelPackage" in name:
         return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/{project}-models/3"
     if "EndpointConfig" in name:
@@ -532,7 +546,8 @@ def required_permissions(handler_file: str, endpoint: str, model_role: str) -> s
     return required
 
 
-@pytest.mark.parametrize(("role", "handler_file"), [("DeployFunctionRole", "deploy_endpoint.py"), ("CheckFunctionRole", "check_endpoint.py")])
+@pytest.mark.parametrize(("role", "handler_file"), [("DeployFunctionRole", "deploy_endpoint.py"), ("WaitFunctionRole", "wait_endpoint.py"),
+                                                    ("CheckFunctionRole", "check_endpoint.py")])
 def test_the_endpoint_roles_allow_every_call_their_handler_makes(stack, role, handler_file):
     project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
     model_role = f"arn:aws:iam::{ACCOUNT}:role/{stack['SageMakerModelRole']['Properties']['RoleName']}"
@@ -542,10 +557,32 @@ def test_the_endpoint_roles_allow_every_call_their_handler_makes(stack, role, ha
         actions = {action for action, _ in required}
         if role == "CheckFunctionRole":
             assert {"application-autoscaling:PutScalingPolicy", "cloudwatch:PutMetricAlarm", "sagemaker:InvokeEndpoint"} <= actions
+        elif role == "WaitFunctionRole":
+            assert {"sagemaker:DescribeEndpoint", "sagemaker:SendPipelineExecutionStepSuccess", "sagemaker:SendPipelineExecutionStepFailure",
+                    "sqs:ChangeMessageVisibility", "sqs:ReceiveMessage"} <= actions
         else:
             assert {"application-autoscaling:DeregisterScalableTarget", "cloudwatch:DeleteAlarms", "iam:PassRole"} <= actions
         missing = sorted(f"{action} on {resource}" for action, resource in required if not allowed(granted, action, resource))
         assert missing == [], role
+
+
+def test_the_endpoint_wait_queue_is_encrypted_has_a_dead_letter_queue_and_only_the_pipeline_sends(stack, template):
+    queues = {logical: r["Properties"] for logical, r in stack.items() if r["Type"] == "AWS::SQS::Queue"}
+    assert set(queues) == {"EndpointWaitQueue", "EndpointWaitDeadLetterQueue"}
+    assert all(queue["SqsManagedSseEnabled"] is True for queue in queues.values())
+    wait = queues["EndpointWaitQueue"]
+    assert wait["RedrivePolicy"]["maxReceiveCount"] >= 720 * 60 // 300  # the longest EndpointWaitMinutes at the longest poll interval
+    assert wait["MessageRetentionPeriod"] >= 12 * 3600 and wait["VisibilityTimeout"] >= 60
+    (policy,) = [r["Properties"]["PolicyDocument"] for r in stack.values() if r["Type"] == "AWS::SQS::QueuePolicy"]
+    pipeline_role = f"arn:aws:iam::{ACCOUNT}:role/{stack['PipelineRole']['Properties']['RoleName']}"
+    (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny" and s["Action"] == "sqs:SendMessage"]
+    assert deny["Principal"] == "*" and deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": pipeline_role}}
+    senders = {logical for logical, name, document in policies(stack) if name != "trust" for st in statements(document)
+               if st["Effect"] == "Allow" and "sqs:SendMessage" in as_list(st["Action"])}
+    assert senders == {"PipelineRole"}
+    mapping = template["Resources"]["EndpointWaitMapping"]  # made once upsert has published the function
+    assert mapping["Condition"] == "ConnectWaitFunction"
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
 
 
 def test_the_target_tracking_alarm_grants_reach_only_the_project_endpoints(stack):
