@@ -6,6 +6,7 @@ import re
 from pipeline.dag import steps_of, topological_order
 
 FORMATS = ("mermaid", "dot")
+MERMAID_SHAPES = {"Condition": '{"%s"}', "Callback": '(["%s"])', "Fail": '[["%s"]]'}
 
 
 def _ancestors(nodes: dict, order: list[str]) -> dict[str, set[str]]:
@@ -40,7 +41,7 @@ def mermaid(document: dict) -> str:
     nodes, edges = _edges(document)
     lines = ["flowchart TD"]
     for name, node in nodes.items():
-        shape = ('{"%s"}' if node.type == "Condition" else '["%s"]') % f"{name}<br/><i>{node.type}</i>"
+        shape = MERMAID_SHAPES.get(node.type, '["%s"]') % f"{name}<br/><i>{node.type}</i>"
         lines.append(f"    {_mermaid_id(name)}{shape}")
     for source, target, label in edges:
         arrow = f"-- {label} -->" if label else "-->"
