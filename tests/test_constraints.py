@@ -14,7 +14,6 @@ from pipeline.constraints import Walk, check_value, input_member, parameter_valu
 from pipeline.parameters import OUT_OF_RANGE, ParameterError, parameter_values
 from pipeline.validate import parameter_landings
 from steps.processing import BOOTSTRAP
-from conftest import ROOT
 
 
 def findings(value, shape, parameters=None) -> list[str]:
