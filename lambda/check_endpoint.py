@@ -1,7 +1,9 @@
 """Check a deployed endpoint and turn on its auto scaling (the Check... LambdaSteps).
 
-Waits, within this invocation's own time budget, for the endpoint to be
-InService; registers its variant with Application Auto Scaling (target
+Runs after the WaitFor... callback step (lambda/wait_endpoint.py), which waits
+for InService with no time limit of its own; here the status is only re-read,
+waiting at most ``wait_seconds`` within this invocation's time budget for a
+status that lags, and the config must be the one just deployed. It registers its variant with Application Auto Scaling (target
 tracking on invocations per instance); then classifies the sample image
 shipped beside this file and checks the answer. Any failed check raises
 CheckFailed, whose message names the check: SageMaker shows it as the
