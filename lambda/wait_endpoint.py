@@ -34,7 +34,7 @@ from typing import Any, Mapping
 from events import NAME_HINT, NAME_PATTERN, EventError, client, error_code, error_message, is_not_found, log, read_int, read_str, request_id
 
 FUNCTION = "wait-endpoint"
-TOKEN_PATTERN = re.compile(r"^[a-zA-Z0-9]{1,64}$")
+TOKEN_PATTERN = re.compile(r"^[a-zA-Z0-9]{10}$")  # SageMaker's CallbackToken: 10 letters and digits
 WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 DEFAULT_MAX_WAIT_MINUTES = 60
 MAX_WAIT_MINUTES_LIMIT = 720  # the queue keeps a message 14 days; a day of polling stays far inside it

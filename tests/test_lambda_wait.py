@@ -206,6 +206,19 @@ def test_a_stopping_execution_ends_the_wait(server, queue):
     assert server.api.callbacks[token].failure_reason == f"the execution is stopping; stopped waiting for endpoint {ENDPOINT}"
 
 
+def test_callback_api_applies_the_limits_of_botocores_model(server):
+    """What the stand-in refuses is what SageMaker's API model says SageMaker refuses (lengths the client does not check)."""
+    sagemaker = boto3.client("sagemaker", region_name=REGION)
+    token = server.api.issue("WaitForSingleInstance", EXECUTION)
+    with pytest.raises(sagemaker.exceptions.ClientError, match="FailureReason: length 257 is above 256"):
+        sagemaker.send_pipeline_execution_step_failure(CallbackToken=token, FailureReason="x" * 257)
+    with pytest.raises(sagemaker.exceptions.ClientError, match="does not match"):
+        sagemaker.send_pipeline_execution_step_failure(CallbackToken="abcdefghi-", FailureReason="bad token")
+    assert server.api.callbacks[token].outcome == ""
+    handler = load_handler("wait_endpoint")
+    assert handler.MAX_FAILURE_REASON == 256 and handler.TOKEN_PATTERN.match(token)
+
+
 def test_callback_api_refuses_a_second_answer_and_unknown_tokens(server):
     sagemaker = boto3.client("sagemaker", region_name=REGION)
     token = server.api.issue("WaitForSingleInstance", EXECUTION)

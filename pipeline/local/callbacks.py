@@ -7,9 +7,12 @@ reference describes them and passes every other request to moto:
 
 - ``issue(step, execution_arn)`` makes a token (10 letters and digits, as
   SageMaker's are) for a waiting step;
-- Success records the step's ``OutputParameters`` (a list of Name/Value strings),
-  Failure its ``FailureReason`` (at most 256 characters); either answers
-  ``{"PipelineExecutionArn"}``;
+- a request is checked against botocore's shape of the operation (required
+  members, types, and the lengths and patterns in its metadata: a 10-character
+  token, a FailureReason of at most 256 characters, at most 50 outputs), and
+  refused with ValidationException as SageMaker refuses it;
+- Success records the step's ``OutputParameters``, Failure its ``FailureReason``;
+  either answers ``{"PipelineExecutionArn"}``;
 - a token that no step waits for, or one already answered, is refused with
   ResourceNotFound (400), so a second answer cannot change an outcome.
 
@@ -22,19 +25,21 @@ are deleted.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import botocore.session
+from botocore.validate import ParamValidator
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import BaseWSGIServer, make_server
 
 TARGET_PREFIX = "SageMaker."
 OPERATIONS = ("SendPipelineExecutionStepSuccess", "SendPipelineExecutionStepFailure")
 TOKEN_ALPHABET = string.ascii_letters + string.digits
-MAX_FAILURE_REASON = 256
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
@@ -78,28 +83,54 @@ class CallbackApi:
         return [payload]
 
     def _answer(self, operation: str, request: Any) -> tuple[str, dict[str, Any]]:
-        if not isinstance(request, dict) or not isinstance(request.get("CallbackToken"), str):
-            return _error("ValidationException", "CallbackToken is required")
+        problem = shape_problem(operation, request)
+        if problem:
+            return _error("ValidationException", problem)
         token = request["CallbackToken"]
         with self._lock:
             callback = self.callbacks.get(token)
             if callback is None or callback.outcome:
                 return _error("ResourceNotFound", f"no callback step is waiting for token {token}")
             if operation == "SendPipelineExecutionStepSuccess":
-                outputs = request.get("OutputParameters", [])
-                if not isinstance(outputs, list) or not all(isinstance(item, dict) and isinstance(item.get("Name"), str)
-                                                            and isinstance(item.get("Value"), str) for item in outputs):
-                    return _error("ValidationException", "OutputParameters must be a list of {Name, Value} strings")
-                callback.outputs = {item["Name"]: item["Value"] for item in outputs}
+                callback.outputs = {item["Name"]: item["Value"] for item in request.get("OutputParameters", [])}
                 callback.outcome = "Succeeded"
             else:
-                reason = request.get("FailureReason", "")
-                if not isinstance(reason, str) or len(reason) > MAX_FAILURE_REASON:
-                    return _error("ValidationException", f"FailureReason must be a string of at most {MAX_FAILURE_REASON} characters")
-                callback.failure_reason = reason
+                callback.failure_reason = request.get("FailureReason", "")
                 callback.outcome = "Failed"
             callback.answered.set()
         return "200 OK", {"PipelineExecutionArn": callback.execution_arn}
+
+
+def shape_problem(operation: str, request: Any) -> str:
+    """Why ``request`` is not valid input of the SageMaker ``operation`` by botocore's model ('' when it is)."""
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
+    if not isinstance(request, dict):
+        return "the request body is not a JSON object"
+    report = ParamValidator().validate(request, shape)
+    if report.has_errors():
+        return report.generate_report()
+    return _limits_problem(request, shape, "")
+
+
+def _limits_problem(value: Any, shape: Any, where: str) -> str:
+    """The length and pattern rules of the shape metadata, which botocore's validator leaves to the service."""
+    metadata = shape.metadata
+    if shape.type_name in ("string", "list") and "max" in metadata and len(value) > metadata["max"]:
+        return f"{where or 'value'}: length {len(value)} is above {metadata['max']}"
+    if shape.type_name == "string" and "pattern" in metadata and not re.fullmatch(metadata["pattern"], value):
+        return f"{where or 'value'}: {value!r} does not match {metadata['pattern']}"
+    if shape.type_name == "structure":
+        for name, member in shape.members.items():
+            if name in value:
+                problem = _limits_problem(value[name], member, f"{where}.{name}".lstrip("."))
+                if problem:
+                    return problem
+    if shape.type_name == "list":
+        for index, item in enumerate(value):
+            problem = _limits_problem(item, shape.member, f"{where}[{index}]")
+            if problem:
+                return problem
+    return ""
 
 
 def _error(code: str, message: str) -> tuple[str, dict[str, Any]]:
