@@ -136,7 +136,7 @@ def check_string(walk: Walk, path: str, text: str, shape) -> None:
     if pattern:
         compiled = compiled_pattern(pattern)
         if compiled is not None and not compiled.fullmatch(text):
-            walk.report(path, f"values matching {pattern!r}{_label(shape)}", f"{_shown(text)} does not match")
+            walk.report(path, f"values matching '{pattern}'{_label(shape)}", f"{_shown(text)} does not match")
 
 
 def check_number(walk: Walk, path: str, number: float, shape) -> None:

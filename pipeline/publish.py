@@ -284,12 +284,31 @@ def _provisioned_concurrency(clients: Clients, name: str) -> dict[str, Any] | No
 
 def pipeline_attributes(settings: Settings, max_parallel_steps: int) -> dict[str, Any]:
     return {
-        "PipelineDisplayName": f"Dog breed classifier ({settings.project_name})",
+        # CreatePipeline takes a display name of letters, digits and hyphens only (the PipelineName pattern).
+        "PipelineDisplayName": f"dog-breed-classifier-{settings.project_name}",
         "PipelineDescription": "Prepares the dog images, tunes, trains single- and multi-instance models, evaluates, "
                                "registers and deploys those that pass the accuracy threshold.",
         "RoleArn": settings.pipeline_role_arn,
         "ParallelismConfiguration": {"MaxParallelExecutionSteps": max_parallel_steps},
     }
+
+
+def request_problems(settings: Settings, max_parallel_steps: int) -> list[str]:
+    """What SageMaker's and Lambda's limits refuse in the requests upsert would send besides the definition
+    (pipeline name, display name, description, tags; each function's name and configuration)."""
+    from pipeline.constraints import Walk, check_value, input_member
+
+    walk = Walk(f"pipeline {settings.pipeline_name}", {})
+    pipeline = {"PipelineName": settings.pipeline_name, **pipeline_attributes(settings, max_parallel_steps),
+                "Tags": settings.all_tags()}
+    check_value(walk, pipeline, input_member("sagemaker", "CreatePipeline"), "CreatePipeline")
+    for spec in FUNCTIONS:
+        name = settings.lambda_function_name(spec.function)
+        walk.where = f"function {name}"
+        function = {"FunctionName": name, **desired_configuration(spec, settings, {}),
+                    "Tags": {tag["Key"]: tag["Value"] for tag in settings.all_tags()}}
+        check_value(walk, function, input_member("lambda", "CreateFunction"), "CreateFunction")
+    return [str(finding) for finding in walk.findings]
 
 
 def deployed_pipeline(clients: Clients, name: str) -> dict[str, Any] | None:
@@ -360,6 +379,9 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
     from pipeline.definition import synth
 
     out = out or sys.stdout
+    problems = request_problems(settings, max_parallel_steps)
+    if problems:
+        raise UsageError("nothing was published; these requests would be refused:\n  " + "\n  ".join(problems))
     built = built if built is not None else synth(settings)
     report = Report()
 

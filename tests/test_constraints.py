@@ -102,6 +102,19 @@ def test_a_join_is_checked_with_the_parameters_defaults_and_a_type_mismatch_is_r
                        "allowed: an integer (TrainingInstanceCount)")
 
 
+def test_what_upsert_sends_besides_the_definition_is_within_the_limits():
+    from pipeline.publish import pipeline_attributes, request_problems
+    from pipeline.settings import load_settings
+
+    settings = load_settings({}, environ={})
+    assert request_problems(settings, 2) == []
+    attributes = pipeline_attributes(settings, 2)
+    shape = input_member("sagemaker", "CreatePipeline")
+    assert findings({**attributes, "PipelineDisplayName": "Dog breed classifier (dogbreed)"}, shape) == [
+        "step S, Arguments.PipelineDisplayName: \"Dog breed classifier (dogbreed)\" does not match; "
+        "allowed: values matching '[a-zA-Z0-9](-*[a-zA-Z0-9]){0,255}' (PipelineName)"]
+
+
 # ---------------------------------------------------------------- the bootstrap, run by bash
 
 def job_root(tmp_path: Path, script: str) -> Path:

@@ -291,6 +291,15 @@ def test_bad_provisioned_concurrency_is_refused_before_any_call(aws_environment,
     assert err.startswith(f"dogbreed upsert: {message}"), err
 
 
+def test_a_request_beyond_the_service_limits_is_refused_before_any_call(aws_environment, sources, capsys):
+    code, out, err = run(capsys, *cli("http://127.0.0.1:9", sources, "upsert", "--account", "123456789012",
+                                      "--tag", "cost-center=a;b"))
+    assert (code, out) == (2, "")
+    assert err.startswith("dogbreed upsert: nothing was published; these requests would be refused:\n"
+                          "  pipeline dogbreed-pipeline, CreatePipeline.Tags[0].Value: \"a;b\" does not match; "
+                          "allowed: values matching "), err
+
+
 def test_diff_reports_a_code_change_then_upsert_publishes_one_tarball(first_upsert, endpoint, deployed_tree, aws, bucket, tmp_path, capsys):
     changed = edited_copy(deployed_tree["path"], tmp_path / "changed", "code/preprocess.py", "\n# a change in code/\n")
     code, out, err = run(capsys, *cli(endpoint, changed, "diff"))
