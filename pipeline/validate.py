@@ -231,7 +231,10 @@ def check_step_fields(walk: Walk, step: dict) -> None:
     """Name, display name and description as ListPipelineExecutionSteps reports them.
 
     The name is checked as given: names the SDK derives, such as a RegisterModel collection's
-    ``<name>-RegisterModel`` or a ModelStep's ``<name>-CreateModel``, are in the definition by then."""
+    ``<name>-RegisterModel`` or a ModelStep's ``<name>-CreateModel`` (github.com/aws/sagemaker-python-sdk/issues/4765),
+    are in the definition by then, and so are job names derived with ``use_custom_job_prefix``, which
+    CreatePipeline checks against the job APIs' 63 characters (sagemaker-python-sdk/issues/5099) as
+    ``check_job_arguments`` does."""
     for member, shape_name in (("Name", "StepName"), ("DisplayName", "StepDisplayName"), ("Description", "StepDescription")):
         if member in step:
             check_value(walk, step[member], named_shape("sagemaker", shape_name), member)
