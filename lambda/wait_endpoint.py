@@ -28,6 +28,7 @@ import json
 import os
 import re
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -250,6 +251,12 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, list[dict[str, 
         return {"batchItemFailures": []}
     failures = []
     for record in records:
-        if handle_record(record, context):
-            failures.append({"itemIdentifier": str(record.get("messageId", ""))})
+        try:
+            retry = handle_record(record, context)
+        except Exception as error:  # a fault here: this record comes back, the others of the batch are unaffected
+            log(function=FUNCTION, request_id=request_id(context), status="error", error=f"{type(error).__name__}: {error}",
+                traceback=traceback.format_exc(limit=20))
+            retry = True
+        if retry:
+            failures.append({"itemIdentifier": str(record.get("messageId", "")) if isinstance(record, Mapping) else ""})
     return {"batchItemFailures": failures}
