@@ -27,6 +27,12 @@ model or the server fails (out of memory, a broken model): the caller gets
 ``{"error": "internal error while ...; see the endpoint's log", "status": 500}`` and
 the traceback goes to the container log only.
 
+Before any of these functions runs, the toolkit's ``Transformer.transform`` decodes an
+``application/json`` or ``text/csv`` body as UTF-8, outside every function of this script:
+a body that is not UTF-8 would get HTTP 500 with the traceback as its body. Imported inside
+the container, this script wraps that method so that such a request (or a missing body) gets
+the 400 JSON refusal instead; everything else goes to the toolkit unchanged.
+
 Inside the container a refused request sets the response status on the request
 context and flows through predict_fn and output_fn as a ``RequestError`` value,
 so the caller gets the short JSON message. Raising would also set the status,
@@ -52,13 +58,13 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-import time
     sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
@@ -70,9 +76,13 @@ from common import DEFAULT_IMAGE_SIZE, MAX_IMAGE_PIXELS, ImageRejected, eval_tra
 from serving_model import ServedNetwork, calibration_batch, requested_precision, served_network  # noqa: E402
 
 try:  # present only inside the SageMaker inference containers
+    from sagemaker_inference import content_types as _toolkit_content_types
+    from sagemaker_inference import transformer as _toolkit_transformer
+    from sagemaker_inference import utils as _toolkit_utils
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ErrorBase
 except ImportError:
     _ErrorBase = Exception
+    _toolkit_transformer = None
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +108,6 @@ class RequestError(_ErrorBase):
     Inside the container it is a ``sagemaker_inference`` toolkit error, so raising it
     sets the response status.
     """
-# JPEGs are decoded straight to a reduced size (Pillow's draft mode: DCT scaling, 1/2 to 1/8)
-# no smaller than the side the model's transform resizes to; model_fn sets it.
-_draft_side: int | None = None
 
     def __init__(self, status_code: int, message: str):
         Exception.__init__(self, status_code, message)
@@ -125,16 +132,6 @@ class Classifier:
     info: dict[str, Any]
     device: torch.device
     transform: transforms.Compose
-
-
-@dataclass(frozen=True)
-class Options:
-    top_k: int | None = None
-    return_logits: bool | None = None
-
-
-@dataclass
-class Request:
     served: ServedNetwork | None = None
 
     @property
@@ -148,6 +145,21 @@ class Request:
         if self.served.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return self.served.forward(batch)
+
+
+# JPEGs are decoded straight to a reduced size (Pillow's draft mode: DCT scaling, 1/2 to 1/8)
+# no smaller than the side the model's transform resizes to; model_fn sets it.
+_draft_side: int | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    top_k: int | None = None
+    return_logits: bool | None = None
+
+
+@dataclass
+class Request:
     images: list[Image.Image]
     top_k: int
     return_logits: bool
@@ -230,6 +242,61 @@ def handle(body: bytes, content_type: str | None, accept: str | None,
     except Exception:
         log.exception("prediction failed")
         return 500, error_json(RequestError(500, internal_error_message("predicting"))).encode(), JSON
+
+
+# ---------------------------------------------------------------- before the toolkit decodes
+
+def undecodable_body_error(body: Any, content_type: str | None) -> RequestError | None:
+    """The refusal of a body the toolkit would fail to decode as UTF-8 (it does so for JSON and CSV)."""
+    if body is None:
+        return RequestError(400, f"the request body is empty; send an image or JSON (Content-Type {media_type(content_type)})")
+    if not isinstance(body, (bytes, bytearray)):
+        return None
+    try:
+        bytes(body).decode("utf-8")
+    except UnicodeDecodeError as error:
+        return RequestError(400, f"the body is not UTF-8 text, which Content-Type {content_type} must be "
+                                 f"(byte {error.start} is 0x{body[error.start]:02x}); send UTF-8 JSON, or the image "
+                                 "itself with Content-Type image/jpeg")
+    return None
+
+
+def refused_batch(data: Sequence[Mapping[str, Any]], context: Any) -> list[str] | None:
+    """JSON refusals for a batch with a body the toolkit cannot decode, else None (the toolkit goes on)."""
+    processors = getattr(context, "request_processor", None) or []
+    errors = []
+    for index, request in enumerate(data):
+        properties = processors[min(index, len(processors) - 1)].get_request_properties() if processors else {}
+        content_type = _toolkit_utils.retrieve_content_type_header(properties)
+        errors.append(undecodable_body_error(request.get("body"), content_type)
+                      if content_type in _toolkit_content_types.UTF8_TYPES else None)
+    if not any(errors):
+        return None
+    answers = []
+    for index, error in enumerate(errors):
+        error = error or RequestError(400, "another request of this batch was refused; send it again on its own")
+        log.info("refused a request before decoding: %s", error)
+        context.set_response_status(code=error.status_code, phrase=error.phrase, idx=index)
+        context.set_response_content_type(index, JSON)
+        answers.append(error_json(error))
+    return answers
+
+
+def _guard_toolkit_decoding() -> None:
+    """Wrap the toolkit's ``Transformer.transform`` once per process with ``refused_batch``."""
+    if _toolkit_transformer is None or getattr(_toolkit_transformer.Transformer.transform, "refuses_undecodable", False):
+        return
+    toolkit_transform = _toolkit_transformer.Transformer.transform
+
+    def transform(self: Any, data: Any, context: Any) -> Any:
+        return refused_batch(data, context) or toolkit_transform(self, data, context)
+
+    transform.refuses_undecodable = True
+    transform.toolkit_transform = toolkit_transform
+    _toolkit_transformer.Transformer.transform = transform
+
+
+_guard_toolkit_decoding()
 
 
 # ---------------------------------------------------------------- refusals
@@ -432,6 +499,7 @@ def resolved(first: Options, second: Options) -> tuple[int, bool]:
 # ---------------------------------------------------------------- the response
 
 def prediction_of(request: Request, model: Classifier) -> Prediction:
+    """All the request's images in one forward pass."""
     batch = torch.stack([model.transform(image) for image in request.images]).to(model.device)
     with torch.inference_mode():
         logits = model.forward(batch).float()
@@ -452,4 +520,3 @@ def response_document(prediction: Prediction) -> dict[str, Any]:
             entry["logits"] = prediction.logits[row].tolist()
         predictions.append(entry)
     return {"predictions": predictions}
-    """All the request's images in one forward pass."""

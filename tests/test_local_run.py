@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
 import re
+import shutil
 import socket
 import tarfile
 from contextlib import redirect_stderr, redirect_stdout
@@ -143,8 +145,42 @@ def test_training_steps_take_the_best_trial_hyperparameters(full_run):
         passed = json.loads(config.read_text())
         assert {key: passed[key] for key in best} == best  # as SageMaker gives them, e.g. batch_size '"64"'
         log = (full_run["workdir"] / "jobs" / job / "logs" / "algo-1.log").read_text()
-        command = log.splitlines()[0]
+        command = next(line for line in log.splitlines() if " train.py " in line and "--batch_size" in line)
         assert f"--batch_size {json.loads(best['batch_size'])}" in command and f"--epochs {best['epochs']}" in command
+
+
+def test_training_jobs_run_through_the_training_toolkit(full_run):
+    """Each training job says which path ran it; one host always goes through sagemaker-training."""
+    summary = full_run["summary"]
+    steps = steps_by_name(summary)
+    runners = {name: steps[name]["details"]["runner"] for name in ("TrainSingleInstance", "TrainMultiInstance")}
+    runners.update({trial["name"]: trial["runner"] for trial in steps["TuneHyperparameters"]["details"]["trials"]})
+    single = {name: runner for name, runner in runners.items() if name != "TrainMultiInstance"}
+    assert all(runner.startswith("toolkit: sagemaker-training's entry point, one host") for runner in single.values()), single
+    namespaces = os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip"))
+    multi = runners["TrainMultiInstance"]
+    assert multi.startswith("toolkit: " if namespaces else ("toolkit: ", "launcher: ")), multi
+    for name in ("TrainSingleInstance", "TrainMultiInstance"):
+        log = (full_run["workdir"] / "jobs" / steps[name]["job_name"] / "logs" / "algo-1.log").read_text()
+        assert f"runs through the {runners[name].split(':', 1)[0]}" in log
+        if runners[name].startswith("toolkit"):
+            assert "Reporting training SUCCESS" in log
+    if multi.startswith("toolkit"):
+        log = (full_run["workdir"] / "jobs" / steps["TrainMultiInstance"]["job_name"] / "logs" / "algo-7.log").read_text()
+        assert '"master_hostname": "algo-1"' in log and '"current_host": "algo-7"' in log
+
+
+def test_a_failing_script_gives_its_error_line_as_the_reason(tmp_path: Path):
+    document = _definition(tmp_path)
+    _step(document, "PrepareData")["Arguments"]["AppSpecification"]["ContainerArguments"] += ["--resize", "tiny"]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(document))
+    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 4, "valid": 2, "test": 2})
+    workdir = tmp_path / "work"
+    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir))
+    assert status == 1, out[-2000:] + err
+    reason = steps_by_name(summary_of(workdir))["PrepareData"]["reason"]
+    assert reason == "AlgorithmError: preprocess.py: error: argument --resize: invalid int value: 'tiny'", reason
 
 
 def test_corrupt_image_is_dropped_and_listed_in_the_manifest(full_run):

@@ -316,3 +316,37 @@ def test_torchserve_serves_the_model_over_http_on_loopback(model_dir, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# ---------------------------------------------------------------- local-run's training jobs
+
+
+def test_a_local_run_training_job_fails_with_the_scripts_error_line(data, tmp_path):
+    """local-run's training job, through the toolkit: the FailureReason is what the script wrote, as SageMaker shows it."""
+    import tarfile
+
+    from pipeline.local.containers import JobContext, JobFailed, TrainingSpec, run_training_job
+    from pipeline.local.s3 import LocalS3
+
+    s3 = LocalS3(tmp_path / "s3")
+    archive = tmp_path / "sourcedir.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(CODE_DIR.glob("*.py")):
+            tar.add(path, arcname=path.name)
+    s3.put("s3://bucket/code/sourcedir.tar.gz", archive.read_bytes())
+    s3.upload(data / "train", "s3://bucket/data/train")
+    spec = TrainingSpec("job-1", {
+        "HyperParameters": {"sagemaker_program": '"train.py"', "sagemaker_submit_directory": '"s3://bucket/code/sourcedir.tar.gz"',
+                            "epochs": "1", "learning_rat": "0.1"},
+        "InputDataConfig": [{"ChannelName": "train", "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": "s3://bucket/data/train", "S3DataDistributionType": "FullyReplicated"}}}],
+        "OutputDataConfig": {"S3OutputPath": "s3://bucket/out"},
+        "ResourceConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.large"}})
+    ctx = JobContext(s3=s3, jobs_dir=tmp_path / "jobs", region="us-east-1", account="111122223333",
+                     environment={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")}, cpus_per_job=1)
+    with pytest.raises(JobFailed) as failed:
+        run_training_job(ctx, spec)
+    assert str(failed.value) == ("AlgorithmError: train.py: error: unrecognized arguments: --learning_rat 0.1 "
+                                 "(see --help for the hyperparameter names)")
+    log = (tmp_path / "jobs" / "job-1" / "logs" / "algo-1.log").read_text()
+    assert "runs through the toolkit" in log and "Reporting training FAILURE" in log

@@ -6,17 +6,28 @@ environment is rewritten to ``<host root>/opt/ml``. Inputs are copied from
 local S3 into the places SageMaker would download them to, and outputs are
 copied back when the job ends.
 
-Training follows the SageMaker training toolkit: the ``sagemaker_submit_directory``
-tarball is unpacked into ``/opt/ml/code``; hyperparameters are JSON-decoded
-(the raw string when that fails), the ``sagemaker_*`` ones dropped and the rest
-passed as ``--name value``; ``SM_*`` describes the channels, model and output
-folders and the hosts. An N-instance job starts N processes that join one
-torch.distributed group over the loopback, as N hosts would; the model folder
-becomes ``<S3OutputPath>/<job>/output/model.tar.gz``, and the job's log is
-searched with the definition's ``MetricDefinitions``.
+Training runs through the real training toolkit wherever it can (the "toolkit"
+runner): each host runs ``sagemaker-training``'s entry point, what the PyTorch
+image's ``train`` command runs, with ``SAGEMAKER_BASE_DIR`` at the host's
+``opt/ml`` and ``sagemaker-pytorch-training`` as the framework module; the toolkit
+reads ``input/config/*.json``, decodes the hyperparameters, sets ``SM_*``, installs
+``requirements.txt`` and starts the script, and writes the failure file when the
+script did not. One host skips the toolkit's wait for host names
+(``SM_STUDIO_LOCAL_MODE``). N hosts need ``algo-1..N`` to resolve and the toolkit's
+fixed master port 7777: they run in one private network namespace whose
+``/etc/hosts`` maps those names to its own loopback, where the system allows
+one (``unshare``/``nsenter``). Where it does not, or without the toolkits
+installed, the "launcher" runner does the toolkit's work itself: the
+``sagemaker_*`` hyperparameters dropped, the rest JSON-decoded and passed as
+``--name value``, ``SM_*`` set as the toolkit sets them, and the master on
+127.0.0.1 at a free port. Either way the ``sagemaker_submit_directory`` tarball
+is unpacked into ``/opt/ml/code`` first, the model folder becomes
+``<S3OutputPath>/<job>/output/model.tar.gz``, and the job's log is searched with
+the definition's ``MetricDefinitions``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -43,6 +54,12 @@ LOG_TAIL_LINES = 6
 KILL_GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.2
 PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "TORCH_HOME", "XDG_CACHE_HOME")
+TOOLKIT = "toolkit"
+LAUNCHER = "launcher"
+TOOLKIT_ENTRY_POINT = ("-m", "sagemaker_training.cli.train")  # the training image's `train` command
+TOOLKIT_FRAMEWORK_MODULE = "sagemaker_pytorch_container.training:main"  # SAGEMAKER_TRAINING_MODULE of the PyTorch image
+SCRIPT_ERROR_LINE = re.compile(r"^[\w.-]+\.py: error: .+$", re.MULTILINE)
+NAMESPACE_READY_SECONDS = 10.0
 
 
 class JobFailed(LocalRunError):
@@ -72,6 +89,7 @@ class JobResult:
     logs: list[Path]
     metrics: dict[str, list[float]] = field(default_factory=dict)
     model_artifact: Path | None = None
+    runner: str = ""  # how a training job ran: TOOLKIT or LAUNCHER, and why
 
 
 class ProcessRegistry:
@@ -236,13 +254,41 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(line for line in text.splitlines()[-lines:])
 
 
+def script_error_line(log: Path) -> str:
+    """The last ``<script>.py: error: ...`` line of a log: the one-line error every container script ends with."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = SCRIPT_ERROR_LINE.findall(text)
+    return lines[-1].strip() if lines else ""
+
+
+def failure_text(host: HostProcess) -> str:
+    """What the job left for SageMaker to show: its failure file, else the script's error line in its log.
+
+    Training scripts and the training toolkit write ``output/failure`` (under SAGEMAKER_BASE_DIR);
+    a processing script writes ``/opt/ml/output/message``, which is outside the job's folder here,
+    so its error line comes from the log; the processing bootstrap's own message is in the folder.
+    """
+    output = host.root / "opt" / "ml" / "output"
+    for name in ("failure", "message"):
+        if (output / name).is_file():
+            written = (output / name).read_text(errors="replace").strip()
+            if written:
+                return written
+    return script_error_line(host.log)
+
+
 def failure_reason(host: HostProcess, code: int) -> str:
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    reason = f"AlgorithmError: {host.host} {how} (log {host.log})"
-    failure_file = host.root / "opt" / "ml" / "output" / "failure"
-    written = failure_file.read_text(errors="replace").strip() if failure_file.is_file() else ""
-    detail = written or log_tail(host.log)
-    text = f"{reason}: {detail}" if detail else reason
+    """``AlgorithmError: <the failure file's text>``, as DescribeTrainingJob's FailureReason reads."""
+    written = failure_text(host)
+    if written:
+        text = f"AlgorithmError: {written}"
+    else:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        tail = log_tail(host.log)
+        text = f"AlgorithmError: {host.host} {how} (log {host.log})" + (f": {tail}" if tail else "")
     return text if len(text) <= FAILURE_REASON_LIMIT else text[: FAILURE_REASON_LIMIT - 3] + "..."
 
 
@@ -280,6 +326,7 @@ def run_processing_job(ctx: JobContext, name: str, arguments: Mapping[str, Any])
         for output in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
             if "S3Output" in output:
                 Path(rewrite_opt_ml(output["S3Output"]["LocalPath"], root)).mkdir(parents=True, exist_ok=True)
+        (root / "opt/ml/output").mkdir(parents=True, exist_ok=True)
         write_json(root / "opt/ml/config/resourceconfig.json", {"current_host": host, "hosts": hosts})
         write_json(root / "opt/ml/config/processingjobconfig.json", {**arguments, "ProcessingJobName": name})
         environment = {
@@ -432,39 +479,54 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
         raise LocalRunError(f"training job {spec.name}: hyperparameters sagemaker_program and sagemaker_submit_directory "
                             "are needed to run a framework script (the toolkit's contract)")
     per_process = max(1, (threads or ctx.cpus_per_job) // len(hosts))
-    distributed = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"} if len(hosts) > 1 else {}
-    processes = []
-    for host in hosts:
-        root = job_dir / host
-        check_usable_root(root)
-        opt_ml = root / "opt" / "ml"
-        channels = _training_channels(ctx, spec, opt_ml, hosts, host)
-        code_dir = opt_ml / "code"
-        _unpack_sources(ctx.s3, str(submit), code_dir)
-        _prepare_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), root)
-        for folder in ("model", "output/data", "output/intermediate"):
-            (opt_ml / folder).mkdir(parents=True, exist_ok=True)
-        write_json(opt_ml / "input/config/hyperparameters.json", spec.hyperparameters)
-        write_json(opt_ml / "input/config/resourceconfig.json",
-                   {"current_host": host, "hosts": hosts, "network_interface_name": "lo"})
-        write_json(opt_ml / "input/config/inputdataconfig.json", {
-            channel["ChannelName"]: {k: v for k, v in channel.items() if k not in ("ChannelName", "DataSource")}
-            for channel in spec.arguments.get("InputDataConfig", [])
-        })
-        environment = {
-            **ctx.environment,
-            **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root),
-            **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host, per_process),
-            **distributed,
-        }
-        environment.update(thread_limits(per_process))
-        command = [ctx.python, str(program), *user_arguments(decoded)]
-        processes.append(HostProcess(host, command, environment, code_dir, job_dir / "logs" / f"{host}.log", root))
-    _install_requirements(ctx, processes[0])
-    started = utc_now()
-    if on_started:
-        on_started([process.log for process in processes])
-    run_hosts(ctx, processes, spec.arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
+    network = HostNetwork(hosts, job_dir, ctx.processes) if len(hosts) > 1 and toolkit_installed() else None
+    try:
+        runner, why = training_runner(hosts, network)
+        distributed = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"} \
+            if len(hosts) > 1 and runner == LAUNCHER else {}
+        processes = []
+        for host in hosts:
+            root = job_dir / host
+            check_usable_root(root)
+            opt_ml = root / "opt" / "ml"
+            channels = _training_channels(ctx, spec, opt_ml, hosts, host)
+            code_dir = opt_ml / "code"
+            _unpack_sources(ctx.s3, str(submit), code_dir)
+            _prepare_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), root)
+            for folder in ("model", "output/data", "output/intermediate"):
+                (opt_ml / folder).mkdir(parents=True, exist_ok=True)
+            write_json(opt_ml / "input/config/hyperparameters.json", spec.hyperparameters)
+            write_json(opt_ml / "input/config/resourceconfig.json",
+                       {"current_host": host, "hosts": hosts, "network_interface_name": "lo"})
+            write_json(opt_ml / "input/config/inputdataconfig.json", {
+                channel["ChannelName"]: {k: v for k, v in channel.items() if k not in ("ChannelName", "DataSource")}
+                for channel in spec.arguments.get("InputDataConfig", [])
+            })
+            job_environment = {**ctx.environment, **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root)}
+            if runner == TOOLKIT:
+                environment = {**job_environment, **_platform_environment(ctx, spec, opt_ml, len(hosts))}
+                command = [*(network.prefix if network else []), ctx.python, *TOOLKIT_ENTRY_POINT]
+                cwd = root
+            else:
+                environment = {**job_environment, **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host, per_process),
+                               **distributed}
+                command = [ctx.python, str(program), *user_arguments(decoded)]
+                cwd = code_dir
+            environment.update(thread_limits(per_process))
+            processes.append(HostProcess(host, command, environment, cwd, job_dir / "logs" / f"{host}.log", root))
+        for process in processes:
+            process.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(process.log, "a") as log:
+                log.write(f"{timestamp(utc_now())} local-run: {process.host} runs through the {runner}: {why}\n")
+        if runner == LAUNCHER:
+            _install_requirements(ctx, processes[0])  # the toolkit installs them itself
+        started = utc_now()
+        if on_started:
+            on_started([process.log for process in processes])
+        run_hosts(ctx, processes, spec.arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
+    finally:
+        if network is not None:
+            network.stop()
     _save_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), [job_dir / host for host in hosts])
     artifact_uri = _upload_model(ctx.s3, spec, [job_dir / host / "opt/ml/model" for host in hosts])
     for host in hosts:  # the instances' disks go with them; the model lives on in model.tar.gz
@@ -492,7 +554,100 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
         "TrainingTimeInSeconds": seconds,
         "BillableTimeInSeconds": seconds * len(hosts),
     }
-    return JobResult(properties, [process.log for process in processes], metrics, ctx.s3.path(artifact_uri))
+    return JobResult(properties, [process.log for process in processes], metrics, ctx.s3.path(artifact_uri), f"{runner}: {why}")
+
+
+def toolkit_installed() -> bool:
+    """Whether the training toolkits the PyTorch image runs are importable by this interpreter."""
+    return all(importlib.util.find_spec(name) is not None for name in ("sagemaker_training", "sagemaker_pytorch_container"))
+
+
+def training_runner(hosts: list[str], network: "HostNetwork | None") -> tuple[str, str]:
+    """(TOOLKIT or LAUNCHER, why) for a job on ``hosts``; starts the private network of a multi-host job."""
+    if not toolkit_installed():
+        return LAUNCHER, "sagemaker-training and sagemaker-pytorch-training are not installed (pip install -e '.[dev]')"
+    if len(hosts) == 1:
+        return TOOLKIT, "sagemaker-training's entry point, one host (SM_STUDIO_LOCAL_MODE=true: no host-name wait)"
+    problem = network.start() if network is not None else "no private network"
+    if problem:
+        return LAUNCHER, (f"{len(hosts)} hosts need algo-1..{len(hosts)} to resolve and port 7777 free, "
+                          f"which needs a private network namespace: {problem}")
+    return TOOLKIT, (f"sagemaker-training's entry point, {len(hosts)} hosts in a private network namespace "
+                     f"where algo-1..{len(hosts)} resolve to its loopback (MASTER_ADDR=algo-1, MASTER_PORT=7777)")
+
+
+class HostNetwork:
+    """A network namespace of its own loopback only, with an /etc/hosts in which every host name is that loopback.
+
+    SageMaker's instances of one job find each other as ``algo-1..N`` and the PyTorch
+    toolkit makes ``algo-1:7777`` the master; here the N processes of a job share one
+    such namespace, so the names resolve and the fixed port cannot collide with anything
+    else on this machine. A holder process (``unshare``) keeps the namespace alive and
+    every host process enters it (``nsenter``). Needs root, or unprivileged user
+    namespaces; ``start`` says why not when it cannot.
+    """
+
+    def __init__(self, hosts: list[str], folder: Path, registry: ProcessRegistry) -> None:
+        self.hosts = hosts
+        self.folder = folder
+        self.registry = registry
+        self.holder: subprocess.Popen | None = None
+        self.prefix: list[str] = []
+
+    def start(self) -> str:
+        """Create the namespace; returns "" when it is ready, else why it could not be made."""
+        tools = {name: shutil.which(name) for name in ("unshare", "nsenter", "ip", "mount")}
+        missing = [name for name, path in tools.items() if path is None]
+        if missing:
+            return f"{', '.join(missing)} not found"
+        hosts_file = self.folder / "etc-hosts"
+        hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n" + "".join(f"127.0.0.1 {host}\n" for host in self.hosts))
+        as_user = os.geteuid() != 0
+        script = f"mount --bind {hosts_file} /etc/hosts && ip link set lo up && echo ready && exec sleep infinity"
+        command = [tools["unshare"], *(["--map-root-user"] if as_user else []), "--mount", "--net", "sh", "-c", script]
+        self.holder = self.registry.start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        ready = self._wait_ready()
+        if ready:
+            self.stop()
+            return ready
+        entered = ["--user", "--preserve-credentials"] if as_user else []
+        self.prefix = [tools["nsenter"], "--target", str(self.holder.pid), *entered, "--mount", "--net", "--"]
+        return ""
+
+    def _wait_ready(self) -> str:
+        """"" once the holder says ready, else what it printed before it failed."""
+        reader = threading.Thread(target=lambda: setattr(self, "_first", self.holder.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(NAMESPACE_READY_SECONDS)
+        first = getattr(self, "_first", b"").decode(errors="replace").strip()
+        if first == "ready":
+            return ""
+        if self.holder.poll() is None and reader.is_alive():
+            return f"the namespace did not get ready within {NAMESPACE_READY_SECONDS:.0f} s"
+        rest = self.holder.stdout.read().decode(errors="replace").strip() if self.holder.poll() is not None else ""
+        return " ".join(part for part in (first, rest) if part) or f"unshare exited with status {self.holder.returncode}"
+
+    def stop(self) -> None:
+        if self.holder is not None:
+            stop_processes([self.holder])
+            self.registry.forget(self.holder)
+            self.holder.stdout.close()
+            self.holder = None
+
+
+def _platform_environment(ctx: JobContext, spec: TrainingSpec, opt_ml: Path, host_count: int) -> dict[str, str]:
+    """What the SageMaker platform and the PyTorch training image set before the toolkit starts; it sets SM_* itself."""
+    environment = {
+        "SAGEMAKER_BASE_DIR": str(opt_ml),
+        "SAGEMAKER_TRAINING_MODULE": TOOLKIT_FRAMEWORK_MODULE,
+        "TRAINING_JOB_NAME": spec.name,
+        "TRAINING_JOB_ARN": ctx.arn("training-job", spec.name),
+        "AWS_REGION": ctx.region,
+    }
+    if host_count == 1:
+        environment["SM_STUDIO_LOCAL_MODE"] = "true"
+    return environment
 
 
 def _training_channels(ctx: JobContext, spec: TrainingSpec, opt_ml: Path, hosts: list[str], host: str) -> dict[str, Path]:

@@ -9,17 +9,16 @@ the request to that model's container.
 
 ``ModelContainer`` is the inference container contract: ``GET /ping`` and
 ``POST /invocations`` on a port of its own. It unpacks ``model.tar.gz`` into
-its ``/opt/ml/model``, imports ``SAGEMAKER_PROGRAM`` from
-``SAGEMAKER_SUBMIT_DIRECTORY`` and serves it as the SageMaker inference
-toolkit does: ``model_fn`` once, then ``input_fn``, ``predict_fn`` and
-``output_fn`` per request, with a request context that carries the headers
-(CustomAttributes included) and takes the response status. A request with a
-query string goes to the script's ``handle(body, content_type, accept, query,
-model)`` instead, when it has one.
+its ``/opt/ml/model`` and serves it with the PyTorch inference container's own
+Python stack (``pipeline/local/torchserve.py``): ``sagemaker-pytorch-inference``'s
+``HandlerService`` on ``sagemaker-inference``'s ``Transformer``, loaded and
+driven by TorchServe's worker code, which imports ``SAGEMAKER_PROGRAM`` from
+``/opt/ml/model/code``, calls ``model_fn`` once and ``input_fn``,
+``predict_fn`` and ``output_fn`` per request, with TorchServe's request context
+(headers, CustomAttributes included). TorchServe's Java front end is not started.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shutil
@@ -31,12 +30,12 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable, Mapping
-from urllib.parse import parse_qs, unquote, urlsplit
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import unquote, urlsplit
 
 from pipeline.local.containers import rewrite_opt_ml
-from pipeline.local.modules import module_from_folder
+from pipeline.local.torchserve import ModelWorker
 from pipeline.local.references import LocalRunError
 from pipeline.local.s3 import LocalS3
 
@@ -48,39 +47,42 @@ LOG = logging.getLogger("dogbreed.local.endpoint")
 
 # ---------------------------------------------------------------- the container
 
-class _RequestProperties:
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        self._headers = dict(headers)
-
-    def get_request_properties(self) -> dict[str, str]:
-        return dict(self._headers)
+_serving = threading.local()  # the container whose worker this thread is running
 
 
-class RequestContext:
-    """What the inference toolkit hands the handler functions: request headers in, response status out."""
+class _ContainerLog(logging.Handler):
+    """Log records of an inference script go to the log of the container that runs it, as its worker's stdout would."""
 
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        self.request_processor = [_RequestProperties(headers)]
-        self.status = 200
-        self.phrase = ""
-
-    def set_response_status(self, code: int = 200, phrase: str = "") -> None:
-        self.status, self.phrase = int(code), phrase
+    def emit(self, record: logging.LogRecord) -> None:
+        container = getattr(_serving, "container", None)
+        if container is not None:
+            container.log(self.format(record))
 
 
-def import_script(code_dir: Path, program: str) -> ModuleType:
-    """``code_dir/program`` imported under a name of its own, its sibling modules from ``code_dir``."""
-    path = code_dir / program
-    if not path.is_file():
-        raise LocalRunError(f"the model's inference script {path} does not exist (SAGEMAKER_PROGRAM={program})")
-    return module_from_folder(code_dir, path, f"dogbreed_endpoint_{abs(hash(str(path)))}")
+_CONTAINER_LOG = _ContainerLog()
 
 
-def _takes_context(function: Callable) -> bool:
+def script_logger(program: str) -> logging.Logger:
+    """The logger of the script the toolkit imports by module name (``inference`` for inference.py)."""
+    logger = logging.getLogger(program[:-3] if program.endswith(".py") else program)
+    if _CONTAINER_LOG not in logger.handlers:
+        logger.addHandler(_CONTAINER_LOG)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def model_worker(model_dir: Path, environment: Mapping[str, str]) -> ModelWorker:
+    """The served model, as the container's TorchServe worker loads it from ``/opt/ml/model``."""
+    program = environment.get("SAGEMAKER_PROGRAM", "inference.py")
+    code_dir = model_dir / "code"  # where the PyTorch container imports SAGEMAKER_PROGRAM from
+    if not (code_dir / program).is_file():
+        raise LocalRunError(f"the model's inference script {code_dir / program} does not exist (SAGEMAKER_PROGRAM={program}); "
+                            "the PyTorch inference container imports it from code/ in model.tar.gz")
     try:
-        return len(inspect.signature(function).parameters) >= 3
-    except (TypeError, ValueError):
-        return False
+        return ModelWorker(model_dir, code_dir, environment)
+    except ImportError as error:
+        raise LocalRunError(f"the endpoint needs the SageMaker inference toolkits ({error}): pip install -e '.[dev]'") from None
 
 
 class ModelContainer:
@@ -94,51 +96,26 @@ class ModelContainer:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with tarfile.open(model_archive, "r:gz") as tar:
             tar.extractall(self.model_dir, filter="data")
-        program = self.environment.get("SAGEMAKER_PROGRAM", "inference.py")
-        code_dir = Path(self.environment.get("SAGEMAKER_SUBMIT_DIRECTORY", str(self.model_dir / "code")))
-        self.module = import_script(code_dir, program)
-        script_log = logging.getLogger(self.module.__name__)
-        script_log.handlers[:] = [logging.FileHandler(self.root / "container.log")]
-        script_log.setLevel(logging.INFO)
-        script_log.propagate = False
-        for name in ("model_fn",):
-            if not hasattr(self.module, name):
-                raise LocalRunError(f"{code_dir / program} has no {name}(); the PyTorch inference container needs one")
-        self.model = self.module.model_fn(str(self.model_dir))
+        script_logger(self.environment.get("SAGEMAKER_PROGRAM", "inference.py"))
         self._lock = threading.Lock()
+        with self._serving():
+            self.worker = model_worker(self.model_dir, self.environment)
         self.server: ThreadingHTTPServer | None = None
         self.url = ""
         self.variant = "AllTraffic"
 
-    def invoke(self, body: bytes, headers: Mapping[str, str], query: str = "") -> tuple[int, bytes, str]:
-        """(status, body, Content-Type) of one request, as the container answers it."""
-        content_type = headers.get("Content-Type")
-        accept = headers.get("Accept")
-        with self._lock:
-            try:
-                if query and hasattr(self.module, "handle"):
-                    return self.module.handle(body, content_type, accept, parse_qs(query), self.model)
-                return self._toolkit_invoke(body, content_type, accept, headers)
-            except Exception as error:  # the toolkit answers 500 and logs the traceback
-                self.log(f"inference failed:\n{traceback.format_exc()}")
-                message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-                status = getattr(error, "status_code", 500)
-                return int(status), json.dumps({"error": message, "status": int(status)}).encode(), "application/json"
+    def invoke(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, str]:
+        """(status, body, Content-Type) of one request, as the container's worker answers it (one at a time)."""
+        with self._lock, self._serving():
+            return self.worker.invoke(body, headers)
 
-    def _toolkit_invoke(self, body: bytes, content_type: str | None, accept: str | None,
-                        headers: Mapping[str, str]) -> tuple[int, bytes, str]:
-        module, context = self.module, RequestContext(headers)
-
-        def call(name: str, *arguments: Any) -> Any:
-            function = getattr(module, name)
-            return function(*arguments, context) if _takes_context(function) else function(*arguments)
-
-        data = call("input_fn", body, content_type)
-        prediction = call("predict_fn", data, self.model)
-        result = call("output_fn", prediction, accept)
-        text, response_type = result if isinstance(result, tuple) else (result, accept or "application/json")
-        payload = text.encode() if isinstance(text, str) else bytes(text)
-        return context.status, payload, response_type
+    @contextmanager
+    def _serving(self) -> Iterator[None]:
+        _serving.container = self
+        try:
+            yield
+        finally:
+            _serving.container = None
 
     def log(self, text: str) -> None:
         with self._lock_log, open(self.root / "container.log", "a") as log:
@@ -164,7 +141,7 @@ class ModelContainer:
                 if body is None:
                     return
                 headers = {name: self.headers[name] for name in FORWARDED_HEADERS if self.headers.get(name) is not None}
-                self.answer(*container.invoke(body, headers, parts.query))
+                self.answer(*container.invoke(body, headers))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
