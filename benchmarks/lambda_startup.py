@@ -1,4 +1,4 @@
-"""Cold-start import time of the three Lambda handlers, and the invoke function's own work per request.
+"""Cold-start import time of the four Lambda handlers, and the invoke function's own work per request.
 
 Each import is timed in a fresh interpreter (what a Lambda cold start pays
 before the first event), median of several runs. The per-request figure is
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDA_DIR = ROOT / "lambda"
-HANDLERS = ("deploy_endpoint", "check_endpoint", "invoke_endpoint")
+HANDLERS = ("deploy_endpoint", "wait_endpoint", "check_endpoint", "invoke_endpoint")
 IMPORT_PROBE = (
     "import sys, time; sys.path.insert(0, {folder!r}); t = time.perf_counter(); import {module}; "
     "print(time.perf_counter() - t)"
