@@ -153,11 +153,6 @@ class Classifier:
         return self.served.forward(batch)
 
 
-# JPEGs are decoded straight to a reduced size (Pillow's draft mode: DCT scaling, 1/2 to 1/8)
-# no smaller than the side the model's transform resizes to; model_fn sets it.
-_draft_side: int | None = None
-
-
 @dataclass(frozen=True)
 class Options:
     top_k: int | None = None
