@@ -28,6 +28,8 @@ _ARN = re.compile(r"arn:aws[a-z-]*:([a-z0-9-]+):([a-z0-9-]*):([0-9]{12}):")
 _IMAGE = re.compile(r"\b[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com")
 _S3 = re.compile(r"s3://[^\s\"']+")
 EXAMPLE_WIDTH = 100
+# ARNs of what the pipeline creates, calls or passes, which must be in the target account (a KMS key may be another's).
+TARGET_SERVICES = {"iam", "lambda", "sagemaker"}
 
 
 def _example(text: str) -> str:
@@ -66,9 +68,10 @@ def targets_in(document: dict) -> tuple[dict[str, str], dict[str, str]]:
     regions: dict[str, str] = {}
     for text in strings_in(document):
         for match in _ARN.finditer(text):
-            accounts.setdefault(match.group(3), text)
-            if match.group(2):
-                regions.setdefault(match.group(2), text)
+            if match.group(1) in TARGET_SERVICES:
+                accounts.setdefault(match.group(3), text)
+                if match.group(2):
+                    regions.setdefault(match.group(2), text)
         for match in _IMAGE.finditer(text):
             regions.setdefault(match.group(1), text)
     return accounts, regions

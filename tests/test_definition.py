@@ -29,7 +29,7 @@ from conftest import ROOT
 
 SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {
-    "PrepareData", "TuneHyperparameters",
+    "PrepareData", "ExtractFeatures", "TuneHyperparameters",
     *(f"{verb}{suffix}" for suffix in ("SingleInstance", "MultiInstance") for verb in (
         "Train", "Evaluate", "CheckAccuracy", "CheckApproval", "Deploy", "WaitFor", "Check", "AccuracyTooLow",
         "CheckTwinDeployment", "CheckTwinAccuracy")),
@@ -500,6 +500,20 @@ def test_codebuild_build_arn_gives_account_and_region_after_flags_and_environmen
     assert (load_settings({}, environ=environ).account, load_settings({}, environ=environ).region) == ("777788889999", "us-west-2")
     flagged = load_settings({"account": "123456789012", "region": "ap-south-1"}, environ={"CODEBUILD_BUILD_ARN": BUILD_ARN})
     assert (flagged.account, flagged.region) == ("123456789012", "ap-south-1")
+
+
+def test_an_artifact_for_another_account_or_region_is_refused(document, built_settings):
+    from pipeline.artifact import target_mismatches
+
+    assert target_mismatches(Path("p.json"), document, built_settings) == []
+    other = load_settings({"account": "999988887777", "region": "eu-central-1"}, environ={})
+    problems = target_mismatches(Path("p.json"), document, other)
+    assert any(p.startswith(f"p.json was built for account {built_settings.account} (e.g. arn:aws:") for p in problems)
+    assert any(p.startswith(f"p.json was built for region {built_settings.region} (e.g. ") for p in problems)
+    shared_key = copy.deepcopy(document)  # a KMS key of another account is allowed: only what the pipeline creates or calls counts
+    shared_key["Steps"][0]["Arguments"]["ProcessingOutputConfig"]["KmsKeyId"] = \
+        f"arn:aws:kms:{built_settings.region}:555566667777:key/0f1e2d3c-aaaa-bbbb-cccc-1234567890ab"
+    assert target_mismatches(Path("p.json"), shared_key, built_settings) == []
 
 
 def test_a_malformed_codebuild_build_arn_is_refused():
