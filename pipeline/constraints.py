@@ -195,9 +195,6 @@ def check_expression(walk: Walk, expression: dict, shape, path: str) -> None:
         joined = joined_default(walk, body)
         if joined is not None and shape.type_name == "string":
             check_string(walk, f"{path} (joined with the parameters' defaults)", joined, shape)
-        for item in body.get("Values", []) if isinstance(body, dict) else []:
-            if isinstance(item, dict) and item.get("Get", "").startswith("Parameters."):
-                walk.landings.setdefault(item["Get"].split(".", 1)[1], [])  # known, but checked as part of the whole
     elif kind == "Get" and isinstance(body, str) and body.startswith("Execution."):
         check_type(walk, "string", shape, path, body)
 
