@@ -484,36 +484,8 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
         runner, why = training_runner(hosts, network)
         distributed = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"} \
             if len(hosts) > 1 and runner == LAUNCHER else {}
-        processes = []
-        for host in hosts:
-            root = job_dir / host
-            check_usable_root(root)
-            opt_ml = root / "opt" / "ml"
-            channels = _training_channels(ctx, spec, opt_ml, hosts, host)
-            code_dir = opt_ml / "code"
-            _unpack_sources(ctx.s3, str(submit), code_dir)
-            _prepare_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), root)
-            for folder in ("model", "output/data", "output/intermediate"):
-                (opt_ml / folder).mkdir(parents=True, exist_ok=True)
-            write_json(opt_ml / "input/config/hyperparameters.json", spec.hyperparameters)
-            write_json(opt_ml / "input/config/resourceconfig.json",
-                       {"current_host": host, "hosts": hosts, "network_interface_name": "lo"})
-            write_json(opt_ml / "input/config/inputdataconfig.json", {
-                channel["ChannelName"]: {k: v for k, v in channel.items() if k not in ("ChannelName", "DataSource")}
-                for channel in spec.arguments.get("InputDataConfig", [])
-            })
-            job_environment = {**ctx.environment, **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root)}
-            if runner == TOOLKIT:
-                environment = {**job_environment, **_platform_environment(ctx, spec, opt_ml, len(hosts))}
-                command = [*(network.prefix if network else []), ctx.python, *TOOLKIT_ENTRY_POINT]
-                cwd = root
-            else:
-                environment = {**job_environment, **_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host, per_process),
-                               **distributed}
-                command = [ctx.python, str(program), *user_arguments(decoded)]
-                cwd = code_dir
-            environment.update(thread_limits(per_process))
-            processes.append(HostProcess(host, command, environment, cwd, job_dir / "logs" / f"{host}.log", root))
+        launch = _Launch(runner, network.prefix if network else [], per_process, distributed)
+        processes = [_training_host(ctx, spec, decoded, job_dir, hosts, host, launch) for host in hosts]
         for process in processes:
             process.log.parent.mkdir(parents=True, exist_ok=True)
             with open(process.log, "a") as log:
@@ -555,6 +527,47 @@ def run_training_job(ctx: JobContext, spec: TrainingSpec, threads: int | None = 
         "BillableTimeInSeconds": seconds * len(hosts),
     }
     return JobResult(properties, [process.log for process in processes], metrics, ctx.s3.path(artifact_uri), f"{runner}: {why}")
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """How each host process of a training job starts."""
+
+    runner: str  # TOOLKIT or LAUNCHER
+    prefix: list[str]  # enters the job's private network (multi-host toolkit runs)
+    threads: int  # CPU threads of each process
+    distributed: dict[str, str]  # the launcher's MASTER_* variables
+
+
+def _training_host(ctx: JobContext, spec: TrainingSpec, decoded: Mapping[str, Any], job_dir: Path,
+                   hosts: list[str], host: str, launch: _Launch) -> HostProcess:
+    """One instance of a training job laid out as SageMaker lays out /opt/ml, and the process that runs it."""
+    root = job_dir / host
+    check_usable_root(root)
+    opt_ml = root / "opt" / "ml"
+    channels = _training_channels(ctx, spec, opt_ml, hosts, host)
+    code_dir = opt_ml / "code"
+    _unpack_sources(ctx.s3, str(decoded["sagemaker_submit_directory"]), code_dir)
+    _prepare_checkpoints(ctx.s3, spec.arguments.get("CheckpointConfig"), root)
+    for folder in ("model", "output/data", "output/intermediate"):
+        (opt_ml / folder).mkdir(parents=True, exist_ok=True)
+    write_json(opt_ml / "input/config/hyperparameters.json", spec.hyperparameters)
+    write_json(opt_ml / "input/config/resourceconfig.json",
+               {"current_host": host, "hosts": hosts, "network_interface_name": "lo"})
+    write_json(opt_ml / "input/config/inputdataconfig.json", {
+        channel["ChannelName"]: {k: v for k, v in channel.items() if k not in ("ChannelName", "DataSource")}
+        for channel in spec.arguments.get("InputDataConfig", [])
+    })
+    environment = {**ctx.environment, **rewrite_opt_ml(dict(spec.arguments.get("Environment") or {}), root)}
+    if launch.runner == TOOLKIT:
+        environment.update(_platform_environment(ctx, spec, opt_ml, len(hosts)))
+        command, cwd = [*launch.prefix, ctx.python, *TOOLKIT_ENTRY_POINT], root
+    else:
+        environment.update(_toolkit_environment(ctx, spec, decoded, opt_ml, channels, hosts, host, launch.threads))
+        environment.update(launch.distributed)
+        command, cwd = [ctx.python, str(decoded["sagemaker_program"]), *user_arguments(decoded)], code_dir
+    environment.update(thread_limits(launch.threads))
+    return HostProcess(host, command, environment, cwd, job_dir / "logs" / f"{host}.log", root)
 
 
 def toolkit_installed() -> bool:
