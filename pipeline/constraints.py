@@ -15,8 +15,10 @@ Runtime expressions are checked where their value can be known:
   be checked against the same shapes (``parameter_value_findings``);
 - ``Std:Join``: a string; with literals and parameter defaults only, the
   joined text is checked like a literal;
-- ``Get`` of a step property or an execution variable, ``Std:JsonGet``: the
-  type only (a string cannot land on a number, and so on).
+- ``Get`` of a step property (its type from the step's Describe* output shape
+  or Lambda output type) or of an execution variable: the type only (a string
+  cannot land on a number, and so on); ``Std:JsonGet`` is not checked, as its
+  type is only known once the file is read.
 
 Patterns are Java regular expressions, applied by the service to the whole
 value (``String.matches``). They are compiled with the ``regex`` module, which
@@ -31,7 +33,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import botocore.session
 import regex
@@ -72,6 +74,7 @@ class Walk:
     findings: list[Finding] = field(default_factory=list)
     landings: dict[str, list[Landing]] = field(default_factory=dict)
     empty_is_unset: bool = False  # while set, "" is "not set" rather than a value to check
+    reference_type: Callable[[str], str | None] = lambda reference: None  # botocore type of a step property
 
     def report(self, path: str, rule: str, detail: str) -> None:
         self.findings.append(Finding(self.where, path, rule, detail))
@@ -197,6 +200,10 @@ def check_expression(walk: Walk, expression: dict, shape, path: str) -> None:
             check_string(walk, f"{path} (joined with the parameters' defaults)", joined, shape)
     elif kind == "Get" and isinstance(body, str) and body.startswith("Execution."):
         check_type(walk, "string", shape, path, body)
+    elif kind == "Get" and isinstance(body, str) and body.startswith("Steps."):
+        resolved = walk.reference_type(body)
+        if resolved is not None:
+            check_type(walk, resolved, shape, path, body)
 
 
 def check_type(walk: Walk, kind: str, shape, path: str, what: str) -> None:

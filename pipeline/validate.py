@@ -77,6 +77,33 @@ def _walk_shape(shape, tokens: list[str | int], where: str) -> None:
             shape = shape.value
         else:
             raise DefinitionError(f"{where}: cannot index {shape.type_name} {shape.name} with {token!r}")
+    return shape
+
+
+# A Lambda step's OutputType as the botocore type of its value.
+LAMBDA_OUTPUT_TYPES = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
+
+
+def property_type(reference: str, nodes: dict[str, StepNode]) -> str | None:
+    """The botocore type of a step property ``Steps.<name>.<path>``; None when it cannot be known here
+    (a property file, an unknown step: the reference check reports those)."""
+    match = re.match(r"Steps\.([^.\[]+)\.?(.*)$", reference)
+    node = nodes.get(match.group(1)) if match else None
+    if node is None:
+        return None
+    try:
+        tokens = parse_property_path(match.group(2))
+        if not tokens or tokens[0] == "PropertyFiles":
+            return None
+        if node.type == "Lambda":
+            outputs = {o["OutputName"]: o.get("OutputType", "String") for o in node.document.get("OutputParameters", [])}
+            return LAMBDA_OUTPUT_TYPES.get(outputs.get(tokens[-1]))
+        if node.type not in STEP_APIS:
+            return None
+        shape = sagemaker_model().operation_model(STEP_APIS[node.type][1]).output_shape
+        return _walk_shape(shape, tokens, reference).type_name
+    except DefinitionError:
+        return None
 
 
 def _check_step_property(node: StepNode, tokens: list[str | int], where: str) -> None:
@@ -341,7 +368,7 @@ def constraint_walk(document: dict, nodes: dict[str, StepNode] | None = None) ->
     """Every finding of the service's limits in ``document``, and where each parameter lands."""
     nodes = nodes if nodes is not None else steps_of(document)
     parameters = {p["Name"]: p for p in document.get("Parameters", []) if "Name" in p}
-    walk = Walk("parameters", parameters)
+    walk = Walk("parameters", parameters, reference_type=lambda reference: property_type(reference, nodes))
     check_parameters(walk, document.get("Parameters", []))
     for node in nodes.values():
         walk.where = _where(node)

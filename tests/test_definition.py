@@ -560,6 +560,10 @@ def test_validate_reports_the_old_entrypoint_and_passes_the_new_one(document, tm
     (lambda d: next(p for p in d["Parameters"] if p["Name"] == "TrainingInstanceType").update(DefaultValue="ml.m5.huge"),
      "step TrainSingleInstance, Arguments.ResourceConfig.InstanceType: parameter TrainingInstanceType's default "
      "'ml.m5.huge': \"ml.m5.huge\" is not among them; allowed: one of"),
+    (lambda d: next(s for s in d["Steps"] if s["Name"] == "TrainSingleInstance")["Arguments"]["ResourceConfig"].update(
+        InstanceCount={"Get": "Steps.PrepareData.ProcessingOutputConfig.Outputs['train'].S3Output.S3Uri"}),
+     "step TrainSingleInstance, Arguments.ResourceConfig.InstanceCount: Steps.PrepareData.ProcessingOutputConfig."
+     "Outputs['train'].S3Output.S3Uri gives a string; allowed: an integer (TrainingInstanceCount)"),
     (lambda d: d["Steps"][0].update(DisplayName="Prepare " * 40),
      "step PrepareData, DisplayName: 320 characters; allowed: at most 256 characters (StepDisplayName)"),
 ])
