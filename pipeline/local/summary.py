@@ -157,7 +157,7 @@ def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
         lines += ["", f"Hyperparameters ({name}, {len(tuning['trials'])} trials): {chosen}",
                   f"  best trial {tuning['best_training_job']}: {objective['MetricName']} {objective['Value']:.4f}"]
         feature_dirs = {str(Path(extraction["path"]).parent) for extraction in extractions.values()}
-        on_features = bool(tuning["channels"]) and set(tuning["channels"].values()) <= feature_dirs
+        on_features = bool(set(tuning["channels"].values()) & feature_dirs)
         lines.append("  trials, each training only the head on the features above:" if on_features
                      else f"  trials (channels {', '.join(tuning['channels']) or '-'}):")
         for trial in tuning["trials"]:
