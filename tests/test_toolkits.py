@@ -131,15 +131,6 @@ def test_train_runs_under_the_training_toolkit_with_the_steps_hyperparameters(st
     assert (base / "output" / "success").is_file() and not (base / "output" / "failure").exists()
 
 
-def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_hyperparameters, data, tmp_path):
-    base = tmp_path / "opt" / "ml"
-    job = toolkit_training_job(base, data, service_hyperparameters(step_hyperparameters, learning_rat=0.1))
-    assert job.returncode != 0
-    reason = (base / "output" / "failure").read_text()
-    assert reason.startswith("train.py: error: unrecognized arguments: --learning_rat 0.1"), reason
-    assert "\n" not in reason.strip() and "Traceback" not in reason
-
-
 # ---------------------------------------------------------------- serving
 
 
@@ -321,8 +312,8 @@ def test_torchserve_serves_the_model_over_http_on_loopback(model_dir, tmp_path):
 # ---------------------------------------------------------------- local-run's training jobs
 
 
-def test_a_local_run_training_job_fails_with_the_scripts_error_line(data, tmp_path):
-    """local-run's training job, through the toolkit: the FailureReason is what the script wrote, as SageMaker shows it."""
+def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_hyperparameters, data, tmp_path):
+    """local-run's training job runs the toolkit's entry point: the script's error is the failure file and the FailureReason."""
     import tarfile
 
     from pipeline.local.containers import JobContext, JobFailed, TrainingSpec, run_training_job
@@ -335,9 +326,10 @@ def test_a_local_run_training_job_fails_with_the_scripts_error_line(data, tmp_pa
             tar.add(path, arcname=path.name)
     s3.put("s3://bucket/code/sourcedir.tar.gz", archive.read_bytes())
     s3.upload(data / "train", "s3://bucket/data/train")
+    hyperparameters = service_hyperparameters(step_hyperparameters, learning_rat=0.1)
+    hyperparameters["sagemaker_submit_directory"] = json.dumps("s3://bucket/code/sourcedir.tar.gz")
     spec = TrainingSpec("job-1", {
-        "HyperParameters": {"sagemaker_program": '"train.py"', "sagemaker_submit_directory": '"s3://bucket/code/sourcedir.tar.gz"',
-                            "epochs": "1", "learning_rat": "0.1"},
+        "HyperParameters": hyperparameters,
         "InputDataConfig": [{"ChannelName": "train", "DataSource": {"S3DataSource": {
             "S3DataType": "S3Prefix", "S3Uri": "s3://bucket/data/train", "S3DataDistributionType": "FullyReplicated"}}}],
         "OutputDataConfig": {"S3OutputPath": "s3://bucket/out"},
@@ -346,7 +338,8 @@ def test_a_local_run_training_job_fails_with_the_scripts_error_line(data, tmp_pa
                      environment={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")}, cpus_per_job=1)
     with pytest.raises(JobFailed) as failed:
         run_training_job(ctx, spec)
-    assert str(failed.value) == ("AlgorithmError: train.py: error: unrecognized arguments: --learning_rat 0.1 "
-                                 "(see --help for the hyperparameter names)")
+    line = "train.py: error: unrecognized arguments: --learning_rat 0.1 (see --help for the hyperparameter names)"
+    assert (tmp_path / "jobs" / "job-1" / "algo-1" / "opt" / "ml" / "output" / "failure").read_text() == line
+    assert str(failed.value) == f"AlgorithmError: {line}"
     log = (tmp_path / "jobs" / "job-1" / "logs" / "algo-1.log").read_text()
     assert "runs through the toolkit" in log and "Reporting training FAILURE" in log
