@@ -229,10 +229,16 @@ def test_no_connection_leaves_the_loopback(full_run):
 
 
 def test_raised_threshold_ends_in_the_fail_step(tmp_path: Path):
+    # A threshold no accuracy reaches; the AccuracyThreshold parameter itself is refused above 1.0.
+    document = _definition(tmp_path)
+    for suffix in ("SingleInstance", "MultiInstance"):
+        gate_model_at(document, suffix, 1.5)
+    edited = tmp_path / "gated.json"
+    edited.write_text(json.dumps(document))
     sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 8, "valid": 2, "test": 2})
     workdir = tmp_path / "work"
-    status, out, err = local_run("--data", str(sample.root), "--workdir", str(workdir), "--max-tuning-jobs", "1",
-                                 "--param", "MultiInstanceCount=1", "--param", "AccuracyThreshold=1.5", *SMALL_MODEL)
+    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir),
+                                 "--max-tuning-jobs", "1", "--param", "MultiInstanceCount=1", *SMALL_MODEL)
     assert status == 1, out[-3000:] + err
     summary = summary_of(workdir)
     assert summary["status"] == "Failed"
