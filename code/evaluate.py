@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, run_script
+from contract import NO_WEIGHTS_PLACEHOLDER
 from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
                       MODEL_INFO_FILE, PRECISIONS)
 from serving_model import QuantizationFailed, calibration_batch, precision_decision, quantized_int8
@@ -295,6 +296,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     document["additional_metrics"]["fp32_accuracy"] = metric(fp32_accuracy)
     if int8_accuracy is not None:
         document["additional_metrics"]["int8_accuracy"] = metric(int8_accuracy)
+    document["pretrained_weights"] = pretrained_record(args.pretrained, info)
     document["inference_precision"] = precision_record(args.inference_precision, served, reason, fp32, int8, int8_problem)
 
     accuracy = document["multiclass_classification_metrics"]["accuracy"]["value"]
@@ -319,7 +321,27 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     parser.add_argument("--inference-precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="the precision asked for; int8 is served only if its top-1 is within 1 point of fp32's")
+    parser.add_argument("--pretrained", default=None,
+                        help="the pipeline's pretrained weights input (PretrainedWeightsS3Uri); its state dict's "
+                             "sha256 is recorded beside the metrics. Nothing is downloaded")
     return parser
+
+
+def pretrained_record(folder: str | None, info: dict[str, Any]) -> dict[str, Any]:
+    """Which backbone weights the evaluated model was transfer-learned from: the input's file and hash, and
+    the source train.py recorded. The input holding only the definition's placeholder means none."""
+    import hashlib
+
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file()) if folder and Path(folder).is_dir() else []
+    weights = [p for p in files if p.name != NO_WEIGHTS_PLACEHOLDER]
+    record: dict[str, Any] = {"file": None, "sha256": None, "trained_from": info.get("pretrained_weights")}
+    if len(weights) == 1:
+        digest = hashlib.sha256()
+        with weights[0].open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        record.update(file=weights[0].name, sha256=digest.hexdigest())
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:

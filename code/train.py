@@ -51,6 +51,8 @@ INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "servi
 CALIBRATION_IMAGES = 32
 DEFAULT_MASTER_PORT = "29500"
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin")
+# Global batches of the forward pass that recomputes batch-norm statistics after each epoch (when they train).
+PRECISE_BN_BATCHES = 50
 # The pipeline parameter whose S3 URI becomes the pretrained channel (steps/parameters.py).
 PRETRAINED_URI_PARAMETER = "PretrainedWeightsS3Uri"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
@@ -678,6 +680,22 @@ def feature_extractor(model: nn.Module) -> nn.Module:
     return nn.Sequential(*children, nn.Flatten(1))
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its gradient: each rank's input gradient is the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        total = gradient.clone()
+        dist.all_reduce(total)
+        return total
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the whole global batch, over every rank.
 
@@ -692,15 +710,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(inputs)
-        import torch.distributed.nn.functional as dist_nn
-
         values = inputs.float()
-        count = torch.full((1,), values.numel() / values.shape[1], dtype=values.dtype, device=values.device)
-        totals = dist_nn.all_reduce(torch.cat([values.sum((0, 2, 3)), (values * values).sum((0, 2, 3)), count]))
+        wide = values.double()  # sums of squares in float64: E[x^2] - E[x]^2 loses little
+        count = torch.full((1,), values.numel() / values.shape[1], dtype=wide.dtype, device=values.device)
+        totals = _SumOverRanks.apply(torch.cat([wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3)), count]))
         channels = self.num_features
         n = totals[-1]
-        mean = totals[:channels] / n
-        variance = (totals[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        mean = (totals[:channels] / n).float()
+        variance = (totals[channels:2 * channels] / n - (totals[:channels] / n) ** 2).clamp_min(0).float()
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -877,6 +894,43 @@ def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Opt
     total_loss, total_count = all_reduce_sums([loss_sum.item(), count], device, dist_info)
     return {"train_loss": total_loss / max(total_count, 1), "train_images": total_count,
             "rank_images": count, "train_seconds": seconds, "optimizer_steps": steps}
+
+
+@torch.no_grad()
+def recompute_batch_norm_statistics(parts: Parts, loader: DataLoader, device: torch.device,
+                                    max_batches: int = PRECISE_BN_BATCHES) -> int:
+    """Running statistics of every trained batch norm, recomputed as the plain mean over this epoch's final weights.
+
+    During training they are a moving average (momentum 0.1) of statistics of
+    weights that were still changing: after few steps from random weights they
+    mislead evaluation (validation losses in the thousands). One forward pass
+    over up to ``max_batches`` global batches fixes that ("precise BN"); under
+    several ranks GlobalBatchNorm2d makes the statistics the global batches'.
+    Returns the batches used (0 when the backbone is frozen).
+    """
+    if parts.frozen is not None:
+        return 0
+    model = parts.trainable_module
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative: the mean over the batches below
+    model.train()
+    used = 0
+    try:
+        for inputs, _ in loader:
+            if used == max_batches:
+                break
+            with autocast(device):
+                model(to_device(inputs, device))
+            used += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+    return used
 
 
 @torch.no_grad()
@@ -1124,6 +1178,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         seed_everything(derived_seed(args.seed, epoch, dist_info.rank))
         train_loader.batch_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
+        recompute_batch_norm_statistics(parts, train_loader, device)
         metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
         improved = best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]
         metrics["best_val_loss"] = metrics["val_loss"] if improved else best["metrics"]["val_loss"]

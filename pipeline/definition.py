@@ -117,7 +117,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
     ctx = BuildContext(
         settings=settings,
         session=session,
-        parameters=define_parameters(settings),
+        parameters=define_parameters(settings, no_weights_uri=assets.code.s3_uri),
         code_uri=assets.code.s3_uri,
         contract=load_contract(settings.source_dir),
         training_image=framework_image(settings, "training", settings.training_instance_type),

@@ -9,9 +9,11 @@ from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 from steps.context import CACHE, BuildContext, retry_policies
 from steps.prepare import channel_uri
 from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.training import pretrained_processing_input
 from steps.variants import Variant
 
 MODEL_DIR = f"{PROCESSING_ROOT}/input/model"
+PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"
 TEST_DIR = f"{PROCESSING_ROOT}/input/test"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/evaluation"
 OUTPUT_NAME = "evaluation"
@@ -28,11 +30,12 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
         inputs=[
             ProcessingInput(source=training.properties.ModelArtifacts.S3ModelArtifacts, destination=MODEL_DIR, input_name="model"),
             ProcessingInput(source=channel_uri(prepare, "test"), destination=TEST_DIR, input_name="test"),
+            pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
         outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(name))],
         arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR,
-                   "--inference-precision", ctx.parameters.inference_precision],
+                   "--inference-precision", ctx.parameters.inference_precision, "--pretrained", PRETRAINED_DIR],
     )
     return ProcessingStep(
         name=name,

@@ -44,6 +44,7 @@ class Parameters:
     backbone: ParameterString
     image_size: ParameterInteger
     pretrained_weights: ParameterString
+    pretrained_weights_s3_uri: ParameterString
     tuning_max_jobs: ParameterInteger
     tuning_max_parallel_jobs: ParameterInteger
     accuracy_threshold: ParameterFloat
@@ -61,7 +62,8 @@ class Parameters:
         return [getattr(self, f.name) for f in fields(self)]
 
 
-def define_parameters(settings) -> Parameters:
+def define_parameters(settings, no_weights_uri: str) -> Parameters:
+    """``no_weights_uri``: an object every job has (the code archive), PretrainedWeightsS3Uri's "no weights" default."""
     return Parameters(
         input_data_url=ParameterString("InputDataUrl", default_value=settings.s3_uri("data", "dogImages")),
         processing_instance_type=ParameterString("ProcessingInstanceType", default_value=settings.processing_instance_type),
@@ -72,6 +74,10 @@ def define_parameters(settings) -> Parameters:
         backbone=ParameterString("Backbone", default_value="resnet50", enum_values=["resnet18", "resnet34", "resnet50"]),
         image_size=ParameterInteger("ImageSize", default_value=224),
         pretrained_weights=ParameterString("PretrainedWeights", default_value="imagenet"),
+        # The pretrained channel of tuning, both trainings and evaluation: a .pth state dict of the backbone (or a
+        # prefix holding one) for PretrainedWeights=imagenet without internet. SageMaker refuses an empty S3 URI
+        # and a static definition cannot drop an input, so the default is a placeholder train.py reads as none.
+        pretrained_weights_s3_uri=ParameterString("PretrainedWeightsS3Uri", default_value=no_weights_uri),
         tuning_max_jobs=ParameterInteger("TuningMaxJobs", default_value=8),
         tuning_max_parallel_jobs=ParameterInteger("TuningMaxParallelJobs", default_value=2),
         accuracy_threshold=ParameterFloat("AccuracyThreshold", default_value=0.7),

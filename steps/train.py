@@ -5,7 +5,7 @@ from sagemaker.workflow.steps import ProcessingStep, TrainingStep, TuningStep
 
 from steps.context import CACHE, BuildContext, retry_policies
 from steps.prepare import channel_uri
-from steps.training import pytorch_estimator, static_hyperparameters, training_channels
+from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters, training_channels
 from steps.tune import best_hyperparameters
 from steps.variants import MULTI, Variant
 
@@ -29,7 +29,8 @@ def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tun
         spot_checkpoint_s3_uri=ctx.execution_path(name, "checkpoints") if ctx.settings.spot_training else None,
         encrypt_traffic=variant == MULTI,
     )
-    step_args = estimator.fit(inputs=training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")))
+    step_args = estimator.fit(inputs={**training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")),
+                                      **pretrained_channel(ctx)})
     count = "MultiInstanceCount instances in one torch.distributed group" if variant == MULTI else "one instance"
     return TrainingStep(
         name=name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from sagemaker.inputs import TrainingInput
+from sagemaker.processing import ProcessingInput
 from sagemaker.pytorch import PyTorch
 
 from steps.context import BuildContext
@@ -13,14 +14,16 @@ MAX_RUNTIME_SECONDS = 8 * 3600
 
 
 def static_hyperparameters(ctx: BuildContext, *, augment: bool, cache_features: bool) -> dict:
+    """No freeze_backbone: train.py's default follows the weights (frozen when loaded, trained when random),
+    which a static value could not do for every PretrainedWeights. ``cache_features`` asks for caching where
+    it applies (auto: a frozen backbone without augmentation)."""
     params = ctx.parameters
     return {
         "backbone": params.backbone,
         "image_size": params.image_size,
         "pretrained_weights": params.pretrained_weights,
-        "freeze_backbone": "true",
         "augment": "true" if augment else "false",
-        "cache_features": "true" if cache_features else "false",
+        "cache_features": "auto" if cache_features else "false",
         "seed": "42",
         "patience": "3",
     }
@@ -73,3 +76,17 @@ def training_channels(train_uri, valid_uri) -> dict[str, TrainingInput]:
         "train": TrainingInput(s3_data=train_uri, content_type="application/x-image"),
         "valid": TrainingInput(s3_data=valid_uri, content_type="application/x-image"),
     }
+
+
+def pretrained_channel(ctx: BuildContext) -> dict[str, TrainingInput]:
+    """The ``pretrained`` channel (SM_CHANNEL_PRETRAINED): PretrainedWeightsS3Uri, read without internet.
+
+    Its default is the job's own code archive, which train.py reads as "no weights supplied".
+    """
+    return {ctx.contract.PRETRAINED_CHANNEL: TrainingInput(s3_data=ctx.parameters.pretrained_weights_s3_uri)}
+
+
+def pretrained_processing_input(ctx: BuildContext, destination: str) -> ProcessingInput:
+    """The same weights as a processing job's input, downloaded to ``destination``."""
+    return ProcessingInput(source=ctx.parameters.pretrained_weights_s3_uri, destination=destination,
+                           input_name=ctx.contract.PRETRAINED_CHANNEL)

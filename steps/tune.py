@@ -7,7 +7,7 @@ from sagemaker.workflow.steps import ProcessingStep, TuningStep
 
 from steps.context import CACHE, BuildContext, retry_policies
 from steps.features import features_uri
-from steps.training import pytorch_estimator, static_hyperparameters
+from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters
 
 STEP_NAME = "TuneHyperparameters"
 TUNED = ("learning_rate", "batch_size", "epochs")
@@ -50,7 +50,7 @@ def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
         base_tuning_job_name=f"{ctx.settings.project_name}-tune",
     )
     step_args = tuner.fit(
-        inputs=features_channel(ctx, extraction),
+        inputs={**features_channel(ctx, extraction), **pretrained_channel(ctx)},
         job_name=f"{ctx.settings.project_name}-tune",
     )
     return TuningStep(

@@ -10,11 +10,25 @@ from pathlib import Path
 from typing import Any
 
 DATA_PARAMETER = "InputDataUrl"
+WEIGHTS_PARAMETER = "PretrainedWeightsS3Uri"
 DEFAULT_WORKDIRS = Path("build") / "local-run"
-# Local runs need no network: backbone weights are not downloaded unless asked for.
-LOCAL_DEFAULTS = {"PretrainedWeights": "none"}
+# name: (value, why). Without a weights file nothing is downloaded, so the backbone is random and trains whole
+# (train.py's frozen-backbone rule); the rest keeps that affordable on a laptop's CPU.
+NO_WEIGHTS_DEFAULTS = {
+    "PretrainedWeights": ("none", "nothing is downloaded; the whole network trains from random weights "
+                                  f"(--param {WEIGHTS_PARAMETER}=<file.pth> for transfer learning)"),
+}
+REAL_DATA_DEFAULTS = {
+    "Backbone": ("resnet18", "the smallest ResNet: a whole-network epoch on CPU takes seconds, not minutes"),
+    "ImageSize": (64, "enough pixels for real photos at a sixteenth of 224's compute"),
+    "TuningMaxJobs": (2, "each trial is a training job: two keep tuning within minutes"),
+}
 # Small and fast on the generated sample (a few minutes on two cores, the 7-instance training included).
-SAMPLE_DEFAULTS = {"Backbone": "resnet18", "ImageSize": 32, "TuningMaxJobs": 4}
+SAMPLE_DEFAULTS = {
+    "Backbone": ("resnet18", "the generated sample is tiny"),
+    "ImageSize": (32, "the sample's shapes need no more"),
+    "TuningMaxJobs": (4, "trials on features take seconds"),
+}
 
 
 def _seconds(text: str) -> float:
@@ -45,7 +59,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help=f"where the run keeps its local S3, jobs and logs (default {DEFAULT_WORKDIRS}/<execution id>)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="a pipeline parameter's value for this run; repeatable; wins over local-run's defaults")
+                        help="a pipeline parameter's value for this run; repeatable; wins over local-run's defaults. "
+                             f"{WEIGHTS_PARAMETER} may name a local .pth file (a backbone state dict)")
+    parser.add_argument("--pretrained-weights", type=Path, default=None, metavar="FILE",
+                        help=f"a local state dict of the backbone (e.g. resnet50.pth): the same as --param {WEIGHTS_PARAMETER}=FILE")
     parser.add_argument("--max-tuning-jobs", type=_positive_int, default=None, metavar="N",
                         help="run at most N tuning trials (default: the TuningMaxJobs parameter)")
     parser.add_argument("--parallel", type=_positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
@@ -93,11 +110,44 @@ def check_run_parameters(values: dict[str, Any], document: dict) -> None:
         raise UsageError(str(error)) from None
 
 
-def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
-    """local-run's own defaults for parameters the user did not set (those the definition has)."""
+def local_choices(document: dict, given: dict[str, Any], sample: bool) -> dict[str, tuple[Any, str]]:
+    """local-run's own defaults, with why, for the parameters the user did not set (those the definition has).
+
+    With a weights file the definition's own defaults stand (PretrainedWeights=imagenet reads the file).
+    """
     names = {item["Name"] for item in document.get("Parameters", [])}
-    defaults = {**LOCAL_DEFAULTS, **(SAMPLE_DEFAULTS if sample else {})}
-    return {name: value for name, value in defaults.items() if name in names and name not in given}
+    weights = WEIGHTS_PARAMETER in given
+    defaults = {**({} if weights else NO_WEIGHTS_DEFAULTS),
+                **(SAMPLE_DEFAULTS if sample else {} if weights else REAL_DATA_DEFAULTS)}
+    return {name: choice for name, choice in defaults.items() if name in names and name not in given}
+
+
+def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
+    """The values of ``local_choices``."""
+    return {name: value for name, (value, _) in local_choices(document, given, sample).items()}
+
+
+def local_weights_file(given: dict[str, Any], flag: Path | None) -> Path | None:
+    """The local weights file named by --pretrained-weights or by a PretrainedWeightsS3Uri that is not an S3 URI."""
+    from pipeline.cli import UsageError
+
+    value = given.get(WEIGHTS_PARAMETER)
+    if flag is not None:
+        if value is not None and str(value) != str(flag):
+            raise UsageError(f"--pretrained-weights {flag} and --param {WEIGHTS_PARAMETER}={value} disagree: give one")
+        value = str(flag)
+    if value is None or str(value).startswith("s3://"):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{WEIGHTS_PARAMETER}={value}: no such file; give a .pth state dict of the backbone "
+                         "(torch.save(model.state_dict(), path)) or an s3:// URI")
+    return path
+
+
+def weights_uri(settings: Any, path: Path) -> str:
+    """Where local-run puts a local weights file in its local S3."""
+    return settings.s3_uri("local-run", "pretrained", path.name)
 
 
 def load_document(args: argparse.Namespace, synthesized: str) -> dict:
@@ -182,7 +232,11 @@ def run_command(args: argparse.Namespace) -> int:
     document = load_document(args, synthesized.definition)
     check_assets(document, settings, synthesized.assets)
     given = parse_parameters(args.param, document)
-    applied = local_overrides(document, given, sample=args.data is None)
+    weights_file = local_weights_file(given, args.pretrained_weights)
+    if weights_file is not None:
+        given[WEIGHTS_PARAMETER] = weights_uri(settings, weights_file)
+    choices = local_choices(document, given, sample=args.data is None)
+    applied = {name: value for name, (value, _) in choices.items()}
     check_run_parameters({**applied, **given}, document)
     execution_id = new_execution_id()
     workdir = args.workdir or DEFAULT_WORKDIRS / execution_id
@@ -197,11 +251,18 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             data = sample_data(run.workdir / "sample-data")
             link_data(run, Path(data["path"]))
+        if weights_file is not None:
+            run.s3.put(given[WEIGHTS_PARAMETER], weights_file.read_bytes())
     except LocalRunError as error:
         raise UsageError(str(error)) from None
+    if weights_file is not None:
+        print(f"pretrained weights: {weights_file} as {WEIGHTS_PARAMETER}={given[WEIGHTS_PARAMETER]} "
+              "(the 'pretrained' channel; PretrainedWeights=imagenet reads it, the backbone stays frozen)")
     if applied:
         why = "local-run defaults" + (" for the generated sample" if args.data is None else "")
-        print(f"{why}: {', '.join(f'{k}={v}' for k, v in applied.items())} (--param NAME=VALUE to choose otherwise)")
+        print(f"{why} (--param NAME=VALUE to choose otherwise):")
+        for name, (value, reason) in choices.items():
+            print(f"  {name}={value}: {reason}")
     print(f"data: {data['description']} at {os.path.relpath(data['path'])}; work dir {os.path.relpath(run.workdir)}")
     sys.stdout.flush()
     result = run.execute()
