@@ -629,11 +629,12 @@ class HostNetwork:
         return ""
 
     def _wait_ready(self) -> str:
-        """"" once the holder says ready, else what it printed before it failed."""
-        reader = threading.Thread(target=lambda: setattr(self, "_first", self.holder.stdout.readline()), daemon=True)
+        """Empty once the holder says ready, else what it printed before it failed."""
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.append(self.holder.stdout.readline()), daemon=True)
         reader.start()
         reader.join(NAMESPACE_READY_SECONDS)
-        first = getattr(self, "_first", b"").decode(errors="replace").strip()
+        first = b"".join(lines).decode(errors="replace").strip()
         if first == "ready":
             return ""
         if self.holder.poll() is None and reader.is_alive():
