@@ -343,3 +343,29 @@ def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_
     assert str(failed.value) == f"AlgorithmError: {line}"
     log = (tmp_path / "jobs" / "job-1" / "logs" / "algo-1.log").read_text()
     assert "runs through the toolkit" in log and "Reporting training FAILURE" in log
+
+
+def test_the_private_network_resolves_the_host_names_to_its_own_loopback(tmp_path):
+    from pipeline.local.containers import HostNetwork, ProcessRegistry
+
+    network = HostNetwork(["algo-1", "algo-2"], tmp_path, ProcessRegistry())
+    problem = network.start()
+    if problem:
+        pytest.skip(f"no private network namespace here: {problem}")
+    try:
+        probe = ("import socket; s = socket.socket(); s.bind(('algo-1', 7777)); "
+                 "print(socket.gethostbyname('algo-2'), s.getsockname()[1])")
+        seen = subprocess.run([*network.prefix, sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    finally:
+        network.stop()
+    assert seen.stdout.split() == ["127.0.0.1", "7777"], seen.stderr
+    assert network.holder is None
+
+
+def test_without_namespace_tools_a_multi_host_job_names_why_it_uses_the_launcher(tmp_path, monkeypatch):
+    from pipeline.local.containers import LAUNCHER, HostNetwork, ProcessRegistry, training_runner
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    runner, why = training_runner(["algo-1", "algo-2"], HostNetwork(["algo-1", "algo-2"], tmp_path, ProcessRegistry()))
+    assert runner == LAUNCHER
+    assert why.startswith("2 hosts need algo-1..2 to resolve and port 7777 free") and "unshare" in why and "not found" in why
