@@ -16,22 +16,25 @@ from sagemaker.workflow.steps import ProcessingStep
 from steps.context import CACHE, BuildContext, retry_policies
 from steps.prepare import channel_uri
 from steps.processing import PROCESSING_ROOT, code_input, script_processor
-from steps.training import static_hyperparameters
+from steps.training import pretrained_processing_input, static_hyperparameters
 
 STEP_NAME = "ExtractFeatures"
 SCRIPT = "extract_features.py"
 INPUT_DIRS = {"train": f"{PROCESSING_ROOT}/input/train", "valid": f"{PROCESSING_ROOT}/input/valid"}
+PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/features"
 
 
 def extraction_arguments(ctx: BuildContext) -> list:
-    """The script's options: the trials' backbone, image size, weights and seed, so the header fits every trial."""
+    """The script's options: the trials' backbone, image size, weights (the same pretrained channel) and seed,
+    so the header fits every trial."""
     trial = static_hyperparameters(ctx, augment=False, cache_features=False)
     return [
         "--train", INPUT_DIRS["train"], "--valid", INPUT_DIRS["valid"], "--output", OUTPUT_DIR,
         "--backbone", trial["backbone"],
         "--image-size", trial["image_size"].to_string(),
         "--pretrained-weights", trial["pretrained_weights"],
+        "--pretrained-channel", PRETRAINED_DIR,
         "--seed", trial["seed"],
     ]
 
@@ -42,6 +45,7 @@ def extract_features_step(ctx: BuildContext, prepare: ProcessingStep) -> Process
         inputs=[
             *(ProcessingInput(source=channel_uri(prepare, split), destination=folder, input_name=split)
               for split, folder in INPUT_DIRS.items()),
+            pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
         outputs=[ProcessingOutput(output_name=ctx.contract.FEATURES_CHANNEL, source=OUTPUT_DIR,

@@ -205,16 +205,18 @@ def steps() -> dict[str, dict]:
     return {step["Name"]: step for step in document["Steps"]} | {"Parameters": document["Parameters"]}
 
 
-def test_tuning_trials_read_only_the_features_step_output(steps: dict) -> None:
+def test_tuning_trials_read_the_features_step_output_and_no_images(steps: dict) -> None:
     tuning = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]
-    (channel,) = tuning["InputDataConfig"]
-    assert channel["ChannelName"] == contract.FEATURES_CHANNEL
-    assert channel["DataSource"]["S3DataSource"]["S3Uri"] == {
+    channels = {item["ChannelName"]: item["DataSource"]["S3DataSource"]["S3Uri"] for item in tuning["InputDataConfig"]}
+    assert set(channels) == {contract.FEATURES_CHANNEL, contract.PRETRAINED_CHANNEL}
+    assert channels[contract.FEATURES_CHANNEL] == {
         "Get": f"Steps.ExtractFeatures.ProcessingOutputConfig.Outputs['{contract.FEATURES_CHANNEL}'].S3Output.S3Uri"}
     assert "PrepareData" not in json.dumps(tuning)
+    extraction_inputs = {item["InputName"]: item["S3Input"]["S3Uri"] for item in steps["ExtractFeatures"]["Arguments"]["ProcessingInputs"]}
+    assert extraction_inputs[contract.PRETRAINED_CHANNEL] == channels[contract.PRETRAINED_CHANNEL]
     static = {name: json.loads(value) if isinstance(value, str) else value
               for name, value in tuning["StaticHyperParameters"].items()}
-    assert (static["augment"], static["cache_features"], static["freeze_backbone"]) == ("false", "false", "true")
+    assert (static["augment"], static["cache_features"]) == ("false", "false")
 
 
 def test_the_features_step_extracts_prepared_train_and_valid_with_the_trials_settings(steps: dict) -> None:
@@ -233,6 +235,8 @@ def test_the_features_step_extracts_prepared_train_and_valid_with_the_trials_set
     assert given["--image-size"] == trial["image_size"]
     assert "Parameters.ImageSize" in json.dumps(given["--image-size"])
     assert given["--seed"] == json.loads(trial["seed"])
+    pretrained = next(item["S3Input"] for item in arguments["ProcessingInputs"] if item["InputName"] == contract.PRETRAINED_CHANNEL)
+    assert given["--pretrained-channel"] == pretrained["LocalPath"]
     assert arguments["AppSpecification"]["ImageUri"] == \
         steps["TrainSingleInstance"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
     assert step["CacheConfig"]["Enabled"] is True
@@ -277,7 +281,7 @@ def test_local_run_extracts_once_and_the_trials_train_the_head_on_the_features(t
     (extraction,) = summary["feature_extraction"].values()
     assert extraction["images"] == {"train": 12, "valid": 6} and extraction["backbone"] == "resnet18"
     tuning = summary["tuning"]["TuneHyperparameters"]
-    assert list(tuning["channels"]) == [contract.FEATURES_CHANNEL]
+    assert contract.FEATURES_CHANNEL in tuning["channels"] and contract.TRAIN_CHANNEL not in tuning["channels"]
     assert tuning["channels"][contract.FEATURES_CHANNEL] == str(Path(extraction["path"]).parent)
     assert len(tuning["trials"]) == 2 and all(t["seconds"] is not None and t["objective"] is not None for t in tuning["trials"])
     steps = {step["name"]: step for step in summary["steps"]}
