@@ -260,7 +260,7 @@ def test_both_training_steps_take_the_best_hyperparameters_and_never_the_test_sp
             value = json.dumps(arguments["HyperParameters"][hyperparameter])
             assert f"Steps.TuneHyperparameters.BestTrainingJob.TunedHyperParameters['{hyperparameter}']" in value
         channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in arguments["InputDataConfig"]}
-        assert set(channels) == {CONTRACT.TRAIN_CHANNEL, CONTRACT.VALID_CHANNEL}
+        assert set(channels) == {CONTRACT.TRAIN_CHANNEL, CONTRACT.VALID_CHANNEL, CONTRACT.PRETRAINED_CHANNEL}
         assert "'test'" not in json.dumps(channels)
 
 

@@ -20,8 +20,8 @@ NO_WEIGHTS_DEFAULTS = {
 }
 REAL_DATA_DEFAULTS = {
     "Backbone": ("resnet18", "the smallest ResNet: a whole-network epoch on CPU takes seconds, not minutes"),
-    "ImageSize": (64, "enough pixels for real photos at a sixteenth of 224's compute"),
-    "TuningMaxJobs": (2, "each trial is a training job: two keep tuning within minutes"),
+    "ImageSize": (64, "enough pixels for real photos at a twelfth of 224's compute"),
+    "TuningMaxJobs": (2, "two trials keep the search short; the final trainings are the costly part"),
 }
 # Small and fast on the generated sample (a few minutes on two cores, the 7-instance training included).
 SAMPLE_DEFAULTS = {
