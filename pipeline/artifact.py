@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.assets import ArtifactError, Assets, assets_from_manifest, stale_sources
+from pipeline.definition import Synth
 from pipeline.settings import LAMBDA_FUNCTIONS, Settings
+from pipeline.validate import validate_definition
 
 MANIFEST_NAME = "assets.json"
 _ARN = re.compile(r"arn:aws[a-z-]*:([a-z0-9-]+):([a-z0-9-]*):([0-9]{12}):")
@@ -132,8 +134,6 @@ def asset_mismatches(path: Path, document: dict, assets: Assets, settings: Setti
 
 def load_artifact(path: Path, settings: Settings):
     """The definition at ``path`` and its assets, as ``synth`` would return them, once every check passed."""
-    from pipeline.definition import Synth
-    from pipeline.validate import validate_definition
 
     text, document = read_definition(path)
     assets = assets_from_manifest(path.parent / MANIFEST_NAME)

@@ -27,7 +27,7 @@ from botocore.exceptions import (
     WaiterError,
 )
 
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 
 ACCESS_DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError", "403"}
 NOT_AUTHENTICATED = {"UnrecognizedClientException", "InvalidClientTokenId", "SignatureDoesNotMatch",

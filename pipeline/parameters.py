@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from pipeline.constraints import parameter_value_findings
+from pipeline.validate import parameter_landings, range_problem
+from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
+
 MALFORMED = "malformed"  # not NAME=VALUE
 UNKNOWN = "unknown"  # no parameter of that name
 WRONG_TYPE = "wrong type"
@@ -78,9 +82,6 @@ def parameter_values(pairs: Iterable[str], document: dict) -> dict[str, Any]:
 def check_run_values(values: dict[str, Any], document: dict) -> None:
     """Refuse a run's parameter values (typed, e.g. from ``parameter_values``) that cannot work, naming the
     parameter and what it allows; parameters not in ``values`` count with their defaults."""
-    from pipeline.constraints import parameter_value_findings
-    from pipeline.validate import parameter_landings, range_problem
-    from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
     landings = parameter_landings(document) if values else {}
     for name, value in values.items():

@@ -31,11 +31,15 @@ from typing import Any, Callable, Iterable, TextIO
 
 from botocore.exceptions import ClientError
 
+from pipeline.artifact import load_artifact, read_definition
 from pipeline.assets import Asset, Assets
 from pipeline.aws import AwsError, Clients, Target, add_aws_arguments, error_code, error_message, explained, is_not_found
 from pipeline.changes import DefinitionDiff, diff_definitions
-from pipeline.cli import UsageError, add_settings_arguments, settings_from_args
-from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError, parameter_values
+from pipeline.commands import UsageError, add_settings_arguments, parse_parameters, positive_float, positive_int, settings_from_args
+from pipeline.constraints import Walk, check_value, input_member
+from pipeline.dag import steps_of, topological_order
+from pipeline.definition import synth
+from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
 from pipeline.progress import PENDING, ProgressView, StepRow
 from pipeline.settings import LAMBDA_ALIAS, PLACEHOLDER_ACCOUNT, Settings
 
@@ -296,7 +300,6 @@ def pipeline_attributes(settings: Settings, max_parallel_steps: int) -> dict[str
 def request_problems(settings: Settings, max_parallel_steps: int) -> list[str]:
     """What SageMaker's and Lambda's limits refuse in the requests upsert would send besides the definition
     (pipeline name, display name, description, tags; each function's name and configuration)."""
-    from pipeline.constraints import Walk, check_value, input_member
 
     walk = Walk(f"pipeline {settings.pipeline_name}", {})
     pipeline = {"PipelineName": settings.pipeline_name, **pipeline_attributes(settings, max_parallel_steps),
@@ -376,7 +379,6 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
 
     ``built`` is what to publish (a definition and its assets, e.g. from ``pipeline.artifact.load_artifact``);
     without it the definition is synthesized from the settings here."""
-    from pipeline.definition import synth
 
     out = out or sys.stdout
     problems = request_problems(settings, max_parallel_steps)
@@ -406,12 +408,9 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
 
 # ---------------------------------------------------------------- executions
 
-def parse_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
+def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
     """``Name=Value`` pairs checked against the pipeline's parameters, as StartPipelineExecution's PipelineParameters."""
-    try:
-        values = parameter_values(pairs, definition)
-    except ParameterError as error:
-        raise UsageError(_refusal(error)) from None
+    values = parse_parameters(list(pairs), definition, refusal=_refusal)
     return [{"Name": name, "Value": _request_value(value)} for name, value in values.items()]
 
 
@@ -445,7 +444,7 @@ def start_execution(clients: Clients, settings: Settings, parameters: list[str],
             raise AwsError(f"pipeline {name} does not exist in {settings.region}: run dogbreed upsert first")
         request: dict[str, Any] = {
             "PipelineName": name,
-            "PipelineParameters": parse_parameters(parameters, json.loads(deployed["PipelineDefinition"])),
+            "PipelineParameters": pipeline_parameters(parameters, json.loads(deployed["PipelineDefinition"])),
             "ClientRequestToken": str(uuid.uuid4()),  # a retried call cannot start a second execution
         }
         if display_name:
@@ -520,7 +519,6 @@ def failure_message(arn: str, snapshot: ExecutionSnapshot) -> str:
 
 def execution_poller(clients: Clients, arn: str) -> Callable[[], ExecutionSnapshot]:
     """A function that reads the execution's status and steps, with steps in the definition's order."""
-    from pipeline.dag import steps_of, topological_order
 
     with explained(f"reading the definition of execution {arn}"):
         definition = json.loads(clients.sagemaker.describe_pipeline_definition_for_execution(
@@ -565,8 +563,6 @@ def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: S
 # ---------------------------------------------------------------- commands
 
 def _upsert_command(args: argparse.Namespace) -> int:
-    from pipeline.artifact import load_artifact
-
     settings, clients = publishing_settings(args, clients_from_args(args))
     built = load_artifact(args.definition, settings) if args.definition else None
     if built is not None:
@@ -583,9 +579,6 @@ def _start_command(args: argparse.Namespace) -> int:
 
 
 def _diff_command(args: argparse.Namespace) -> int:
-    from pipeline.artifact import read_definition
-    from pipeline.definition import synth
-
     settings, clients = publishing_settings(args, clients_from_args(args))
     local = read_definition(args.definition)[1] if args.definition else synth(settings).document
     name = settings.pipeline_name
@@ -606,27 +599,13 @@ def _diff_command(args: argparse.Namespace) -> int:
     return 1
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def _add_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline parameter for this execution; repeatable")
     parser.add_argument("--wait", action="store_true", help="follow the execution until it ends; exit 1 if it fails")
     parser.add_argument("--no-progress", action="store_true",
                         help="print a line per step status change instead of a live table (the default when not on a terminal)")
-    parser.add_argument("--poll-seconds", type=_positive_float, default=DEFAULT_POLL_SECONDS,
+    parser.add_argument("--poll-seconds", type=positive_float, default=DEFAULT_POLL_SECONDS,
                         help=f"seconds between status reads while waiting (default {DEFAULT_POLL_SECONDS:g})")
     parser.add_argument("--execution-name", default=None, help="display name of the execution")
 
@@ -635,7 +614,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     upsert_parser = commands.add_parser("upsert", help="publish the assets, the Lambda functions (with the invoke function's provisioned "
                                                       "concurrency) and the pipeline; changes only what differs")
     upsert_parser.add_argument("--start", action="store_true", help="start an execution afterwards")
-    upsert_parser.add_argument("--max-parallel-steps", type=_positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
+    upsert_parser.add_argument("--max-parallel-steps", type=positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
                                help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")
     upsert_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
                                help="publish this definition (written by dogbreed synth) and the assets its assets.json "

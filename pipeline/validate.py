@@ -25,6 +25,7 @@ from botocore.validate import ParamValidator
 
 from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape
 from pipeline.dag import DefinitionError, StepNode, iter_references, steps_of, topological_order
+from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
 EXECUTION_VARIABLES = {
     "PipelineExecutionId", "PipelineExecutionArn", "PipelineName", "PipelineArn", "StartDateTime",
@@ -327,7 +328,6 @@ def check_tuning_rules(walk: Walk, node: StepNode) -> None:
 
 def check_parameters(walk: Walk, parameters: list[dict]) -> None:
     """Names and values as StartPipelineExecution takes them, and the ranges of steps.parameters."""
-    from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
     name_shape = named_shape("sagemaker", "PipelineParameterName")
     value_shape = input_member("sagemaker", "StartPipelineExecution", "PipelineParameters", "*", "Value")

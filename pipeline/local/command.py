@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands import UsageError, add_settings_arguments, parse_parameters, positive_int, settings_from_args
+from pipeline.definition import load_contract, synth
+from pipeline.parameters import ParameterError, check_run_values
+
 DATA_PARAMETER = "InputDataUrl"
 WEIGHTS_PARAMETER = "PretrainedWeightsS3Uri"
 DEFAULT_WORKDIRS = Path("build") / "local-run"
@@ -42,8 +46,6 @@ def _seconds(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    from pipeline.cli import add_settings_arguments
-
     parser = subparsers.add_parser(
         "local-run",
         help="run the synthesized pipeline definition on this machine, without AWS or Docker",
@@ -63,9 +65,9 @@ def register(subparsers: Any) -> None:
                              f"{WEIGHTS_PARAMETER} may name a local .pth file (a backbone state dict)")
     parser.add_argument("--pretrained-weights", type=Path, default=None, metavar="FILE",
                         help=f"a local state dict of the backbone (e.g. resnet50.pth): the same as --param {WEIGHTS_PARAMETER}=FILE")
-    parser.add_argument("--max-tuning-jobs", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-tuning-jobs", type=positive_int, default=None, metavar="N",
                         help="run at most N tuning trials (default: the TuningMaxJobs parameter)")
-    parser.add_argument("--parallel", type=_positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
+    parser.add_argument("--parallel", type=positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
                         help="steps (and tuning trials) run at once; an N-instance job counts as one (default %(default)s)")
     parser.add_argument("--endpoint-delay", type=_seconds, default=0.0, metavar="SECONDS",
                         help="an endpoint a Deploy step creates or updates stays Creating/Updating this long, "
@@ -78,31 +80,8 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_command)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
-
-
-def parse_parameters(pairs: list[str], document: dict) -> dict[str, Any]:
-    """The ``--param`` values as typed values of the definition's parameters, or a UsageError saying what is wrong."""
-    from pipeline.cli import UsageError
-    from pipeline.parameters import ParameterError, parameter_values
-
-    try:
-        return parameter_values(pairs, document)
-    except ParameterError as error:
-        raise UsageError(str(error)) from None
-
-
 def check_run_parameters(values: dict[str, Any], document: dict) -> None:
     """The run's values, local-run's own defaults included, within their ranges and order (a UsageError if not)."""
-    from pipeline.cli import UsageError
-    from pipeline.parameters import ParameterError, check_run_values
 
     try:
         check_run_values(values, document)
@@ -129,7 +108,6 @@ def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict
 
 def local_weights_file(given: dict[str, Any], flag: Path | None) -> Path | None:
     """The local weights file named by --pretrained-weights or by a PretrainedWeightsS3Uri that is not an S3 URI."""
-    from pipeline.cli import UsageError
 
     value = given.get(WEIGHTS_PARAMETER)
     if flag is not None:
@@ -151,8 +129,6 @@ def weights_uri(settings: Any, path: Path) -> str:
 
 
 def load_document(args: argparse.Namespace, synthesized: str) -> dict:
-    from pipeline.cli import UsageError
-
     if args.definition is None:
         return json.loads(synthesized)
     try:
@@ -176,7 +152,6 @@ def strings_in(value: Any):
 
 def check_assets(document: dict, settings: Any, assets: Any) -> None:
     """Every asset the definition names must be one this tree builds (else its jobs would find no code)."""
-    from pipeline.cli import UsageError
 
     prefix = settings.s3_uri("assets") + "/"
     published = {asset.s3_uri for asset in assets}
@@ -189,7 +164,6 @@ def check_assets(document: dict, settings: Any, assets: Any) -> None:
 
 def link_data(run: Any, data: Path) -> None:
     """Make ``data`` the content of the InputDataUrl location in local S3."""
-    from pipeline.cli import UsageError
 
     uri = run.parameters.get(DATA_PARAMETER)
     if uri is None:
@@ -209,7 +183,7 @@ def link_data(run: Any, data: Path) -> None:
 
 def sample_data(folder: Path) -> dict[str, str]:
     """The generated sample in ``folder``: written on first use, reused by later runs in the same work dir."""
-    from pipeline.local.sample import make_sample
+    from pipeline.local.sample import make_sample  # Pillow, a dev dependency
 
     if (folder / "train").is_dir():
         images = sum(1 for path in folder.rglob("*.jpg"))
@@ -219,8 +193,7 @@ def sample_data(folder: Path) -> dict[str, str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipeline.cli import UsageError, settings_from_args
-    from pipeline.definition import load_contract, synth
+    # the runner brings moto, werkzeug and the toolkits (dev dependencies): not imported for the other commands
     from pipeline.local.executor import LocalRun, RunOptions, new_execution_id
     from pipeline.local.references import LocalRunError
     from pipeline.local.summary import summary_document, summary_lines, write_summary

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -58,6 +59,7 @@ from pipeline.local.s3 import LocalS3
 from pipeline.local.tuning import Trial, run_tuning_job
 from pipeline.progress import PENDING, ProgressView, StepRow
 from pipeline.settings import Settings
+from pipeline.validate import check_references
 
 SUCCEEDED, FAILED, EXECUTING, STOPPED = "Succeeded", "Failed", "Executing", "Stopped"
 SKIPPED, NOT_RUN = "Skipped", "Not run"
@@ -162,7 +164,6 @@ def typed_parameters(document: dict, overrides: dict[str, Any]) -> dict[str, Any
 
 def static_check(document: dict) -> dict[str, StepNode]:
     """The steps, once every reference has been checked against what SageMaker would accept."""
-    from pipeline.validate import check_references
 
     try:
         nodes = check_references(document)
@@ -583,7 +584,6 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def last_matching_line(log: Path, patterns: list[str], window: int = 8192) -> str:
     """The last line of ``log`` that one of ``patterns`` matches, from its last ``window`` bytes."""
-    import re
 
     try:
         with open(log, "rb") as handle:
