@@ -103,7 +103,8 @@ def test_a_join_is_checked_with_the_parameters_defaults_and_a_type_mismatch_is_r
 
 
 def test_what_upsert_sends_besides_the_definition_is_within_the_limits():
-    from pipeline.publish import pipeline_attributes, request_problems
+    from pipeline.publish.pipeline_resource import pipeline_attributes
+    from pipeline.publish.upsert import request_problems
     from pipeline.settings import load_settings
 
     settings = load_settings({}, environ={})

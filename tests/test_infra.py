@@ -404,7 +404,7 @@ def test_the_handlers_upsert_publishes_exist_in_lambda():
     import inspect
 
     from lambda_harness import load_handler
-    from pipeline.publish import FUNCTIONS
+    from pipeline.publish.functions import FUNCTIONS
 
     for spec in FUNCTIONS:
         module, _, name = spec.handler.partition(".")
@@ -437,13 +437,13 @@ def allowed(statements_: list[dict], action: str, resource: str) -> bool:
 
 
 def test_the_codebuild_role_allows_every_call_upsert_makes(template):
-    """Every AWS call in pipeline/publish.py, on the resource it names, is allowed to the CodeBuild role."""
+    """Every AWS call in pipeline/publish/, on the resource it names, is allowed to the CodeBuild role."""
     import boto3
 
     from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
-    source = (ROOT / "pipeline" / "publish.py").read_text()
+    source = "\n".join(path.read_text() for path in sorted((ROOT / "pipeline" / "publish").glob("*.py")))
     calls = set(re.findall(r"clients\.(lambda_|sagemaker|s3)\.([a-z_]+)\(", source))
     granted = role_statements(Resolver(template).resources(), "CodeBuildRole")
     prefix = f"arn:aws:s3:::{settings.bucket}/{settings.prefix}/assets/code/sourcedir.tar.gz"

@@ -452,7 +452,7 @@ ORDER = ["PrepareData", "TuneHyperparameters", "TrainSingleInstance", "TrainMult
 
 
 def test_snapshot_lists_every_step_in_order_and_marks_unlisted_ones():
-    from pipeline.publish import snapshot_of
+    from pipeline.publish.executions import snapshot_of
 
     running = snapshot_of(execution("Executing"), [step("PrepareData", "Succeeded", 0, 252),
                                                    step("TuneHyperparameters", "Executing", 252)], ORDER)
@@ -467,7 +467,7 @@ def test_snapshot_lists_every_step_in_order_and_marks_unlisted_ones():
 
 
 def test_snapshot_keeps_the_latest_attempt_of_a_retried_step():
-    from pipeline.publish import snapshot_of
+    from pipeline.publish.executions import snapshot_of
 
     snap = snapshot_of(execution("Executing"), [step("PrepareData", "Failed", 0, 10, "throttled"),
                                                 step("PrepareData", "Executing", 20)], ORDER)
@@ -478,7 +478,7 @@ def test_watch_polls_until_the_execution_ends_and_reports_the_failing_step():
     import io
 
     from pipeline.progress import ProgressView
-    from pipeline.publish import failure_message, snapshot_of, watch
+    from pipeline.publish.executions import failure_message, snapshot_of, watch
 
     responses = [
         (execution("Executing"), [step("PrepareData", "Executing", 0)]),
@@ -515,7 +515,7 @@ def test_watch_polls_until_the_execution_ends_and_reports_the_failing_step():
 
 
 def test_failure_message_falls_back_to_the_execution_reason():
-    from pipeline.publish import failure_message, snapshot_of
+    from pipeline.publish.executions import failure_message, snapshot_of
 
     stopped = snapshot_of(execution("Stopped", "Stopped by user"), [step("PrepareData", "Stopped", 0, 5)], ORDER)
     assert failure_message("arn:x", stopped) == "execution arn:x Stopped: Stopped by user"
