@@ -8,9 +8,8 @@ normalisation. For each thread count (one run, cases taking turns so a busy spel
 machine falls on all alike) it prints CPU ms and wall ms per image (p50, p95), the images
 per second of a batch of 8, and model_fn's time.
 
-The network has random backbone weights (no pretrained weights can be downloaded here), with
-batch-norm statistics measured on real images, and a classifier head trained on the backbone's
-features of real images: scikit-learn's digit
+The network has random backbone weights (no pretrained weights can be downloaded here) and
+a classifier head trained on the backbone's features of real images: scikit-learn's digit
 scans (tests/real_images.py), 10 classes. Top-1 agreement of int8 with fp32 is measured on
 held-out scans and on crops of scikit-learn's two sample photos; the head's test accuracy in
 both precisions is printed too.
@@ -120,34 +119,13 @@ def head_trained_on(backbone: torch.nn.Module, images: list[Image.Image], labels
     return head
 
 
-def set_batch_norm_statistics(network: torch.nn.Module, images: list[Image.Image]) -> None:
-    """Batch-norm running statistics measured on ``images``, as training would leave them.
-
-    A freshly initialised ResNet has mean 0 / variance 1 everywhere, so its activations grow
-    block after block; with measured statistics they have the ranges of a trained network,
-    which is what quantization is sensitive to.
-    """
-    transform = common.eval_transform(IMAGE_SIZE)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average over all batches
-    network.train()
-    with torch.no_grad():
-        for start in range(0, len(images), 16):
-            network(torch.stack([transform(image) for image in images[start:start + 16]]))
-    network.eval()
-
-
 def write_model_dir(folder: Path, digits: Path) -> list[str]:
-    """model.pth (random resnet50 backbone with measured batch-norm statistics, head fitted on digit
-    scans), classes, info and calibration/."""
+    """model.pth (random resnet50 backbone, head fitted on digit scans), classes, info and calibration/."""
     torch.manual_seed(0)
     classes = sorted(p.name for p in (digits / "train").iterdir())
     network = common.build_model("resnet50", len(classes)).eval()
     paths = sorted((digits / "train").glob("*/*.png"))
     images = [Image.open(path).convert("RGB") for path in paths]
-    set_batch_norm_statistics(network, images[::3] + photo_crops(32))
     network.fc = head_trained_on(network, images, [classes.index(path.parent.name) for path in paths], len(classes))
     torch.save(network.state_dict(), folder / contract.MODEL_FILE)
     (folder / contract.CLASSES_FILE).write_text(json.dumps(classes))
