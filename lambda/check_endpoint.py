@@ -28,14 +28,13 @@ from events import (
     client,
     error_code,
     error_message,
+    annotate,
     is_not_found,
-    log,
     read_float,
     read_int,
     read_str,
-    request_id,
+    request_handler,
     scaling_resource_id,
-    step_failure,
 )
 
 SAMPLE_IMAGE = Path(__file__).resolve().with_name("sample.jpg")
@@ -297,12 +296,9 @@ def check(request: CheckRequest, context: Any) -> tuple[dict[str, str], str]:
     return result, policy_name
 
 
+@request_handler("check-endpoint", expected=(EventError, CheckFailed))
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
-    started = time.monotonic()
-    try:
-        result, policy_name = check(parse_event(event), context)
-    except Exception as error:
-        raise step_failure(error, "check-endpoint", context, (EventError, CheckFailed)) from None
-    log(function="check-endpoint", request_id=request_id(context), scaling_policy=policy_name,
-        duration_s=round(time.monotonic() - started, 1), **result)
+    result, policy_name = check(parse_event(event), context)
+    outputs = {name: value for name, value in result.items() if name != "latency_ms"}
+    annotate(scaling_policy=policy_name, sample_latency_ms=result.get("latency_ms"), **outputs)
     return result

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -29,14 +28,14 @@ from events import (
     error_code,
     error_message,
     is_not_found,
+    annotate,
     log,
     read_bool,
     read_int,
     read_str,
     read_str_list,
-    request_id,
+    request_handler,
     scaling_resource_id,
-    step_failure,
 )
 
 HASH_LENGTH = 10
@@ -142,7 +141,7 @@ def rollback_plan(request: DeployRequest) -> RollbackPlan:
         return RollbackPlan(names)
     if not request.allow_update_without_rollback:
         raise DeployError(f"{problem}; or set \"allow_update_without_rollback\": true in the event to update without automatic rollback")
-    log(function="deploy-endpoint", event="update-without-rollback", reason=problem)
+    log(event="update-without-rollback", reason=problem)
     return RollbackPlan((), f"none: {problem}")
 
 
@@ -200,7 +199,7 @@ def endpoint_config_spec(request: DeployRequest, model_name: str) -> dict[str, A
             capture["KmsKeyId"] = request.kms_key_id
         content["DataCaptureConfig"] = capture
     if request.kms_key_id and has_local_storage(request.instance_type):
-        log(function="deploy-endpoint", event="kms-key-left-out", instance_type=request.instance_type,
+        log(event="kms-key-left-out", instance_type=request.instance_type,
             reason="SageMaker refuses KmsKeyId for instance types with local NVMe storage, which is encrypted in hardware")
     elif request.kms_key_id:
         content["KmsKeyId"] = request.kms_key_id
@@ -383,13 +382,10 @@ def deploy(request: DeployRequest) -> dict[str, str]:
     return result
 
 
+@request_handler("deploy-endpoint", expected=(EventError, DeployError))
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, str]:
-    started = time.monotonic()
-    try:
-        result = deploy(parse_event(event))
-    except Exception as error:
-        raise step_failure(error, "deploy-endpoint", context, (EventError, DeployError)) from None
-    log(function="deploy-endpoint", request_id=request_id(context), latency_ms=round((time.monotonic() - started) * 1000), **result)
+    result = deploy(parse_event(event))
+    annotate(**result)
     return result
 
 

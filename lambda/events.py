@@ -1,11 +1,18 @@
-"""Typed event fields, AWS clients and the one-line log record shared by the handlers.
+"""Typed event fields, AWS clients, and the request decorator and log lines shared by the handlers.
 
-Standard library and boto3 only: the three functions ship as one zip and must
+Standard library and boto3 only: the functions ship as one zip and must
 start fast. Pipeline parameters reach a LambdaStep either as JSON numbers or as
 strings, so the number readers accept both.
+
+``@request_handler(name)`` on a handler gives each request one summary log line
+with the function's name, the request id and ``latency_ms`` (plus what the
+handler adds with ``annotate``), and every other ``log`` line of the request the
+name and request id; an exception that escapes the handler is logged once and
+raised without the frames below the handler.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import math
@@ -13,7 +20,7 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Mapping, Pattern
+from typing import Any, Callable, Mapping, Pattern, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -25,6 +32,9 @@ VARIANT_NAME = "AllTraffic"  # the one production variant deploy-endpoint create
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
 _MISSING = object()
+LATENCY_FIELD = "latency_ms"  # every handler's summary line: milliseconds from the event's arrival to the answer
+_REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("request", default=None)
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 class EventError(ValueError):
@@ -175,18 +185,65 @@ def error_message(error: Exception) -> str:
 
 
 def log(**fields: Any) -> None:
-    """One JSON line on stdout, which Lambda sends to CloudWatch Logs."""
-    record = {"time": round(time.time(), 3), **fields}
+    """One JSON line on stdout, which Lambda sends to CloudWatch Logs; inside a request, with its function and id."""
+    request = _REQUEST.get()
+    identity = {key: request[key] for key in ("function", "request_id")} if request is not None else {}
+    if request is not None and not request["summary_line"]:
+        identity[LATENCY_FIELD] = _milliseconds(request["started"])
+    record = {"time": round(time.time(), 3), **identity, **fields}
     sys.stdout.write(json.dumps(record, default=str, sort_keys=True) + "\n")
     sys.stdout.flush()
+
+
+def annotate(**fields: Any) -> None:
+    """Fields for the current request's summary line, written when the handler returns."""
+    request = _REQUEST.get()
+    if request is None or not request["summary_line"]:
+        raise RuntimeError("annotate() is for the body of a @request_handler handler")
+    request["summary"].update(fields)
 
 
 def request_id(context: Any) -> str:
     return str(getattr(context, "aws_request_id", "") or "local")
 
 
-def step_failure(error: BaseException, function: str, context: Any, expected: tuple[type, ...]) -> BaseException:
-    """The exception a LambdaStep handler raises for ``error``: logged once, without the frames below the handler.
+def request_handler(function: str, *, expected: tuple[type, ...] = (),
+                    summary_line: bool = True) -> Callable[[Handler], Handler]:
+    """A decorator for ``handler(event, context)``: the request's identity on its log lines, one summary
+    line with its latency, and an escaping exception shaped by ``_failure`` (``expected`` errors are the caller's).
+
+    A handler of batches (``summary_line=False``) writes a line per item itself; each gets the latency so far.
+    """
+
+    def decorate(body: Handler) -> Handler:
+        @functools.wraps(body)
+        def handler(event: Any, context: Any) -> Any:  # named so: a LambdaStep's failure ends in the frame "handler"
+            started = time.perf_counter()
+            request = {"function": function, "request_id": request_id(context), "summary": {},
+                       "summary_line": summary_line, "started": started}
+            token = _REQUEST.set(request)
+            try:
+                try:
+                    result = body(event, context)
+                except Exception as error:
+                    raise _failure(error, expected, started) from None
+                if summary_line:
+                    log(**request["summary"], **{LATENCY_FIELD: _milliseconds(started)})
+                return result
+            finally:
+                _REQUEST.reset(token)
+
+        return handler  # type: ignore[return-value]
+
+    return decorate
+
+
+def _milliseconds(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _failure(error: BaseException, expected: tuple[type, ...], started: float) -> BaseException:
+    """The exception a handler raises for ``error``: logged once, without the frames below the handler.
 
     SageMaker shows the message as the step's failure reason. ``expected``
     errors (bad events, failed checks) and AWS refusals are the caller's to
@@ -195,8 +252,8 @@ def step_failure(error: BaseException, function: str, context: Any, expected: tu
     """
     if getattr(error, "response", None) is not None and error_code(error):  # botocore ClientError
         error = AwsCallFailed(f"{error_code(error)}: {error_message(error)}")
-    fields: dict[str, Any] = {"function": function, "request_id": request_id(context), "status": "failed",
-                              "error_type": error.__class__.__name__, "error": str(error)}
+    fields: dict[str, Any] = {"status": "failed", "error_type": error.__class__.__name__, "error": str(error),
+                              LATENCY_FIELD: _milliseconds(started)}
     if not isinstance(error, (*expected, AwsCallFailed)):
         fields["traceback"] = traceback.format_exc(limit=20)
     log(**fields)

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from events import NAME_PATTERN, client, error_code, error_message, log, request_id
+from events import NAME_PATTERN, annotate, client, error_code, error_message, request_handler
 
 IMAGE_SIGNATURES = {"image/jpeg": b"\xff\xd8\xff", "image/png": b"\x89PNG\r\n\x1a\n"}
 IMAGE_TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
@@ -879,8 +879,8 @@ def response(status: int, body: Mapping[str, Any] | None, extra_headers: Mapping
     return answer
 
 
+@request_handler("invoke-endpoint")
 def handler(event: Any, context: Any) -> dict[str, Any]:
-    started = time.perf_counter()
     settings: Settings | None = None
     request: Request | None = None
     image: Image | None = None
@@ -902,11 +902,8 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
     except Exception as error:  # never a stack trace to the caller; the type is logged
         status, body = 500, {"error": "internal error"}
         detail = f"unexpected {error.__class__.__name__}: {str(error)[:500]}"
-    log(
-        function="invoke-endpoint",
-        request_id=request_id(context),
+    annotate(
         status=status,
-        latency_ms=round((time.perf_counter() - started) * 1000, 1),
         source=image.source if image else None,
         image_bytes=len(image.data) if image else None,
         url_host=image.url_host if image and image.url_host else None,

@@ -32,9 +32,20 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from events import NAME_HINT, NAME_PATTERN, EventError, client, error_code, error_message, is_not_found, log, read_int, read_str, request_id
+from events import (
+    NAME_HINT,
+    NAME_PATTERN,
+    EventError,
+    client,
+    error_code,
+    error_message,
+    is_not_found,
+    log,
+    read_int,
+    read_str,
+    request_handler,
+)
 
-FUNCTION = "wait-endpoint"
 TOKEN_PATTERN = re.compile(r"^[a-zA-Z0-9]{10}$")  # SageMaker's CallbackToken: 10 letters and digits
 WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 DEFAULT_MAX_WAIT_MINUTES = 60
@@ -216,10 +227,10 @@ def handle_record(record: Any, context: Any) -> bool:
         delivery = parse_record(record)
     except BadMessage as error:
         message_id = record.get("messageId", "") if isinstance(record, Mapping) else ""
-        log(function=FUNCTION, request_id=request_id(context), status="dropped", message_id=message_id, error=str(error))
+        log(status="dropped", message_id=message_id, error=str(error))
         return False
     outcome, request = decide(delivery)
-    fields = {"function": FUNCTION, "request_id": request_id(context), "message_id": delivery.message_id,
+    fields = {"message_id": delivery.message_id,
               "execution": delivery.execution_arn, "receive_count": delivery.receive_count,
               "endpoint_name": request.endpoint_name if request else None}
     if outcome.kind == "wait" and request is not None:
@@ -242,11 +253,12 @@ def handle_record(record: Any, context: Any) -> bool:
     return False
 
 
+@request_handler("wait-endpoint", summary_line=False)
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, list[dict[str, str]]]:
-    """SQS batch in, the records to deliver again out (ReportBatchItemFailures)."""
+    """SQS batch in, the records to deliver again out (ReportBatchItemFailures); a line per record."""
     records = event.get("Records") if isinstance(event, Mapping) else None
     if not isinstance(records, list):
-        log(function=FUNCTION, request_id=request_id(context), status="dropped",
+        log(status="dropped",
             error="the event has no 'Records' list: this function is triggered by the endpoint-wait SQS queue")
         return {"batchItemFailures": []}
     failures = []
@@ -254,7 +266,7 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, list[dict[str, 
         try:
             retry = handle_record(record, context)
         except Exception as error:  # a fault here: this record comes back, the others of the batch are unaffected
-            log(function=FUNCTION, request_id=request_id(context), status="error", error=f"{type(error).__name__}: {error}",
+            log(status="error", error=f"{type(error).__name__}: {error}",
                 traceback=traceback.format_exc(limit=20))
             retry = True
         if retry:
