@@ -47,9 +47,9 @@ def test_weights_input_reaches_tuning_both_trainings_and_evaluations(built) -> N
         for item in arguments.get("ProcessingInputs", []):
             if item["InputName"] == contract.PRETRAINED_CHANNEL:
                 assert item["S3Input"]["S3Uri"] == PARAMETER
-                assert "--pretrained" in arguments["AppSpecification"]["ContainerArguments"]
+                assert item["S3Input"]["LocalPath"] in arguments["AppSpecification"]["ContainerArguments"]
                 fed.add(name)
-    expected = {"TuneHyperparameters", "TrainSingleInstance", "TrainMultiInstance",
+    expected = {"ExtractFeatures", "TuneHyperparameters", "TrainSingleInstance", "TrainMultiInstance",
                 "EvaluateSingleInstance", "EvaluateMultiInstance"}
     assert expected <= fed, fed
 
