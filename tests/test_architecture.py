@@ -133,3 +133,21 @@ def test_the_rooms_rule_catches_an_import_of_the_package(tmp_path, monkeypatch):
     (shipped / "handler.py").write_text("def handler(event, context):\n    from pipeline.settings import Settings\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     assert forbidden_imports("lambda", {"pipeline"}) == ["lambda/handler.py:2 imports pipeline"]
+
+
+# --- facts written on both sides of the shipping boundary ------------------------
+
+def test_the_name_and_role_patterns_are_the_same_in_lambda_and_settings():
+    """lambda/ cannot import pipeline/settings.py, so its copies of the patterns are pinned here."""
+    import botocore.session
+
+    from lambda_harness import load_handler
+    from pipeline import settings
+
+    events, deploy = load_handler("events"), load_handler("deploy_endpoint")
+    assert events.NAME_PATTERN.pattern == settings._NAME_63.pattern
+    assert deploy.ROLE_ARN.pattern == settings._ROLE.pattern
+    assert deploy.S3_URI.pattern.startswith("^s3://" + settings._BUCKET.pattern.strip("^$"))
+    endpoint_name = botocore.session.get_session().get_service_model("sagemaker").shape_for("EndpointName")
+    assert events.NAME_PATTERN.pattern == f"^{endpoint_name.metadata['pattern']}$"
+    assert events.NAME_HINT.startswith(f"1 to {endpoint_name.metadata['max']} ")
