@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from pipeline.assets import ArtifactError, Assets, assets_from_manifest, stale_sources
+from pipeline.dag import strings_in
 from pipeline.definition import Synth
 from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 from pipeline.validate import validate_definition
@@ -51,17 +52,6 @@ def read_definition(path: Path) -> tuple[str, dict]:
     if not isinstance(document, dict) or not isinstance(document.get("Steps"), list):
         raise ArtifactError(f"--definition {path} is not a pipeline definition (no Steps list)")
     return text, document
-
-
-def strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from strings_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings_in(item)
 
 
 def targets_in(document: dict) -> tuple[dict[str, str], dict[str, str]]:

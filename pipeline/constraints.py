@@ -38,7 +38,8 @@ from typing import Any, Callable
 import botocore.session
 import regex
 
-EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")
+from pipeline.dag import is_expression
+
 NUMBER_TYPES = ("integer", "long", "float", "double")
 SHOWN = 60  # characters of a value shown in a finding
 
@@ -162,7 +163,7 @@ def check_value(walk: Walk, value: Any, shape, path: str) -> None:
     """Every constraint of ``shape`` (and of the shapes inside it) that ``value`` breaks."""
     if shape is None:
         return
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in EXPRESSIONS:
+    if is_expression(value):
         check_expression(walk, value, shape, path)
         return
     kind = shape.type_name

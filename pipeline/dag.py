@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")  # the runtime expressions a definition's values may be
 STEP_REFERENCE = re.compile(r"^Steps\.([^.\[]+)")
 
 
@@ -30,17 +31,37 @@ class StepNode:
         return self.document.get("DisplayName") or self.name
 
 
-def iter_references(value: Any) -> Iterator[str]:
-    """Every ``Get`` path inside a JSON value."""
+def json_values(value: Any, *, enter: Callable[[Any], bool] = lambda value: True) -> Iterator[Any]:
+    """Every value inside a JSON value, itself first, in document order; a dict or list that ``enter``
+    refuses is yielded but not looked into. The one walker of the definition's JSON."""
+    yield value
+    if not enter(value):
+        return
     if isinstance(value, dict):
-        if set(value) == {"Get"} and isinstance(value["Get"], str):
-            yield value["Get"]
-            return
         for item in value.values():
-            yield from iter_references(item)
+            yield from json_values(item, enter=enter)
     elif isinstance(value, list):
         for item in value:
-            yield from iter_references(item)
+            yield from json_values(item, enter=enter)
+
+
+def is_expression(value: Any) -> bool:
+    """Whether a JSON value is one runtime expression (``{"Get": ...}``, ``{"Std:Join": ...}``, ``{"Std:JsonGet": ...}``)."""
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in EXPRESSIONS
+
+
+def _is_get(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"Get"} and isinstance(value["Get"], str)
+
+
+def iter_references(value: Any) -> Iterator[str]:
+    """Every ``Get`` path inside a JSON value."""
+    return (item["Get"] for item in json_values(value, enter=lambda item: not _is_get(item)) if _is_get(item))
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string inside a JSON value, in document order."""
+    return (item for item in json_values(value) if isinstance(item, str))
 
 
 def _own_content(step: dict) -> dict:

@@ -24,7 +24,7 @@ import botocore.session
 from botocore.validate import ParamValidator
 
 from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape
-from pipeline.dag import DefinitionError, StepNode, iter_references, steps_of, topological_order
+from pipeline.dag import DefinitionError, StepNode, is_expression, iter_references, steps_of, topological_order
 from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
 EXECUTION_VARIABLES = {
@@ -38,7 +38,6 @@ STEP_APIS = {
     "Tuning": ("CreateHyperParameterTuningJob", "DescribeHyperParameterTuningJob", "HyperParameterTuningJobName"),
     "RegisterModel": ("CreateModelPackage", "DescribeModelPackage", None),
 }
-EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")
 _PATH_TOKEN = re.compile(r"\.?([A-Za-z0-9_]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 
 
@@ -186,7 +185,7 @@ def placeholder(shape) -> Any:
 
 def substitute_expressions(value: Any, shape) -> Any:
     """``value`` with every runtime expression replaced by a placeholder of the shape's type."""
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in EXPRESSIONS:
+    if is_expression(value):
         return placeholder(shape)
     if isinstance(value, dict):
         if shape is None or shape.type_name not in ("structure", "map"):

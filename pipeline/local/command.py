@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands import UsageError, add_settings_arguments, parse_parameters, positive_int, settings_from_args
+from pipeline.dag import strings_in
 from pipeline.definition import load_contract, synth
 from pipeline.parameters import ParameterError, check_run_values
 
@@ -137,17 +138,6 @@ def load_document(args: argparse.Namespace, synthesized: str) -> dict:
         raise UsageError(f"--definition {args.definition}: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise UsageError(f"--definition {args.definition} is not JSON: {error}") from None
-
-
-def strings_in(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from strings_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings_in(item)
 
 
 def check_assets(document: dict, settings: Any, assets: Any) -> None:

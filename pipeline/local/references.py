@@ -25,7 +25,6 @@ from typing import Any, Mapping
 from pipeline.dag import DefinitionError
 from pipeline.validate import parse_property_path
 
-EXPRESSIONS = ("Get", "Std:Join", "Std:JsonGet")
 ITEM_NAME_KEYS = ("OutputName", "InputName", "ChannelName", "MetricName", "Name", "PropertyFileName", "VariantName")
 _JSON_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 
@@ -222,14 +221,3 @@ class Resolver:
             where = self.where(f"Std:JsonGet {path!r} of {item.step}.PropertyFiles.{item.name}")
             return json_path_get(item.document, path, where, f"{item.name} ({item.uri})")
         raise UnresolvableReference(f"step {self.step}: Std:JsonGet without a PropertyFile is not supported by local-run")
-
-
-def expressions_in(value: Any) -> bool:
-    """Whether a JSON value still holds a runtime expression."""
-    if isinstance(value, dict):
-        if len(value) == 1 and next(iter(value)) in EXPRESSIONS:
-            return True
-        return any(expressions_in(item) for item in value.values())
-    if isinstance(value, list):
-        return any(expressions_in(item) for item in value)
-    return False
