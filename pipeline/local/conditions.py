@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pipeline.local.references import LocalRunError
+from pipeline.local.errors import LocalRunError
 
 COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "Equals": lambda left, right: left == right,

@@ -54,7 +54,8 @@ from pipeline.local.containers import (
 )
 from pipeline.local.endpoint import RuntimeServer
 from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, output_parameters, register_model_package, routed_stdout
-from pipeline.local.references import LocalRunError, PropertyFile, Resolver, Scope, UnresolvableReference, as_text
+from pipeline.local.errors import LocalRunError
+from pipeline.local.references import PropertyFile, Resolver, Scope, UnresolvableReference, as_text
 from pipeline.local.s3 import LocalS3
 from pipeline.local.tuning import Trial, run_tuning_job
 from pipeline.progress import PENDING, ProgressView, StepRow

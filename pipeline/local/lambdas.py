@@ -28,8 +28,9 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, TextIO
 
 from pipeline.local.aws import plain
+from pipeline.local.errors import LocalRunError
 from pipeline.local.modules import module_from_folder
-from pipeline.local.references import LocalRunError, as_text
+from pipeline.local.references import as_text
 from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
 FUNCTION_TIMEOUT_SECONDS = 120.0

@@ -23,14 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pipeline.dag import DefinitionError
+from pipeline.local.errors import LocalRunError  # also imported from here by containers.py and endpoint.py
 from pipeline.validate import parse_property_path
 
 ITEM_NAME_KEYS = ("OutputName", "InputName", "ChannelName", "MetricName", "Name", "PropertyFileName", "VariantName")
 _JSON_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
-
-
-class LocalRunError(RuntimeError):
-    """A local run cannot go on; the message says where and why."""
 
 
 class UnresolvableReference(LocalRunError):

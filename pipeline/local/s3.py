@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.local.references import LocalRunError
+from pipeline.local.errors import LocalRunError
 
 _URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from pipeline.local.containers import JobContext, JobFailed, JobResult, TrainingSpec, run_training_job, timestamp, utc_now
-from pipeline.local.references import LocalRunError
+from pipeline.local.errors import LocalRunError
 
 
 @dataclass
