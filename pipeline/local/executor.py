@@ -34,7 +34,7 @@ import traceback
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -58,7 +58,7 @@ from pipeline.local.errors import LocalRunError
 from pipeline.local.references import PropertyFile, Resolver, Scope, UnresolvableReference, as_text
 from pipeline.local.s3 import LocalS3
 from pipeline.local.tuning import Trial, run_tuning_job
-from pipeline.progress import PENDING, ProgressView, StepRow
+from pipeline.progress import PENDING, ProgressView, StepRow, utc_now
 from pipeline.settings import Settings
 from pipeline.validate import check_references
 
@@ -107,9 +107,7 @@ class StepState:
 
     @property
     def seconds(self) -> float | None:
-        if self.started is None:
-            return None
-        return ((self.ended or utc_now()) - self.started).total_seconds()
+        return self.row().seconds(utc_now())
 
     def row(self) -> StepRow:
         note = self.note if len(self.note) <= NOTE_WIDTH else self.note[: NOTE_WIDTH - 3] + "..."
@@ -135,10 +133,6 @@ class RunResult:
 
     def properties(self, step: str) -> Any:
         return self.scope.properties.get(step)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def new_execution_id(moment: datetime | None = None) -> str:
