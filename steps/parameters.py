@@ -49,8 +49,8 @@ class Parameters:
     tuning_max_parallel_jobs: ParameterInteger
     accuracy_threshold: ParameterFloat
     model_approval_status: ParameterString
-    endpoint_instance_type: ParameterString
     inference_precision: ParameterString
+    endpoint_instance_type: ParameterString
     endpoint_initial_instance_count: ParameterInteger
     endpoint_min_capacity: ParameterInteger
     endpoint_max_capacity: ParameterInteger
@@ -85,10 +85,10 @@ def define_parameters(settings, no_weights_uri: str) -> Parameters:
             "ModelApprovalStatus", default_value="Approved",
             enum_values=["Approved", "PendingManualApproval", "Rejected"],
         ),
-        endpoint_instance_type=ParameterString("EndpointInstanceType", default_value=settings.endpoint_instance_type),
-        endpoint_initial_instance_count=ParameterInteger("EndpointInitialInstanceCount", default_value=1),
         # code/contract.py PRECISIONS (a test pins the two); int8 is served only if evaluation finds it within 1 point of fp32.
         inference_precision=ParameterString("InferencePrecision", default_value="fp32", enum_values=["fp32", "int8"]),
+        endpoint_instance_type=ParameterString("EndpointInstanceType", default_value=settings.endpoint_instance_type),
+        endpoint_initial_instance_count=ParameterInteger("EndpointInitialInstanceCount", default_value=1),
         endpoint_min_capacity=ParameterInteger("EndpointMinCapacity", default_value=1),
         endpoint_max_capacity=ParameterInteger("EndpointMaxCapacity", default_value=5),
         endpoint_target_invocations=ParameterFloat("EndpointTargetInvocationsPerInstance", default_value=100.0),
