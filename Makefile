@@ -28,6 +28,7 @@ $(CHECKOV_STAMP): | $(STAMP)
 	touch $@
 
 test: $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 synth: $(STAMP)

@@ -27,6 +27,7 @@ DEV = [
     "torch-model-archiver==0.12.0",
     "setuptools<81",  # sagemaker-pytorch-inference imports pkg_resources, which setuptools 81 removed
     "hypothesis",
+    "ruff==0.17.6",  # ruff.toml; `make test` runs `ruff check .` first
 ]
 
 setup(

@@ -19,12 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import contract
 import evaluate
 import inference
 import serving_model
-from conftest import CODE_DIR, ROOT
+from conftest import CODE_DIR
 from real_images import write_digits
 
 IMAGE_SIZE = 32

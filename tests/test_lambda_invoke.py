@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from lambda_harness import LambdaContext, endpoint_answers, load_handler
-from lambda_harness import aws as aws_only
+from lambda_harness import aws as aws_only  # noqa: F401  (a fixture, requested by name)
 from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
 
 ENDPOINT = "dogbreed-single-instance"
