@@ -70,8 +70,8 @@ def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "c
     for name in (MODEL_FILE, CLASSES_FILE, MODEL_INFO_FILE):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} is missing: is {model_dir} the output of train.py?")
-    classes = json.loads((model_dir / CLASSES_FILE).read_text())
-    info = json.loads((model_dir / MODEL_INFO_FILE).read_text())
+    classes = json.loads((model_dir / CLASSES_FILE).read_text(encoding="utf-8"))
+    info = json.loads((model_dir / MODEL_INFO_FILE).read_text(encoding="utf-8"))
     model = build_model(info["backbone"], len(classes))
     state = torch.load(model_dir / MODEL_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
@@ -93,13 +93,27 @@ def write_failure_message(path: str | os.PathLike, message: str) -> bool:
     if not path.parent.is_dir():
         return False
     data = message.encode("utf-8")[:FAILURE_MESSAGE_LIMIT].decode("utf-8", "ignore").encode("utf-8")
+    atomic_write(path, lambda temporary: temporary.write_bytes(data))
+    return True
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(temporary)`` into a temporary file beside ``path``, then rename it to ``path``,
+    so no reader ever sees half a file and a failed write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(data)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return True
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as indented UTF-8 JSON, written atomically."""
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 Parsed = TypeVar("Parsed")

@@ -39,7 +39,6 @@ Both files are written under temporary names and renamed, the JSON last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -53,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from common import DEFAULT_IMAGE_SIZE, eval_transform, load_model_dir, run_script
+from common import DEFAULT_IMAGE_SIZE, atomic_write, atomic_write_json, eval_transform, load_model_dir, run_script
 from contract import NO_WEIGHTS_PLACEHOLDER
 from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
                       MODEL_INFO_FILE, PRECISIONS)
@@ -227,16 +226,10 @@ def plot_confusion_matrix(counts: np.ndarray, classes: list[str], title: str, pa
     axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01, label="share of the true class's test images")
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.partial")
-    figure.savefig(temporary, format="png")
-    pyplot.close(figure)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(path: Path, document: dict) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    try:
+        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
+    finally:
+        pyplot.close(figure)
 
 
 # ---------------------------------------------------------------- the run
@@ -304,7 +297,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     title = f"Test confusion matrix ({served}): accuracy {accuracy:.1%}, top-{TOP_K} {top_k:.1%}, {len(true)} images"
     plot_confusion_matrix(confusion(true, predicted, len(classes)), classes, title, output_dir / CONFUSION_MATRIX_FILE)
-    write_json_atomically(output_dir / EVALUATION_FILE, document)
+    atomic_write_json(output_dir / EVALUATION_FILE, document)
     int8_text = f"{int8_accuracy:.6f}" if int8_accuracy is not None else f"unavailable ({int8_problem})"
     print(f"test accuracy={accuracy:.6f} top_{TOP_K}_accuracy={top_k:.6f} images={len(true)} "
           f"classes={len(classes)}; fp32 accuracy={fp32_accuracy:.6f}, int8 accuracy={int8_text}; "

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torchvision import models
 
+from common import atomic_write
 from contract import FEATURES_HEADER_FILE, FEATURES_SPLIT_FILES
 
 FORMAT = "dogbreed-features"
@@ -80,15 +81,6 @@ def weights_id(source: str | os.PathLike | None, backbone: str, seed: int) -> st
     return "sha256:" + file_sha256(Path(source))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_features(folder: Path, splits: Mapping[str, TensorDataset], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Write one file per split, then the header last, so a folder with a header is complete. Returns the header."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,12 +91,12 @@ def write_features(folder: Path, splits: Mapping[str, TensorDataset], settings: 
         features, labels = splits[split].tensors
         feature_dim = int(features.shape[1])
         path = folder / name
-        _atomic_write(path, lambda p: torch.save({"features": features.float().contiguous(),
+        atomic_write(path, lambda p: torch.save({"features": features.float().contiguous(),
                                                   "labels": labels.long().contiguous()}, p))
         split_entries[split] = {"file": name, "images": int(features.shape[0]), "sha256": file_sha256(path)}
     header = {"format": FORMAT, "version": VERSION, **settings, "feature_dim": feature_dim, "splits": split_entries,
               "torch_version": torch.__version__}
-    _atomic_write(folder / FEATURES_HEADER_FILE, lambda p: p.write_text(json.dumps(header, indent=2) + "\n"))
+    atomic_write(folder / FEATURES_HEADER_FILE, lambda p: p.write_text(json.dumps(header, indent=2) + "\n"))
     return header
 
 
@@ -115,7 +107,7 @@ def read_header(folder: Path) -> dict[str, Any]:
         raise FeaturesError(f"the features folder {folder} {what}: pass the output of extract_features.py "
                             "(the ExtractFeatures step's 'features' output) as --features")
     try:
-        header = json.loads(path.read_text())
+        header = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FeaturesError(f"{path} is not JSON ({err}); extract the features again") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import random
 import shutil
@@ -42,7 +41,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from common import MAX_IMAGE_PIXELS, ImageRejected, image_from_bytes, run_script
+from common import MAX_IMAGE_PIXELS, ImageRejected, atomic_write_json, image_from_bytes, run_script
 from contract import MANIFEST_FILE, SPLITS
 
 DEFAULT_INPUT = "/opt/ml/processing/input/data"
@@ -340,13 +339,6 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
             shutil.move(str(class_dir), str(target / class_dir.name))
 
 
-def write_json_atomically(path: Path, document: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-
-
 # ---------------------------------------------------------------- the run
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -406,7 +398,7 @@ def prepare(args: argparse.Namespace) -> dict:
         move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_json_atomically(output_dir / MANIFEST_DIR / MANIFEST_FILE, manifest)
+    atomic_write_json(output_dir / MANIFEST_DIR / MANIFEST_FILE, manifest)
     totals = ", ".join(f"{split} {count}" for split, count in manifest["totals"].items())
     print(f"wrote {totals} images and {MANIFEST_DIR}/{MANIFEST_FILE}; dropped {len(dropped)}", flush=True)
     return manifest

@@ -974,23 +974,8 @@ def run_config(args: argparse.Namespace, classes: list[str], world_size: int) ->
     return {key: values[key] for key in RESUME_KEYS}
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
-
-
 def atomic_torch_save(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, lambda p: torch.save(value, p))
+    common.atomic_write(path, lambda p: torch.save(value, p))
 
 
 def read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -1083,8 +1068,8 @@ def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: li
                     calibration: Sequence[Path] = ()) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model_dir / contract.MODEL_FILE, state)
-    atomic_write_json(model_dir / contract.CLASSES_FILE, classes)
-    atomic_write_json(model_dir / contract.MODEL_INFO_FILE, info)
+    common.atomic_write_json(model_dir / contract.CLASSES_FILE, classes)
+    common.atomic_write_json(model_dir / contract.MODEL_INFO_FILE, info)
     write_calibration_sample(model_dir / contract.CALIBRATION_DIR, calibration)
     copied = copy_inference_code(model_dir / contract.MODEL_CODE_DIR)
     LOG.info("wrote %s, %s, %s and %s/ (%s) to %s", contract.MODEL_FILE, contract.CLASSES_FILE,
@@ -1210,7 +1195,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
                 "best_metrics": best["metrics"], "best_model": best["state"]})
             LOG.info("saved checkpoint of epoch %d to %s", epoch, ckpt_file)
         if dist_info.is_main and args.output_data_dir:
-            atomic_write_json(Path(args.output_data_dir) / METRICS_HISTORY_FILE, history)
+            common.atomic_write_json(Path(args.output_data_dir) / METRICS_HISTORY_FILE, history)
 
     summary = {"best_epoch": best["epoch"], "best_metrics": best["metrics"], "history": history,
                "epochs_trained": len(history), "stopped_early": stopped, "world_size": dist_info.world_size,
