@@ -36,6 +36,7 @@ def pytorch_estimator(
     hyperparameters: Mapping[str, object],
     output_path: str,
     base_job_name: str,
+    instance_type=None,
     spot_checkpoint_s3_uri=None,
     encrypt_traffic: bool = False,
 ) -> PyTorch:
@@ -49,7 +50,7 @@ def pytorch_estimator(
         image_uri=ctx.training_image,
         role=settings.job_role_arn,
         instance_count=instance_count,
-        instance_type=ctx.parameters.training_instance_type,
+        instance_type=instance_type or ctx.parameters.training_instance_type,
         hyperparameters=dict(hyperparameters),
         metric_definitions=ctx.contract.metric_definitions(),
         output_path=output_path,

@@ -36,8 +36,8 @@ def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
         hyperparameters=static_hyperparameters(ctx, augment=False, cache_features=False),
         output_path=ctx.settings.s3_uri("jobs", STEP_NAME),
         base_job_name=f"{ctx.settings.project_name}-tune",
+        instance_type=ctx.parameters.tuning_instance_type,
     )
-    estimator.instance_type = ctx.parameters.tuning_instance_type
     tuner = HyperparameterTuner(
         estimator,
         objective_metric_name=ctx.contract.OBJECTIVE_METRIC,
