@@ -20,9 +20,10 @@ OBJECTIVE_TYPE = "Minimize"
 _FLOAT = r"([-+]?(?:[0-9]*\.)?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 # Channels the training job reads (SM_CHANNEL_TRAIN, SM_CHANNEL_VALID); the
-# test split is never given to training.
+# test split is never given to training, only to evaluation.
 TRAIN_CHANNEL = "train"
 VALID_CHANNEL = "valid"
+TEST_CHANNEL = "test"
 PRETRAINED_CHANNEL = "pretrained"
 # The pretrained channel's default source is the job's own code archive (an object
 # every job has; SageMaker refuses an empty S3 URI): a channel holding only this
@@ -32,8 +33,13 @@ NO_WEIGHTS_PLACEHOLDER = "sourcedir.tar.gz"
 # backbone's features of train and valid, written once by extract_features.py.
 FEATURES_CHANNEL = "features"
 FEATURES_HEADER_FILE = "features.json"
-FEATURES_SPLIT_FILES = {"train": "train.pt", "valid": "valid.pt"}
-SPLITS = ("train", "valid", "test")
+FEATURES_SPLIT_FILES = {TRAIN_CHANNEL: "train.pt", VALID_CHANNEL: "valid.pt"}
+SPLITS = (TRAIN_CHANNEL, VALID_CHANNEL, TEST_CHANNEL)
+
+# Where a job's script writes the one line SageMaker shows when the job fails:
+# DescribeTrainingJob FailureReason, DescribeProcessingJob ExitMessage.
+TRAINING_FAILURE_FILE = "/opt/ml/output/failure"
+PROCESSING_FAILURE_FILE = "/opt/ml/output/message"
 
 # Files in the model directory (model.tar.gz) written by train.py.
 MODEL_FILE = "model.pth"
