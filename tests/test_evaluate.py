@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +16,8 @@ import common
 import contract
 import evaluate
 import preprocess
-from conftest import CODE_DIR, make_dataset
+from conftest import make_dataset
+from models import json_get, trained_job
 
 IMAGE_SIZE = 32
 
@@ -60,13 +58,6 @@ def evaluation_schema(classes: list[str]) -> dict:
     }
 
 
-def json_get(document: dict, dotted_path: str):
-    """What the ConditionStep's JsonGet reads at ``dotted_path``."""
-    for key in dotted_path.split("."):
-        document = document[key]
-    return document
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
@@ -78,20 +69,8 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory) -> Path:
     """model.tar.gz as SageMaker packs the model folder train.py writes."""
-    job = tmp_path_factory.mktemp("job")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_") and k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        [sys.executable, str(CODE_DIR / "train.py"), "--data", str(prepared), "--model-dir", str(job / "model"),
-         "--backbone", "resnet18", "--pretrained-weights", "none", "--image-size", str(IMAGE_SIZE),
-         "--epochs", "1", "--batch-size", "8", "--learning-rate", "0.05", "--num-workers", "0",
-         "--checkpoint-dir", "none", "--output-data-dir", "none"],
-        env=env, cwd=job, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (job / "artifact").mkdir()
-    with tarfile.open(job / "artifact" / "model.tar.gz", "w:gz") as tar:
-        for path in sorted((job / "model").iterdir()):
-            tar.add(path, arcname=path.name)
-    return job
+    return trained_job(prepared, tmp_path_factory.mktemp("job"), "--image-size", str(IMAGE_SIZE),
+                       "--epochs", "1", "--batch-size", "8", "--learning-rate", "0.05")
 
 
 def independent_count(model_dir: Path, test_dir: Path) -> dict[str, tuple[int, int]]:

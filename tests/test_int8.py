@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -23,16 +20,10 @@ import contract
 import evaluate
 import inference
 import serving_model
-from conftest import CODE_DIR
+from models import json_get, trained_job
 from real_images import write_digits
 
 IMAGE_SIZE = 32
-
-
-def json_get(document: dict, dotted_path: str):
-    for key in dotted_path.split("."):
-        document = document[key]
-    return document
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +34,9 @@ def digits(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory) -> Path:
     """train.py's model folder and model.tar.gz (as SageMaker packs it) for resnet18 trained on the digit scans."""
-    job = tmp_path_factory.mktemp("job")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_") and k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        [sys.executable, str(CODE_DIR / "train.py"), "--data", str(digits), "--model-dir", str(job / "model"),
-         "--backbone", "resnet18", "--pretrained-weights", "none", "--freeze-backbone", "false", "--augment", "false",
-         "--image-size", str(IMAGE_SIZE), "--epochs", "5", "--patience", "0", "--batch-size", "32",
-         "--learning-rate", "0.05", "--num-workers", "0", "--num-threads", "1",
-         "--checkpoint-dir", "none", "--output-data-dir", "none"],
-        env=env, cwd=job, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (job / "artifact").mkdir()
-    with tarfile.open(job / "artifact" / "model.tar.gz", "w:gz") as tar:
-        for path in sorted((job / "model").iterdir()):
-            tar.add(path, arcname=path.name)
-    return job
+    return trained_job(digits, tmp_path_factory.mktemp("job"), "--freeze-backbone", "false", "--augment", "false",
+                       "--image-size", str(IMAGE_SIZE), "--epochs", "5", "--patience", "0", "--batch-size", "32",
+                       "--learning-rate", "0.05", "--num-threads", "1")
 
 
 def evaluated(trained: Path, digits: Path, output: Path, precision: str) -> dict:
