@@ -24,24 +24,29 @@ import sagemaker.config
 import sagemaker.session
 import sagemaker.utils
 from sagemaker import image_uris
+from sagemaker.workflow.condition_step import ConditionStep
 from sagemaker.workflow.pipeline import Pipeline
 from sagemaker.workflow.pipeline_context import PipelineSession
 from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
+from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
 from pipeline.assets import Assets, build_assets
 from pipeline.settings import Settings
 from pipeline.validate import validate_definition
+from steps.check import check_step
 from steps.context import BuildContext
-from steps.deploy import check_step, deploy_step, wait_step
+from steps.deploy import deploy_step
 from steps.evaluate import evaluate_step
+from steps.fail import accuracy_too_low_after_twin_step, accuracy_too_low_step
 from steps.features import extract_features_step
+from steps.gate import accuracy_gate_step, approval_gate_step, twin_accuracy_step, twin_deployment_step
 from steps.parameters import define_parameters
 from steps.prepare import prepare_data_step
-from steps.quality_gate import approval_gate_step, quality_gate_step, twin_accuracy_step
 from steps.register import register_step
 from steps.train import train_step
 from steps.tune import tune_step
-from steps.variants import VARIANTS, twin_of
+from steps.variants import VARIANTS, Variant, twin_of
+from steps.wait import wait_step
 
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
@@ -128,16 +133,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
     tuning = tune_step(ctx, extraction)
     trainings = {variant: train_step(ctx, variant, prepare, tuning) for variant in VARIANTS}
     evaluations = {variant: evaluate_step(ctx, variant, prepare, trainings[variant]) for variant in VARIANTS}
-    gates = []
-    for variant in VARIANTS:  # each model is gated, registered and deployed on its own (steps/quality_gate.py)
-        twin = twin_of(variant)
-        register = register_step(ctx, variant, trainings[variant], evaluations[variant])
-        deploy = deploy_step(ctx, variant, register)
-        wait = wait_step(ctx, variant, deploy)
-        check = check_step(ctx, variant, wait, prepare)
-        report = twin_accuracy_step(ctx, variant, twin, evaluations[twin], after=check)
-        approval = approval_gate_step(ctx, variant, if_steps=[deploy, wait, check, report])
-        gates.append(quality_gate_step(ctx, variant, evaluations[variant], twin, evaluations[twin], if_steps=[register, approval]))
+    gates = [gated_branch(ctx, variant, prepare, trainings[variant], evaluations) for variant in VARIANTS]
     return Pipeline(
         name=settings.pipeline_name,
         parameters=ctx.parameters.as_list(),
@@ -146,6 +142,24 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
         pipeline_experiment_config=None,  # no experiment per execution: nothing reads it, and the role need not create them
     )
+
+
+def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, training: TrainingStep,
+                 evaluations: dict[Variant, ProcessingStep]) -> ConditionStep:
+    """One model's gate and all that follows it: register, deploy, wait, check; the twin rule of steps/gate.py
+    decides where a model below the threshold fails the execution."""
+    twin = twin_of(variant)
+    evaluation, twin_evaluation = evaluations[variant], evaluations[twin]
+    register = register_step(ctx, variant, training, evaluation)
+    deploy = deploy_step(ctx, variant, register)
+    wait = wait_step(ctx, variant, deploy)
+    check = check_step(ctx, variant, wait, prepare)
+    report_twin = twin_accuracy_step(ctx, variant, twin, twin_evaluation, after=check,
+                                     else_steps=[accuracy_too_low_after_twin_step(ctx, twin, twin_evaluation, deployed=variant)])
+    approval = approval_gate_step(ctx, variant, if_steps=[deploy, wait, check, report_twin])
+    hold = twin_deployment_step(ctx, variant, twin, twin_evaluation,
+                                else_steps=[accuracy_too_low_step(ctx, variant, evaluation, twin, twin_evaluation)])
+    return accuracy_gate_step(ctx, variant, evaluation, if_steps=[register, approval], else_steps=[hold])
 
 
 def render(document: dict) -> str:

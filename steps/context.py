@@ -38,6 +38,11 @@ class BuildContext:
         return Join(on="/", values=[self.settings.s3_uri("executions"), ExecutionVariables.PIPELINE_EXECUTION_ID, *parts])
 
 
+def job_step_policies() -> dict:
+    """A job step's caching and retries, as keyword arguments: every processing, tuning and training step has them."""
+    return {"cache_config": CACHE, "retry_policies": retry_policies()}
+
+
 def retry_policies() -> list:
     """Retry what AWS may throw at a job step and later accept: throttling and capacity."""
     return [

@@ -6,7 +6,7 @@ from sagemaker.workflow.functions import Join, JsonGet
 from sagemaker.workflow.properties import PropertyFile
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
-from steps.context import CACHE, BuildContext, retry_policies
+from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
 from steps.processing import PROCESSING_ROOT, code_input, script_processor
 from steps.training import pretrained_processing_input
@@ -24,28 +24,27 @@ def evaluation_property_file(variant: Variant, contract) -> PropertyFile:
 
 
 def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, training: TrainingStep) -> ProcessingStep:
-    name = variant.step("Evaluate")
+    names = variant.names("Evaluate", "Evaluate")
+    test = ctx.contract.TEST_CHANNEL
     processor = script_processor(ctx, "evaluate.py", base_job_name=f"{ctx.settings.project_name}-evaluate-{variant.slug}")
     step_args = processor.run(
         inputs=[
             ProcessingInput(source=training.properties.ModelArtifacts.S3ModelArtifacts, destination=MODEL_DIR, input_name="model"),
-            ProcessingInput(source=channel_uri(prepare, "test"), destination=TEST_DIR, input_name="test"),
+            ProcessingInput(source=channel_uri(prepare, test), destination=TEST_DIR, input_name=test),
             pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
-        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(name))],
+        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(names["name"]))],
         arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR,
                    "--inference-precision", ctx.parameters.inference_precision, "--pretrained", PRETRAINED_DIR],
     )
     return ProcessingStep(
-        name=name,
-        display_name=f"Evaluate ({variant.title})",
+        **names,
         description=f"Measures the {variant.title} model on the held-out test split: accuracy, top-5 accuracy, "
                     f"weighted precision/recall/F1 and a confusion matrix, written to {ctx.contract.EVALUATION_FILE}.",
         step_args=step_args,
         property_files=[evaluation_property_file(variant, ctx.contract)],
-        cache_config=CACHE,
-        retry_policies=retry_policies(),
+        **job_step_policies(),
     )
 
 
@@ -54,10 +53,16 @@ def evaluation_uri(ctx: BuildContext, evaluation: ProcessingStep) -> Join:
     return Join(on="/", values=[output, ctx.contract.EVALUATION_FILE])
 
 
+def evaluation_value(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep, json_path: str) -> JsonGet:
+    """A value of the model's evaluation.json, read by later steps when they run."""
+    return JsonGet(step_name=evaluation.name, property_file=evaluation_property_file(variant, ctx.contract), json_path=json_path)
+
+
+def measured_accuracy(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep) -> JsonGet:
+    """The model's test accuracy, which the gates compare with AccuracyThreshold."""
+    return evaluation_value(ctx, variant, evaluation, ctx.contract.ACCURACY_JSON_PATH)
+
+
 def served_precision(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep) -> JsonGet:
     """The precision evaluate.py decided to serve (fp32 or int8), read from its evaluation.json."""
-    return JsonGet(
-        step_name=evaluation.name,
-        property_file=evaluation_property_file(variant, ctx.contract),
-        json_path=ctx.contract.SERVED_PRECISION_JSON_PATH,
-    )
+    return evaluation_value(ctx, variant, evaluation, ctx.contract.SERVED_PRECISION_JSON_PATH)

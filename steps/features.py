@@ -13,24 +13,29 @@ from __future__ import annotations
 from sagemaker.processing import ProcessingInput, ProcessingOutput
 from sagemaker.workflow.steps import ProcessingStep
 
-from steps.context import CACHE, BuildContext, retry_policies
+from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
 from steps.processing import PROCESSING_ROOT, code_input, script_processor
 from steps.training import pretrained_processing_input, static_hyperparameters
 
 STEP_NAME = "ExtractFeatures"
 SCRIPT = "extract_features.py"
-INPUT_DIRS = {"train": f"{PROCESSING_ROOT}/input/train", "valid": f"{PROCESSING_ROOT}/input/valid"}
 PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/features"
+
+
+def input_dirs(contract) -> dict[str, str]:
+    """Where the job reads each split whose features it computes (the splits of the features folder)."""
+    return {split: f"{PROCESSING_ROOT}/input/{split}" for split in contract.FEATURES_SPLIT_FILES}
 
 
 def extraction_arguments(ctx: BuildContext) -> list:
     """The script's options: the trials' backbone, image size, weights (the same pretrained channel) and seed,
     so the header fits every trial."""
     trial = static_hyperparameters(ctx, augment=False, cache_features=False)
+    folders = input_dirs(ctx.contract)
     return [
-        "--train", INPUT_DIRS["train"], "--valid", INPUT_DIRS["valid"], "--output", OUTPUT_DIR,
+        "--train", folders[ctx.contract.TRAIN_CHANNEL], "--valid", folders[ctx.contract.VALID_CHANNEL], "--output", OUTPUT_DIR,
         "--backbone", trial["backbone"],
         "--image-size", trial["image_size"].to_string(),
         "--pretrained-weights", trial["pretrained_weights"],
@@ -44,7 +49,7 @@ def extract_features_step(ctx: BuildContext, prepare: ProcessingStep) -> Process
     step_args = processor.run(
         inputs=[
             *(ProcessingInput(source=channel_uri(prepare, split), destination=folder, input_name=split)
-              for split, folder in INPUT_DIRS.items()),
+              for split, folder in input_dirs(ctx.contract).items()),
             pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
@@ -59,8 +64,7 @@ def extract_features_step(ctx: BuildContext, prepare: ProcessingStep) -> Process
                     "transform, no augmentation), with a header of backbone, image size, weights and classes; "
                     "every tuning trial trains only the head on them.",
         step_args=step_args,
-        cache_config=CACHE,
-        retry_policies=retry_policies(),
+        **job_step_policies(),
     )
 
 

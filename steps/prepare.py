@@ -5,13 +5,18 @@ from sagemaker.processing import ProcessingInput, ProcessingOutput
 from sagemaker.workflow.properties import PropertyFile
 from sagemaker.workflow.steps import ProcessingStep
 
-from steps.context import CACHE, BuildContext, retry_policies
+from steps.context import BuildContext, job_step_policies
 from steps.processing import PROCESSING_ROOT, code_input, script_processor
 
 STEP_NAME = "PrepareData"
 INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
-OUTPUTS = ("train", "valid", "test", "manifest")
+MANIFEST_OUTPUT = "manifest"
+
+
+def output_names(contract) -> tuple[str, ...]:
+    """The job's outputs: one channel per split, and the manifest folder."""
+    return (*contract.SPLITS, MANIFEST_OUTPUT)
 
 
 def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
@@ -23,7 +28,7 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
         ],
         outputs=[
             ProcessingOutput(output_name=name, source=f"{OUTPUT_DIR}/{name}", destination=ctx.execution_path(STEP_NAME, name))
-            for name in OUTPUTS
+            for name in output_names(ctx.contract)
         ],
         arguments=["--input", INPUT_DIR, "--output", OUTPUT_DIR],
     )
@@ -34,13 +39,12 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
                     "train/valid/test channels with a manifest of classes, counts and dropped files.",
         step_args=step_args,
         property_files=[manifest_property_file(ctx.contract)],
-        cache_config=CACHE,
-        retry_policies=retry_policies(),
+        **job_step_policies(),
     )
 
 
 def manifest_property_file(contract) -> PropertyFile:
-    return PropertyFile(name="Manifest", output_name="manifest", path=contract.MANIFEST_FILE)
+    return PropertyFile(name="Manifest", output_name=MANIFEST_OUTPUT, path=contract.MANIFEST_FILE)
 
 
 def channel_uri(step: ProcessingStep, name: str):

@@ -8,9 +8,10 @@ while the definition is being built: here the bootstrap is the entrypoint's
 (``ContainerEntrypointString``; ``pipeline.validate`` checks it).
 
 The script's exit status is the job's (``exec``), and so is its failure
-message (the scripts write ``/opt/ml/output/message``); when the bootstrap
-itself fails (no tarball, a requirement that cannot be installed), the ERR
-trap writes the failing command there instead.
+message (the scripts write ``contract.PROCESSING_FAILURE_FILE``,
+``/opt/ml/output/message``); when the bootstrap itself fails (no tarball, a
+requirement that cannot be installed), the ERR trap writes the failing
+command there instead.
 """
 from __future__ import annotations
 
@@ -23,14 +24,18 @@ from steps.context import BuildContext
 PROCESSING_ROOT = "/opt/ml/processing"
 CODE_INPUT = f"{PROCESSING_ROOT}/input/code"
 CODE_DIR = f"{PROCESSING_ROOT}/code"
-FAILURE_FILE = "/opt/ml/output/message"
 CODE_ARCHIVE = "sourcedir.tar.gz"
-BOOTSTRAP = (
-    f"set -eu; trap 'echo \"bootstrap: $BASH_COMMAND failed\">{FAILURE_FILE}' ERR; "
-    f"mkdir -p {CODE_DIR}; cd $_; tar -xzf {posixpath.relpath(CODE_INPUT, CODE_DIR)}/{CODE_ARCHIVE}; "
-    "[ ! -f requirements.txt ] || pip install -qr requirements.txt; "
-    'exec python3 "$@"'
-)
+
+
+def bootstrap_command(failure_file: str) -> str:
+    """The entrypoint's ``-c`` string; ``failure_file`` is where a job's failure message goes
+    (contract.PROCESSING_FAILURE_FILE)."""
+    return (
+        f"set -eu; trap 'echo \"bootstrap: $BASH_COMMAND failed\">{failure_file}' ERR; "
+        f"mkdir -p {CODE_DIR}; cd $_; tar -xzf {posixpath.relpath(CODE_INPUT, CODE_DIR)}/{CODE_ARCHIVE}; "
+        "[ ! -f requirements.txt ] || pip install -qr requirements.txt; "
+        'exec python3 "$@"'
+    )
 
 
 def script_processor(ctx: BuildContext, script: str, base_job_name: str) -> Processor:
@@ -41,7 +46,7 @@ def script_processor(ctx: BuildContext, script: str, base_job_name: str) -> Proc
         image_uri=ctx.training_image,
         instance_count=1,
         instance_type=ctx.parameters.processing_instance_type,
-        entrypoint=["/bin/bash", "-c", BOOTSTRAP, "bootstrap", script],
+        entrypoint=["/bin/bash", "-c", bootstrap_command(ctx.contract.PROCESSING_FAILURE_FILE), "bootstrap", script],
         volume_size_in_gb=50,
         volume_kms_key=settings.kms_key_id or None,
         output_kms_key=settings.kms_key_id or None,

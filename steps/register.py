@@ -16,8 +16,12 @@ CPU_INSTANCES = ("ml.m5.large", "ml.m5.xlarge", "ml.c5.large", "ml.c5.xlarge")
 GPU_INSTANCES = ("ml.g4dn.xlarge", "ml.g5.xlarge")
 
 
-def inference_instances(endpoint_instance_type: str) -> list[str]:
-    """Instance types the registered image can serve on: the inference image is built for CPU or GPU."""
+def supported_inference_instances(ctx: BuildContext) -> list[str]:
+    """The model package's real-time instance types: the settings' endpoint instance type and others of its kind.
+
+    Static, from the settings rather than the EndpointInstanceType parameter: the inference image is chosen at
+    synth for the settings' instance type (a CPU or a GPU image), so what it can serve on is fixed by then."""
+    endpoint_instance_type = ctx.settings.endpoint_instance_type
     gpu = endpoint_instance_type.startswith(("ml.g", "ml.p"))
     return sorted({endpoint_instance_type, *(GPU_INSTANCES if gpu else CPU_INSTANCES)})
 
@@ -44,13 +48,12 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
     )
     metrics = ModelMetrics(model_statistics=MetricsSource(s3_uri=evaluation_uri(ctx, evaluation), content_type="application/json"))
     return RegisterModel(
-        name=variant.step("Register"),
-        display_name=f"Register ({variant.title})",
+        **variant.names("Register", "Register"),
         description=f"Registers the {variant.title} model in the model package group with its test metrics.",
         model=model,
         content_types=CONTENT_TYPES,
         response_types=RESPONSE_TYPES,
-        inference_instances=inference_instances(ctx.settings.endpoint_instance_type),
+        inference_instances=supported_inference_instances(ctx),
         transform_instances=["ml.m5.xlarge"],
         model_package_group_name=ctx.settings.model_package_group,
         approval_status=ctx.parameters.model_approval_status,

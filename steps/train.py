@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep, TuningStep
 
-from steps.context import CACHE, BuildContext, retry_policies
-from steps.prepare import channel_uri
+from steps.context import BuildContext, job_step_policies
 from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters, training_channels
 from steps.tune import best_hyperparameters
 from steps.variants import MULTI, Variant
@@ -15,7 +14,8 @@ def instance_count(ctx: BuildContext, variant: Variant):
 
 
 def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tuning: TuningStep) -> TrainingStep:
-    name = variant.step("Train")
+    names = variant.names("Train", "Train")
+    name = names["name"]
     hyperparameters = {
         **static_hyperparameters(ctx, augment=True, cache_features=False),
         **best_hyperparameters(tuning),
@@ -29,15 +29,12 @@ def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tun
         spot_checkpoint_s3_uri=ctx.execution_path(name, "checkpoints") if ctx.settings.spot_training else None,
         encrypt_traffic=variant == MULTI,
     )
-    step_args = estimator.fit(inputs={**training_channels(channel_uri(prepare, "train"), channel_uri(prepare, "valid")),
-                                      **pretrained_channel(ctx)})
+    step_args = estimator.fit(inputs={**training_channels(ctx, prepare), **pretrained_channel(ctx)})
     count = "MultiInstanceCount instances in one torch.distributed group" if variant == MULTI else "one instance"
     return TrainingStep(
-        name=name,
-        display_name=f"Train ({variant.title})",
+        **names,
         description=f"Trains the classifier on {count}, with augmentation, on the best hyperparameters "
                     "of the tuning step; early stopping on validation loss keeps the best epoch.",
         step_args=step_args,
-        cache_config=CACHE,
-        retry_policies=retry_policies(),
+        **job_step_policies(),
     )

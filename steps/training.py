@@ -6,8 +6,10 @@ from typing import Mapping
 from sagemaker.inputs import TrainingInput
 from sagemaker.processing import ProcessingInput
 from sagemaker.pytorch import PyTorch
+from sagemaker.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext
+from steps.prepare import channel_uri
 
 TRAIN_SCRIPT = "train.py"
 MAX_RUNTIME_SECONDS = 8 * 3600
@@ -71,12 +73,10 @@ def pytorch_estimator(
     )
 
 
-def training_channels(train_uri, valid_uri) -> dict[str, TrainingInput]:
-    """The channels train.py reads; the test split is never among them."""
-    return {
-        "train": TrainingInput(s3_data=train_uri, content_type="application/x-image"),
-        "valid": TrainingInput(s3_data=valid_uri, content_type="application/x-image"),
-    }
+def training_channels(ctx: BuildContext, prepare: ProcessingStep) -> dict[str, TrainingInput]:
+    """The channels train.py reads, from PrepareData's outputs; the test split is never among them."""
+    return {channel: TrainingInput(s3_data=channel_uri(prepare, channel), content_type="application/x-image")
+            for channel in (ctx.contract.TRAIN_CHANNEL, ctx.contract.VALID_CHANNEL)}
 
 
 def pretrained_channel(ctx: BuildContext) -> dict[str, TrainingInput]:

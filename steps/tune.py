@@ -5,7 +5,7 @@ from sagemaker.inputs import TrainingInput
 from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner, IntegerParameter
 from sagemaker.workflow.steps import ProcessingStep, TuningStep
 
-from steps.context import CACHE, BuildContext, retry_policies
+from steps.context import BuildContext, job_step_policies
 from steps.features import features_uri
 from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters
 
@@ -59,8 +59,7 @@ def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
         description="Bayesian search over learning rate (log scale), batch size and epochs; "
                     f"the objective is {ctx.contract.OBJECTIVE_METRIC}, minimized, on the validation split.",
         step_args=step_args,
-        cache_config=CACHE,
-        retry_policies=retry_policies(),
+        **job_step_policies(),
     )
 
 

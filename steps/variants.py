@@ -13,6 +13,10 @@ class Variant:
     def step(self, verb: str) -> str:
         return f"{verb}{self.suffix}"
 
+    def names(self, verb: str, label: str) -> dict[str, str]:
+        """A step's name and display name, as keyword arguments: TrainSingleInstance, "Train (single instance)"."""
+        return {"name": self.step(verb), "display_name": f"{label} ({self.title})"}
+
 
 SINGLE = Variant("SingleInstance", "single-instance", "single instance")
 MULTI = Variant("MultiInstance", "multi-instance", "multi instance")

@@ -11,9 +11,12 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.constraints import Walk, check_value, input_member, parameter_value_findings
+from pipeline.definition import load_contract
 from pipeline.parameters import OUT_OF_RANGE, ParameterError, parameter_values
 from pipeline.validate import parameter_landings
-from steps.processing import BOOTSTRAP
+from steps.processing import bootstrap_command
+
+BOOTSTRAP = bootstrap_command(load_contract(Path(__file__).resolve().parents[1]).PROCESSING_FAILURE_FILE)
 
 
 def findings(value, shape, parameters=None) -> list[str]:
@@ -132,7 +135,7 @@ def job_root(tmp_path: Path, script: str) -> Path:
 
 
 def run_bootstrap(root: Path, *arguments: str) -> subprocess.CompletedProcess:
-    from pipeline.local.containers import rewrite_opt_ml
+    from pipeline.local.jobs import rewrite_opt_ml
 
     command = rewrite_opt_ml(["/bin/bash", "-c", BOOTSTRAP, "bootstrap", *arguments], root)
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
