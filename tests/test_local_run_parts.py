@@ -15,8 +15,10 @@ import pytest
 from conftest import CODE_DIR, write_images
 from pipeline.local import aws
 from pipeline.local.conditions import evaluate_all
-from pipeline.local.containers import decoded_hyperparameters, parse_metrics, rewrite_opt_ml, user_arguments
-from pipeline.local.endpoint import ModelContainer, RuntimeServer
+from pipeline.local.jobs import rewrite_opt_ml
+from pipeline.local.model_container import ModelContainer
+from pipeline.local.runtime import RuntimeServer
+from pipeline.local.training_job import decoded_hyperparameters, parse_metrics, user_arguments
 from pipeline.local.references import PropertyFile, Resolver, Scope, UnresolvableReference
 from pipeline.local.s3 import LocalS3
 from pipeline.local.tuning import draw

@@ -316,7 +316,8 @@ def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_
     """local-run's training job runs the toolkit's entry point: the script's error is the failure file and the FailureReason."""
     import tarfile
 
-    from pipeline.local.containers import JobContext, JobFailed, TrainingSpec, run_training_job
+    from pipeline.local.jobs import JobContext, JobFailed
+    from pipeline.local.training_job import TrainingSpec, run_training_job
     from pipeline.local.s3 import LocalS3
 
     s3 = LocalS3(tmp_path / "s3")
@@ -346,7 +347,8 @@ def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_
 
 
 def test_the_private_network_resolves_the_host_names_to_its_own_loopback(tmp_path):
-    from pipeline.local.containers import HostNetwork, ProcessRegistry
+    from pipeline.local.jobs import ProcessRegistry
+    from pipeline.local.training_job import HostNetwork
 
     network = HostNetwork(["algo-1", "algo-2"], tmp_path, ProcessRegistry())
     problem = network.start()
@@ -363,7 +365,8 @@ def test_the_private_network_resolves_the_host_names_to_its_own_loopback(tmp_pat
 
 
 def test_without_namespace_tools_a_multi_host_job_names_why_it_uses_the_launcher(tmp_path, monkeypatch):
-    from pipeline.local.containers import LAUNCHER, HostNetwork, ProcessRegistry, training_runner
+    from pipeline.local.jobs import ProcessRegistry
+    from pipeline.local.training_job import LAUNCHER, HostNetwork, training_runner
 
     monkeypatch.setenv("PATH", str(tmp_path))
     runner, why = training_runner(["algo-1", "algo-2"], HostNetwork(["algo-1", "algo-2"], tmp_path, ProcessRegistry()))

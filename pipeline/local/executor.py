@@ -43,16 +43,10 @@ from pipeline.dag import DefinitionError, StepNode, topological_order
 from pipeline.local import aws
 from pipeline.local.callbacks import callback_message, deliver
 from pipeline.local.conditions import evaluate_all
-from pipeline.local.containers import (
-    JobContext,
-    JobFailed,
-    TrainingSpec,
-    check_usable_root,
-    container_environment,
-    run_processing_job,
-    run_training_job,
-)
-from pipeline.local.endpoint import RuntimeServer
+from pipeline.local.jobs import JobContext, JobFailed, check_usable_root, container_environment
+from pipeline.local.processing_job import run_processing_job
+from pipeline.local.runtime import RuntimeServer
+from pipeline.local.training_job import TrainingSpec, run_training_job
 from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, output_parameters, register_model_package, routed_stdout
 from pipeline.local.errors import LocalRunError
 from pipeline.local.references import PropertyFile, Resolver, Scope, UnresolvableReference, as_text

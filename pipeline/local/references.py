@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pipeline.dag import DefinitionError
-from pipeline.local.errors import LocalRunError  # also imported from here by containers.py and endpoint.py
+from pipeline.local.errors import LocalRunError
 from pipeline.validate import parse_property_path
 
 ITEM_NAME_KEYS = ("OutputName", "InputName", "ChannelName", "MetricName", "Name", "PropertyFileName", "VariantName")

@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from pipeline.local.containers import JobContext, JobFailed, JobResult, TrainingSpec, run_training_job, timestamp, utc_now
 from pipeline.local.errors import LocalRunError
+from pipeline.local.jobs import JobContext, JobFailed, JobResult, timestamp
+from pipeline.local.training_job import TrainingSpec, run_training_job
+from pipeline.progress import utc_now
 
 
 @dataclass

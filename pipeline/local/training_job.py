@@ -1,10 +1,4 @@
-"""Processing and training jobs as local processes, under the SageMaker container contract.
-
-Each instance ("host") of a job gets its own container root under the job's
-folder; every ``/opt/ml`` path in the job's entrypoint, arguments and
-environment is rewritten to ``<host root>/opt/ml``. Inputs are copied from
-local S3 into the places SageMaker would download them to, and outputs are
-copied back when the job ends.
+"""A training job as local processes: CreateTrainingJob's request in, DescribeTrainingJob's answer out.
 
 Training runs through the real training toolkit wherever it can (the "toolkit"
 runner): each host runs ``sagemaker-training``'s entry point, what the PyTorch
@@ -15,9 +9,9 @@ reads ``input/config/*.json``, decodes the hyperparameters, sets ``SM_*``, insta
 script did not. One host skips the toolkit's wait for host names
 (``SM_STUDIO_LOCAL_MODE``). N hosts need ``algo-1..N`` to resolve and the toolkit's
 fixed master port 7777: they run in one private network namespace whose
-``/etc/hosts`` maps those names to its own loopback, where the system allows
-one (``unshare``/``nsenter``). Where it does not, or without the toolkits
-installed, the "launcher" runner does the toolkit's work itself: the
+``/etc/hosts`` maps those names to its own loopback (``HostNetwork``), where the
+system allows one (``unshare``/``nsenter``). Where it does not, or without the
+toolkits installed, the "launcher" runner does the toolkit's work itself: the
 ``sagemaker_*`` hyperparameters dropped, the rest JSON-decoded and passed as
 ``--name value``, ``SM_*`` set as the toolkit sets them, and the master on
 127.0.0.1 at a free port. Either way the ``sagemaker_submit_directory`` tarball
@@ -32,364 +26,42 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tarfile
 import threading
-import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from pipeline.local.references import LocalRunError
+from pipeline.local.errors import LocalRunError
+from pipeline.local.jobs import (
+    OPT_ML,
+    HostProcess,
+    JobContext,
+    JobResult,
+    ProcessRegistry,
+    check_usable_root,
+    download_input,
+    free_port,
+    host_names,
+    rewrite_opt_ml,
+    run_hosts,
+    s3_part,
+    stop_processes,
+    thread_limits,
+    timestamp,
+    write_json,
+    write_tar,
+)
 from pipeline.local.s3 import LocalS3
+from pipeline.progress import utc_now
 
-OPT_ML = "/opt/ml"
-_OPT_ML_PATH = re.compile(r"(?<![\w.-])/opt/ml(?=/|\b|$)")
-FAILURE_REASON_LIMIT = 1024
-LOG_TAIL_LINES = 6
-KILL_GRACE_SECONDS = 10.0
-POLL_SECONDS = 0.2
-PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "TORCH_HOME", "XDG_CACHE_HOME")
 TOOLKIT = "toolkit"
 LAUNCHER = "launcher"
 TOOLKIT_ENTRY_POINT = ("-m", "sagemaker_training.cli.train")  # the training image's `train` command
 TOOLKIT_FRAMEWORK_MODULE = "sagemaker_pytorch_container.training:main"  # SAGEMAKER_TRAINING_MODULE of the PyTorch image
-SCRIPT_ERROR_LINE = re.compile(r"^[\w.-]+\.py: error: .+$", re.MULTILINE)
 NAMESPACE_READY_SECONDS = 10.0
 
-
-class JobFailed(LocalRunError):
-    """A job ended without success; the message is its FailureReason."""
-
-
-@dataclass
-class JobContext:
-    """What every job of one run shares."""
-
-    s3: LocalS3
-    jobs_dir: Path
-    region: str
-    account: str
-    environment: dict[str, str]  # the base environment of every container process
-    python: str = field(default_factory=lambda: sys.executable)
-    cpus_per_job: int = field(default_factory=lambda: os.cpu_count() or 1)  # the cores one job may use while others run
-    processes: "ProcessRegistry" = field(default_factory=lambda: ProcessRegistry())
-
-    def arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
-
-
-@dataclass
-class JobResult:
-    properties: dict[str, Any]
-    logs: list[Path]
-    metrics: dict[str, list[float]] = field(default_factory=dict)
-    model_artifact: Path | None = None
-    runner: str = ""  # how a training job ran: TOOLKIT or LAUNCHER, and why
-
-
-class ProcessRegistry:
-    """The container processes now running, so that an interrupted run can stop them all."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running: set[subprocess.Popen] = set()
-        self.stopping = threading.Event()
-
-    def start(self, command: Sequence[str], **options: Any) -> subprocess.Popen:
-        with self._lock:
-            if self.stopping.is_set():
-                raise JobFailed("the run is stopping; the job was not started")
-            process = subprocess.Popen(command, start_new_session=True, **options)
-            self._running.add(process)
-            return process
-
-    def forget(self, process: subprocess.Popen) -> None:
-        with self._lock:
-            self._running.discard(process)
-
-    def stop_all(self) -> None:
-        self.stopping.set()
-        with self._lock:
-            running = list(self._running)
-        stop_processes(running)
-
-
-def stop_processes(processes: Sequence[subprocess.Popen]) -> None:
-    """SIGTERM each process group, then SIGKILL what is left after a grace period."""
-    for process in processes:
-        if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + KILL_GRACE_SECONDS
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
-
-
-def _signal_group(process: subprocess.Popen, number: int) -> None:
-    try:
-        os.killpg(process.pid, number)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-# ---------------------------------------------------------------- paths and environment
-
-def rewrite_opt_ml(value: Any, root: Path) -> Any:
-    """``value`` with every ``/opt/ml`` path inside its strings moved under ``root``."""
-    if isinstance(value, str):
-        return _OPT_ML_PATH.sub(lambda _: f"{root}{OPT_ML}", value)
-    if isinstance(value, list):
-        return [rewrite_opt_ml(item, root) for item in value]
-    if isinstance(value, dict):
-        return {key: rewrite_opt_ml(item, root) for key, item in value.items()}
-    return value
-
-
-def check_usable_root(path: Path) -> None:
-    """Container scripts use /opt/ml paths unquoted in shell commands: the replacement must be as plain."""
-    if not re.fullmatch(r"[A-Za-z0-9_./+-]+", str(path)):
-        raise LocalRunError(f"the work dir {path} has spaces or shell characters in its path; "
-                            "container scripts use /opt/ml paths unquoted: choose a plain path with --workdir")
-
-
-def container_environment(python_dir: str, extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment every container process starts from: this interpreter first on PATH, nothing of AWS but ``extra``."""
-    environment = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
-    environment.update({
-        "PATH": os.pathsep.join([python_dir, os.environ.get("PATH", "/usr/bin:/bin")]),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PIP_NO_INDEX": "1",  # a requirements.txt may only name what is installed: nothing is downloaded
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-    })
-    environment.update(extra)
-    return environment
-
-
-def thread_limits(threads: int) -> dict[str, str]:
-    """Cap the math libraries' threads: processes that share the cores must not spin against each other."""
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def timestamp(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
-
-
-# ---------------------------------------------------------------- running hosts
-
-@dataclass
-class HostProcess:
-    host: str
-    command: list[str]
-    environment: dict[str, str]
-    cwd: Path
-    log: Path
-    root: Path  # the host's container root, holding opt/ml
-
-
-def run_hosts(ctx: JobContext, hosts: list[HostProcess], max_seconds: float | None) -> None:
-    """Start one process per host and wait for all; raise JobFailed when one fails (the others are stopped)."""
-    started: list[tuple[HostProcess, subprocess.Popen]] = []
-    handles = []
-    try:
-        for host in hosts:
-            host.log.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(host.log, "ab")
-            handles.append(handle)
-            handle.write(f"{timestamp(utc_now())} local-run: {host.host} starts {' '.join(host.command)}\n".encode())
-            handle.flush()
-            process = ctx.processes.start(host.command, cwd=host.cwd, env=host.environment,
-                                          stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            started.append((host, process))
-        _wait_for_hosts(ctx, started, max_seconds)
-    finally:
-        stop_processes([process for _, process in started])
-        for (host, process), handle in zip(started, handles):
-            ctx.processes.forget(process)
-            handle.write(f"{timestamp(utc_now())} local-run: {host.host} exited with status {process.returncode}\n".encode())
-        for handle in handles:
-            handle.close()
-
-
-def _wait_for_hosts(ctx: JobContext, started: list[tuple[HostProcess, subprocess.Popen]], max_seconds: float | None) -> None:
-    deadline = time.monotonic() + max_seconds if max_seconds else None
-    while True:
-        codes = [(host, process.poll()) for host, process in started]
-        failed = [(host, code) for host, code in codes if code not in (None, 0)]
-        if failed:
-            host, code = failed[0]
-            raise JobFailed(failure_reason(host, code))
-        if all(code == 0 for _, code in codes):
-            return
-        if ctx.processes.stopping.is_set():
-            raise JobFailed("Stopped: the run was interrupted")
-        if deadline is not None and time.monotonic() > deadline:
-            raise JobFailed(f"MaxRuntimeExceeded: the job ran longer than its StoppingCondition ({max_seconds:.0f} s)")
-        time.sleep(POLL_SECONDS)
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(line for line in text.splitlines()[-lines:])
-
-
-def script_error_line(log: Path) -> str:
-    """The last ``<script>.py: error: ...`` line of a log: the one-line error every container script ends with."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return ""
-    lines = SCRIPT_ERROR_LINE.findall(text)
-    return lines[-1].strip() if lines else ""
-
-
-def failure_text(host: HostProcess) -> str:
-    """What the job left for SageMaker to show: its failure file, else the script's error line in its log.
-
-    Training scripts and the training toolkit write ``output/failure`` (under SAGEMAKER_BASE_DIR);
-    a processing script writes ``/opt/ml/output/message``, which is outside the job's folder here,
-    so its error line comes from the log; the processing bootstrap's own message is in the folder.
-    """
-    output = host.root / "opt" / "ml" / "output"
-    for name in ("failure", "message"):
-        if (output / name).is_file():
-            written = (output / name).read_text(errors="replace").strip()
-            if written:
-                return written
-    return script_error_line(host.log)
-
-
-def failure_reason(host: HostProcess, code: int) -> str:
-    """``AlgorithmError: <the failure file's text>``, as DescribeTrainingJob's FailureReason reads."""
-    written = failure_text(host)
-    if written:
-        text = f"AlgorithmError: {written}"
-    else:
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        tail = log_tail(host.log)
-        text = f"AlgorithmError: {host.host} {how} (log {host.log})" + (f": {tail}" if tail else "")
-    return text if len(text) <= FAILURE_REASON_LIMIT else text[: FAILURE_REASON_LIMIT - 3] + "..."
-
-
-def host_names(count: int) -> list[str]:
-    if not isinstance(count, int) or count < 1:
-        raise LocalRunError(f"InstanceCount must be a whole number of 1 or more, got {count!r}")
-    return [f"algo-{index}" for index in range(1, count + 1)]
-
-
-def write_json(path: Path, document: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    temporary.replace(path)
-
-
-# ---------------------------------------------------------------- processing jobs
-
-def run_processing_job(ctx: JobContext, name: str, arguments: Mapping[str, Any]) -> JobResult:
-    """A CreateProcessingJob request run locally; returns DescribeProcessingJob-shaped properties."""
-    created = utc_now()
-    job_dir = ctx.jobs_dir / name
-    cluster = arguments.get("ProcessingResources", {}).get("ClusterConfig", {})
-    hosts = host_names(cluster.get("InstanceCount", 1))
-    app = arguments.get("AppSpecification", {})
-    entrypoint = list(app.get("ContainerEntrypoint") or [])
-    if not entrypoint:
-        raise LocalRunError(f"processing job {name}: AppSpecification has no ContainerEntrypoint; "
-                            "local-run runs scripts, not the image's own entrypoint")
-    processes = []
-    for host in hosts:
-        root = job_dir / host
-        check_usable_root(root)
-        _processing_inputs(ctx, arguments.get("ProcessingInputs", []), root, hosts, host)
-        for output in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
-            if "S3Output" in output:
-                Path(rewrite_opt_ml(output["S3Output"]["LocalPath"], root)).mkdir(parents=True, exist_ok=True)
-        (root / "opt/ml/output").mkdir(parents=True, exist_ok=True)
-        write_json(root / "opt/ml/config/resourceconfig.json", {"current_host": host, "hosts": hosts})
-        write_json(root / "opt/ml/config/processingjobconfig.json", {**arguments, "ProcessingJobName": name})
-        environment = {
-            **ctx.environment,
-            **thread_limits(ctx.cpus_per_job),
-            **rewrite_opt_ml(dict(arguments.get("Environment", {})), root),
-        }
-        command = rewrite_opt_ml(entrypoint + list(app.get("ContainerArguments") or []), root)
-        processes.append(HostProcess(host, command, environment, root, job_dir / "logs" / f"{host}.log", root))
-    started = utc_now()
-    run_hosts(ctx, processes, arguments.get("StoppingCondition", {}).get("MaxRuntimeInSeconds"))
-    for host in hosts:
-        _processing_outputs(ctx, arguments.get("ProcessingOutputConfig", {}).get("Outputs", []), job_dir / host)
-    ended = utc_now()
-    properties = {
-        **arguments,
-        "ProcessingJobName": name,
-        "ProcessingJobArn": ctx.arn("processing-job", name),
-        "ProcessingJobStatus": "Completed",
-        "ExitMessage": "",
-        "CreationTime": timestamp(created),
-        "ProcessingStartTime": timestamp(started),
-        "ProcessingEndTime": timestamp(ended),
-        "LastModifiedTime": timestamp(ended),
-    }
-    return JobResult(properties, [process.log for process in processes])
-
-
-def _processing_inputs(ctx: JobContext, inputs: list, root: Path, hosts: list[str], host: str) -> None:
-    for item in inputs:
-        source = item.get("S3Input")
-        if source is None:
-            raise LocalRunError(f"processing input {item.get('InputName')!r}: only S3Input is supported by local-run")
-        destination = Path(rewrite_opt_ml(source["LocalPath"], root))
-        if source.get("S3DataDistributionType") == "ShardedByS3Key" and len(hosts) > 1:
-            _download_shard(ctx.s3, source["S3Uri"], destination, hosts.index(host), len(hosts))
-        else:
-            ctx.s3.download(source["S3Uri"], destination)
-
-
-def _download_shard(s3: LocalS3, uri: str, destination: Path, index: int, count: int) -> None:
-    """ShardedByS3Key: host ``index`` gets every ``count``-th object of the prefix, in key order."""
-    source = s3.path(uri)
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-    destination.mkdir(parents=True, exist_ok=True)
-    for file in files[index::count]:
-        target = destination / (file.relative_to(source) if source.is_dir() else file.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(file, target)
-
-
-def _processing_outputs(ctx: JobContext, outputs: list, root: Path) -> None:
-    for item in outputs:
-        target = item.get("S3Output")
-        if target is None:
-            raise LocalRunError(f"processing output {item.get('OutputName')!r}: only S3Output is supported by local-run")
-        source = Path(rewrite_opt_ml(target["LocalPath"], root))
-        ctx.s3.path(target["S3Uri"]).mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            ctx.s3.upload(source, target["S3Uri"])
-
-
-# ---------------------------------------------------------------- training jobs
 
 def decoded_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Each value JSON-decoded, as the training toolkit does; the raw string when it is not JSON."""
@@ -668,15 +340,9 @@ def _training_channels(ctx: JobContext, spec: TrainingSpec, opt_ml: Path, hosts:
     channels = {}
     for channel in spec.arguments.get("InputDataConfig", []):
         name = channel["ChannelName"]
-        source = channel.get("DataSource", {}).get("S3DataSource")
-        if source is None:
-            raise LocalRunError(f"training job {spec.name}, channel {name}: only S3DataSource is supported by local-run")
-        destination = opt_ml / "input" / "data" / name
-        if source.get("S3DataDistributionType") == "ShardedByS3Key" and len(hosts) > 1:
-            _download_shard(ctx.s3, source["S3Uri"], destination, hosts.index(host), len(hosts))
-        else:
-            ctx.s3.download(source["S3Uri"], destination)
-        channels[name] = destination
+        source = s3_part(channel.get("DataSource", {}), "S3DataSource", f"training job {spec.name}, channel {name}")
+        channels[name] = opt_ml / "input" / "data" / name
+        download_input(ctx.s3, source, channels[name], hosts, host)
     return channels
 
 
@@ -724,7 +390,7 @@ def _toolkit_environment(ctx: JobContext, spec: TrainingSpec, decoded: Mapping[s
         "SM_MODULE_NAME": program[:-3] if program.endswith(".py") else program,
         "SM_MODULE_DIR": str(decoded["sagemaker_submit_directory"]),
         "SM_LOG_LEVEL": str(decoded.get("sagemaker_container_log_level", 20)),
-        "SM_FRAMEWORK_MODULE": "sagemaker_pytorch_container.training:main",
+        "SM_FRAMEWORK_MODULE": TOOLKIT_FRAMEWORK_MODULE,
         "SM_CURRENT_INSTANCE_TYPE": str((spec.arguments.get("ResourceConfig") or {}).get("InstanceType", "local")),
     }
     for name, folder in channels.items():
@@ -766,36 +432,21 @@ def _save_checkpoints(s3: LocalS3, config: Mapping[str, Any] | None, roots: list
             s3.upload(dirs[1], dirs[0])
 
 
-def _upload_model(s3: LocalS3, spec: TrainingSpec, model_dirs: list[Path]) -> str:
-    """The hosts' model folders, merged (the first host's files win), as model.tar.gz."""
+def _output_path(spec: TrainingSpec) -> str:
     output_path = str((spec.arguments.get("OutputDataConfig") or {}).get("S3OutputPath", "")).rstrip("/")
     if not output_path:
         raise LocalRunError(f"training job {spec.name}: OutputDataConfig.S3OutputPath is missing")
-    uri = f"{output_path}/{spec.name}/output/model.tar.gz"
-    target = s3.path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    added: set[str] = set()
-    with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
-        for model_dir in model_dirs:
-            for file in sorted(model_dir.rglob("*")):
-                relative = file.relative_to(model_dir).as_posix()
-                if file.is_file() and relative not in added:
-                    tar.add(file, arcname=relative)
-                    added.add(relative)
-    temporary.replace(target)
+    return f"{output_path}/{spec.name}/output"
+
+
+def _upload_model(s3: LocalS3, spec: TrainingSpec, model_dirs: list[Path]) -> str:
+    """The hosts' model folders, merged (the first host's files win), as model.tar.gz."""
+    uri = f"{_output_path(spec)}/model.tar.gz"
+    write_tar(s3.path(uri), model_dirs)
     return uri
 
 
 def _upload_output_data(s3: LocalS3, spec: TrainingSpec, data_dir: Path) -> None:
     """SageMaker packs /opt/ml/output/data of the first host as output.tar.gz beside the model."""
-    if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        return
-    output_path = str(spec.arguments["OutputDataConfig"]["S3OutputPath"]).rstrip("/")
-    target = s3.path(f"{output_path}/{spec.name}/output/output.tar.gz")
-    temporary = target.with_name(f".{target.name}.tmp")
-    with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
-        for file in sorted(data_dir.rglob("*")):
-            if file.is_file():
-                tar.add(file, arcname=file.relative_to(data_dir).as_posix())
-    temporary.replace(target)
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        write_tar(s3.path(f"{_output_path(spec)}/output.tar.gz"), [data_dir])
