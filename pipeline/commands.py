@@ -3,19 +3,20 @@ and the one ``--param`` parser. The command modules import this; ``pipeline.cli`
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.parameters import ParameterError, parameter_values
 from pipeline.settings import ENVIRONMENT, Settings, load_settings, parse_tags
 
-SETTING_FLAGS = (
-    "region", "account", "project_name", "project_id", "pipeline_role_arn", "job_role_arn", "model_role_arn",
-    "bucket", "prefix", "model_package_group", "kms_key_id", "processing_instance_type",
-    "training_instance_type", "endpoint_instance_type",
-    "deploy_lambda_role_arn", "check_lambda_role_arn", "invoke_lambda_role_arn", "invoke_endpoint_name", "allowed_origin",
-    "invoke_provisioned_concurrency",
-)
+# Settings without a plain --name flag: with flags of their own (--spot-training, --source-dir, --tag), pinned
+# by the package (framework versions), or set in CodeBuild's environment only (the wait function and its queue).
+NOT_FLAGS = frozenset({
+    "spot_training", "source_dir", "tags", "training_framework_version", "inference_framework_version", "python_version",
+    "wait_lambda_role_arn", "endpoint_wait_queue_url",
+})
+SETTING_FLAGS = tuple(setting.name for setting in fields(Settings) if setting.name not in NOT_FLAGS)
 
 
 class UsageError(Exception):

@@ -79,6 +79,8 @@ class Settings:
     spot_training: bool = False
     processing_instance_type: str = "ml.m5.xlarge"
     training_instance_type: str = "ml.m5.2xlarge"
+    # The tuning trials train only the head on features computed once by ExtractFeatures: a small instance will do.
+    tuning_instance_type: str = "ml.m5.large"
     endpoint_instance_type: str = "ml.m5.large"
     training_framework_version: str = TRAINING_FRAMEWORK_VERSION
     inference_framework_version: str = INFERENCE_FRAMEWORK_VERSION

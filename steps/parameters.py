@@ -68,8 +68,7 @@ def define_parameters(settings, no_weights_uri: str) -> Parameters:
         input_data_url=ParameterString("InputDataUrl", default_value=settings.s3_uri("data", "dogImages")),
         processing_instance_type=ParameterString("ProcessingInstanceType", default_value=settings.processing_instance_type),
         training_instance_type=ParameterString("TrainingInstanceType", default_value=settings.training_instance_type),
-        # The trials train only the head on features computed once by ExtractFeatures: a small instance will do.
-        tuning_instance_type=ParameterString("TuningInstanceType", default_value="ml.m5.large"),
+        tuning_instance_type=ParameterString("TuningInstanceType", default_value=settings.tuning_instance_type),
         multi_instance_count=ParameterInteger("MultiInstanceCount", default_value=7),
         backbone=ParameterString("Backbone", default_value="resnet50", enum_values=["resnet18", "resnet34", "resnet50"]),
         image_size=ParameterInteger("ImageSize", default_value=224),

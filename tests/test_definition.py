@@ -388,6 +388,20 @@ def test_settings_come_from_flags_then_environment_then_defaults():
     assert load_settings({}, environ={}) == Settings()
 
 
+def test_every_instance_type_parameter_defaults_to_its_setting_flag():
+    from pipeline.cli import build_parser
+    from pipeline.commands import settings_from_args
+    from steps.parameters import define_parameters
+
+    chosen = {"ProcessingInstanceType": "ml.c5.xlarge", "TrainingInstanceType": "ml.g5.xlarge",
+              "TuningInstanceType": "ml.c5.2xlarge", "EndpointInstanceType": "ml.g4dn.xlarge"}
+    flags = [f"--{name.removesuffix('InstanceType').lower()}-instance-type" for name in chosen]
+    args = build_parser().parse_args(["synth", *(item for pair in zip(flags, chosen.values()) for item in pair)])
+    parameters = define_parameters(settings_from_args(args), no_weights_uri="s3://bucket/code/sourcedir.tar.gz")
+    assert {p.name: p.default_value for p in parameters.as_list() if p.name in chosen} == chosen
+    assert Settings().tuning_instance_type == "ml.m5.large"
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"region": "mars-1"}, "region='mars-1' is not an AWS region"),
     ({"account": "12"}, "account='12' is not a 12-digit AWS account id"),
