@@ -1,4 +1,5 @@
-"""What the Lambda tests share: loading a handler the way Lambda does, moto set-up, a Lambda context.
+"""What the Lambda tests share: loading a handler the way Lambda does, moto set-up, a Lambda context,
+local HTTP servers in place of AWS and the internet, and the handlers' log lines.
 
 ``lambda`` is a Python keyword, so the handlers are loaded by path with their
 folder on ``sys.path`` (the Lambda runtime puts the zip root there too). Each
@@ -7,16 +8,19 @@ moto mock they were made under.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import json
 import socket
 import ssl
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import boto3
 import pytest
@@ -51,19 +55,45 @@ class LambdaContext:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch):
-    """moto in-process, with fake credentials so nothing can reach a real account."""
-    from moto import mock_aws
+def use_test_credentials(monkeypatch: pytest.MonkeyPatch, *, endpoint_url: str = "", runtime_url: str = "") -> None:
+    """Fake credentials and the test region for every boto3 client, so nothing can reach a real account.
 
+    ``endpoint_url`` sends every service to one server (moto's), ``runtime_url``
+    only the SageMaker runtime; with neither, the clients are left to ``mock_aws``.
+    """
     for variable in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(variable, "testing")
+    if endpoint_url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint_url)
+    if runtime_url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", runtime_url)
+
+
+@contextlib.contextmanager
+def moto_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from moto import mock_aws
+
+    use_test_credentials(monkeypatch)
     with mock_aws():
         yield
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch):
+    """moto in-process, with fake credentials so nothing can reach a real account."""
+    with moto_in_process(monkeypatch):
+        yield
+
+
+@pytest.fixture
+def aws_taking_images(monkeypatch: pytest.MonkeyPatch):
+    """moto, with a SageMaker runtime that takes the images sent to it (see runtime_takes_images); yields what it received."""
+    received = runtime_taking_images(monkeypatch)
+    with moto_in_process(monkeypatch):
+        yield received
 
 
 _trained = itertools.count(1)
@@ -110,8 +140,6 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     received: list[dict[str, Any]] = []
 
     def update_endpoint(self: SageMakerResponse) -> str:
-        import json
-
         params = json.loads(self.body)
         received.append(params)
         backend = self.sagemaker_backend
@@ -128,6 +156,11 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
 
 @pytest.fixture
 def runtime_takes_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Let moto's SageMaker runtime take binary bodies; returns the requests it received."""
+    return runtime_taking_images(monkeypatch)
+
+
+def runtime_taking_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Let moto's SageMaker runtime take binary bodies; returns the requests it received.
 
     moto decodes every request body as UTF-8, so a JPEG crashes it before the
@@ -160,12 +193,147 @@ def runtime_takes_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]
 
 def endpoint_answers(body: Any, content_type: str = "application/json") -> None:
     """Queue the next answer moto's SageMaker runtime gives to InvokeEndpoint."""
-    import json
-
     from moto.sagemakerruntime.models import sagemakerruntime_backends
 
     text = body if isinstance(body, str) else json.dumps(body)
     sagemakerruntime_backends[ACCOUNT][REGION].results_queue.append((text, content_type, "AllTraffic", ""))
+
+
+# --- events as AWS's integrations send them to the invoke function ------------
+# The shapes of the Lambda developer guide's samples (what ``sam local generate-event`` renders).
+
+def rest_v1(body: str | None, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None, method: str = "POST") -> dict:
+    """API Gateway REST API, Lambda proxy integration (payload 1.0)."""
+    return {
+        "resource": "/predict", "path": "/predict", "httpMethod": method,
+        "headers": {"Accept": "*/*", "Host": "abc123.execute-api.us-east-1.amazonaws.com", "User-Agent": "curl/8.5.0",
+                    "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Port": "443", "X-Forwarded-Proto": "https", **headers},
+        "multiValueHeaders": {"Accept": ["*/*"], "Host": ["abc123.execute-api.us-east-1.amazonaws.com"], "User-Agent": ["curl/8.5.0"],
+                              "X-Forwarded-For": ["198.51.100.7"], "X-Forwarded-Port": ["443"], "X-Forwarded-Proto": ["https"],
+                              **{name: [value] for name, value in headers.items()}},
+        "queryStringParameters": {name: values[-1] for name, values in query.items()} if query else None,
+        "multiValueQueryStringParameters": query or None,
+        "pathParameters": None, "stageVariables": None,
+        "requestContext": {
+            "resourceId": "2gxmpl", "resourcePath": "/predict", "httpMethod": method, "extendedRequestId": "JJbxmplHYosFVYQ=",
+            "requestTime": "10/Mar/2020:00:03:59 +0000", "path": "/prod/predict", "accountId": "123456789012", "protocol": "HTTP/1.1",
+            "stage": "prod", "domainPrefix": "abc123", "requestTimeEpoch": 1583798639428, "requestId": "77375676-xmpl-4b79-853a-f982474efe18",
+            "identity": {"cognitoIdentityPoolId": None, "accountId": None, "cognitoIdentityId": None, "caller": None,
+                         "sourceIp": "198.51.100.7", "principalOrgId": None, "accessKey": None, "cognitoAuthenticationType": None,
+                         "cognitoAuthenticationProvider": None, "userArn": None, "userAgent": "curl/8.5.0", "user": None},
+            "domainName": "abc123.execute-api.us-east-1.amazonaws.com", "apiId": "abc123",
+        },
+        "body": body, "isBase64Encoded": encoded,
+    }
+
+
+def _v2(body: str, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None, domain: str, route: str,
+        account: str, method: str) -> dict:
+    raw_query = "&".join(f"{name}={value}" for name, values in (query or {}).items() for value in values)
+    event = {
+        "version": "2.0", "routeKey": route, "rawPath": "/predict" if route != "$default" else "/", "rawQueryString": raw_query,
+        "headers": {"accept": "*/*", "content-length": str(len(body)), "host": domain, "user-agent": "curl/8.5.0",
+                    "x-amzn-trace-id": "Root=1-5e6722a7-cc56xmpl46db7ae02d4da47e", "x-forwarded-for": "198.51.100.7",
+                    "x-forwarded-port": "443", "x-forwarded-proto": "https", **{name.lower(): value for name, value in headers.items()}},
+        "requestContext": {
+            "accountId": account, "apiId": domain.split(".")[0], "domainName": domain, "domainPrefix": domain.split(".")[0],
+            "http": {"method": method, "path": "/predict" if route != "$default" else "/", "protocol": "HTTP/1.1",
+                     "sourceIp": "198.51.100.7", "userAgent": "curl/8.5.0"},
+            "requestId": "JKJaXmPLvHcESHA=", "routeKey": route, "stage": "$default",
+            "time": "10/Mar/2020:05:16:23 +0000", "timeEpoch": 1583817383220,
+        },
+        "body": body, "isBase64Encoded": encoded,
+    }
+    if query:  # v2 joins repeated parameters with commas
+        event["queryStringParameters"] = {name: ",".join(values) for name, values in query.items()}
+    return event
+
+
+def http_api_v2(body: str, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None, method: str = "POST") -> dict:
+    """API Gateway HTTP API (payload 2.0)."""
+    return _v2(body, encoded, headers, query, "r3pmxmplak.execute-api.us-east-2.amazonaws.com", f"{method} /predict", "123456789012", method)
+
+
+def function_url(body: str, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None, method: str = "POST") -> dict:
+    """A Lambda function URL (payload 2.0, accountId 'anonymous' without IAM auth)."""
+    return _v2(body, encoded, headers, query, "a1b2c3d4e5f6g7h8.lambda-url.us-east-1.on.aws", "$default", "anonymous", method)
+
+
+ALB_HEADERS = {"accept": "*/*", "host": "lambda-alb-123578498.us-east-2.elb.amazonaws.com", "user-agent": "curl/8.5.0",
+               "x-amzn-trace-id": "Root=1-5c536348-3d683b8b04734faae651f476", "x-forwarded-for": "198.51.100.7",
+               "x-forwarded-port": "443", "x-forwarded-proto": "https"}
+ALB_CONTEXT = {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:us-east-2:123456789012:targetgroup/lambda-279XGJDqGZ5rsrHC2Fjr/49e9d65c45c6791a"}}
+
+
+def alb_single(body, encoded, headers, query) -> dict:
+    """An ALB target group without multi-value headers: the last value of each; the query as the client encoded it."""
+    return {
+        "requestContext": ALB_CONTEXT, "httpMethod": "POST", "path": "/predict",
+        "queryStringParameters": {name: values[-1].replace("2", "%32") for name, values in (query or {}).items()},
+        "headers": {**ALB_HEADERS, **{name.lower(): value for name, value in headers.items()}},
+        "body": body, "isBase64Encoded": encoded,
+    }
+
+
+def alb_multi(body, encoded, headers, query) -> dict:
+    """An ALB target group with multi-value headers on: only the multi-value maps arrive."""
+    return {
+        "requestContext": ALB_CONTEXT, "httpMethod": "POST", "path": "/predict",
+        "multiValueQueryStringParameters": {name: [value.replace("2", "%32") for value in values] for name, values in (query or {}).items()},
+        "multiValueHeaders": {**{name: [value] for name, value in ALB_HEADERS.items()},
+                              **{name.lower(): [value] for name, value in headers.items()}},
+        "body": body, "isBase64Encoded": encoded,
+    }
+
+
+INTEGRATIONS = {"rest-v1": rest_v1, "http-api-v2": http_api_v2, "function-url": function_url, "alb": alb_single, "alb-multi-value": alb_multi}
+
+
+def changed(event: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``event`` with ``change`` applied: a field changed to None is left out."""
+    edited = dict(event)
+    for key, value in change.items():
+        if value is None:
+            edited.pop(key)
+        else:
+            edited[key] = value
+    return edited
+
+
+def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    """The JSON log lines written on stdout since the last read."""
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+# --- local HTTP servers: a SageMaker runtime, an image site ------------------
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that answers with ``answer`` and keeps http.server's access log off the test output."""
+
+    def answer(self, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def local_runtime(monkeypatch: pytest.MonkeyPatch, handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """A SageMaker runtime on 127.0.0.1 that answers with ``handler``: the endpoint every sagemaker-runtime client calls."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    use_test_credentials(monkeypatch, runtime_url=f"http://127.0.0.1:{server.server_port}")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- a network for the URL fetcher: only loopback, with public addresses routed to local servers -----

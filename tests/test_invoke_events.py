@@ -17,16 +17,15 @@ import io
 import ipaddress
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lambda_harness import Site, aws as aws_only, endpoint_answers, load_handler, make_certificates, network  # noqa: F401
+from lambda_harness import QuietHandler, Site, aws as aws_only, endpoint_answers, load_handler, local_runtime, make_certificates, network  # noqa: F401
 from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import INTEGRATIONS, alb_multi, http_api_v2, rest_v1
 
 ENDPOINT = "dogbreed-single-instance"
 PUBLIC = "93.184.215.14"
@@ -40,95 +39,6 @@ def image(fmt: str) -> bytes:
 
 JPEG, PNG = image("JPEG"), image("PNG")
 RANKED = {"predictions": [{"top_k": [{"label": f"{i + 1:03d}.Breed", "index": i, "probability": 0.5 ** (i + 1)} for i in range(8)]}]}
-
-
-# --- events as the integrations send them ------------------------------------
-
-def rest_v1(body: str, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None) -> dict:
-    """API Gateway REST API, Lambda proxy integration (payload 1.0)."""
-    return {
-        "resource": "/predict", "path": "/predict", "httpMethod": "POST",
-        "headers": {"Accept": "*/*", "Host": "abc123.execute-api.us-east-1.amazonaws.com", "User-Agent": "curl/8.5.0",
-                    "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Port": "443", "X-Forwarded-Proto": "https", **headers},
-        "multiValueHeaders": {"Accept": ["*/*"], "Host": ["abc123.execute-api.us-east-1.amazonaws.com"], "User-Agent": ["curl/8.5.0"],
-                              "X-Forwarded-For": ["198.51.100.7"], "X-Forwarded-Port": ["443"], "X-Forwarded-Proto": ["https"],
-                              **{name: [value] for name, value in headers.items()}},
-        "queryStringParameters": {name: values[-1] for name, values in query.items()} if query else None,
-        "multiValueQueryStringParameters": query or None,
-        "pathParameters": None, "stageVariables": None,
-        "requestContext": {
-            "resourceId": "2gxmpl", "resourcePath": "/predict", "httpMethod": "POST", "extendedRequestId": "JJbxmplHYosFVYQ=",
-            "requestTime": "10/Mar/2020:00:03:59 +0000", "path": "/prod/predict", "accountId": "123456789012", "protocol": "HTTP/1.1",
-            "stage": "prod", "domainPrefix": "abc123", "requestTimeEpoch": 1583798639428, "requestId": "77375676-xmpl-4b79-853a-f982474efe18",
-            "identity": {"cognitoIdentityPoolId": None, "accountId": None, "cognitoIdentityId": None, "caller": None,
-                         "sourceIp": "198.51.100.7", "principalOrgId": None, "accessKey": None, "cognitoAuthenticationType": None,
-                         "cognitoAuthenticationProvider": None, "userArn": None, "userAgent": "curl/8.5.0", "user": None},
-            "domainName": "abc123.execute-api.us-east-1.amazonaws.com", "apiId": "abc123",
-        },
-        "body": body, "isBase64Encoded": encoded,
-    }
-
-
-def _v2(body: str, encoded: bool, headers: dict[str, str], query: dict[str, list[str]] | None, domain: str, route: str,
-        account: str) -> dict:
-    raw_query = "&".join(f"{name}={value}" for name, values in (query or {}).items() for value in values)
-    event = {
-        "version": "2.0", "routeKey": route, "rawPath": "/predict" if route != "$default" else "/", "rawQueryString": raw_query,
-        "headers": {"accept": "*/*", "content-length": str(len(body)), "host": domain, "user-agent": "curl/8.5.0",
-                    "x-amzn-trace-id": "Root=1-5e6722a7-cc56xmpl46db7ae02d4da47e", "x-forwarded-for": "198.51.100.7",
-                    "x-forwarded-port": "443", "x-forwarded-proto": "https", **{name.lower(): value for name, value in headers.items()}},
-        "requestContext": {
-            "accountId": account, "apiId": domain.split(".")[0], "domainName": domain, "domainPrefix": domain.split(".")[0],
-            "http": {"method": "POST", "path": "/predict" if route != "$default" else "/", "protocol": "HTTP/1.1",
-                     "sourceIp": "198.51.100.7", "userAgent": "curl/8.5.0"},
-            "requestId": "JKJaXmPLvHcESHA=", "routeKey": route, "stage": "$default",
-            "time": "10/Mar/2020:05:16:23 +0000", "timeEpoch": 1583817383220,
-        },
-        "body": body, "isBase64Encoded": encoded,
-    }
-    if query:  # v2 joins repeated parameters with commas
-        event["queryStringParameters"] = {name: ",".join(values) for name, values in query.items()}
-    return event
-
-
-def http_api_v2(body, encoded, headers, query) -> dict:
-    """API Gateway HTTP API (payload 2.0)."""
-    return _v2(body, encoded, headers, query, "r3pmxmplak.execute-api.us-east-2.amazonaws.com", "POST /predict", "123456789012")
-
-
-def function_url(body, encoded, headers, query) -> dict:
-    """A Lambda function URL (payload 2.0, accountId 'anonymous' without IAM auth)."""
-    return _v2(body, encoded, headers, query, "a1b2c3d4e5f6g7h8.lambda-url.us-east-1.on.aws", "$default", "anonymous")
-
-
-ALB_HEADERS = {"accept": "*/*", "host": "lambda-alb-123578498.us-east-2.elb.amazonaws.com", "user-agent": "curl/8.5.0",
-               "x-amzn-trace-id": "Root=1-5c536348-3d683b8b04734faae651f476", "x-forwarded-for": "198.51.100.7",
-               "x-forwarded-port": "443", "x-forwarded-proto": "https"}
-ALB_CONTEXT = {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:us-east-2:123456789012:targetgroup/lambda-279XGJDqGZ5rsrHC2Fjr/49e9d65c45c6791a"}}
-
-
-def alb_single(body, encoded, headers, query) -> dict:
-    """An ALB target group without multi-value headers: the last value of each; the query as the client encoded it."""
-    return {
-        "requestContext": ALB_CONTEXT, "httpMethod": "POST", "path": "/predict",
-        "queryStringParameters": {name: values[-1].replace("2", "%32") for name, values in (query or {}).items()},
-        "headers": {**ALB_HEADERS, **{name.lower(): value for name, value in headers.items()}},
-        "body": body, "isBase64Encoded": encoded,
-    }
-
-
-def alb_multi(body, encoded, headers, query) -> dict:
-    """An ALB target group with multi-value headers on: only the multi-value maps arrive."""
-    return {
-        "requestContext": ALB_CONTEXT, "httpMethod": "POST", "path": "/predict",
-        "multiValueQueryStringParameters": {name: [value.replace("2", "%32") for value in values] for name, values in (query or {}).items()},
-        "multiValueHeaders": {**{name: [value] for name, value in ALB_HEADERS.items()},
-                              **{name.lower(): [value] for name, value in headers.items()}},
-        "body": body, "isBase64Encoded": encoded,
-    }
-
-
-INTEGRATIONS = {"rest-v1": rest_v1, "http-api-v2": http_api_v2, "function-url": function_url, "alb": alb_single, "alb-multi-value": alb_multi}
 
 
 def b64(data: bytes) -> str:
@@ -237,32 +147,18 @@ def test_a_malformed_event_is_a_400_naming_the_field(invoke, network, event, mes
 
 # --- arbitrary events: never a 500, never a traceback ------------------------
 
-class _Runtime(BaseHTTPRequestHandler):
+class _Runtime(QuietHandler):
     """A SageMaker runtime that classifies anything, so an arbitrary body that passes every check gets a 200."""
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps(RANKED).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.answer(200, "application/json", json.dumps(RANKED).encode())
 
 
 @pytest.fixture
 def runtime(monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Runtime)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": f"http://127.0.0.1:{server.server_port}"}.items():
-        monkeypatch.setenv(name, value)
-    yield
-    server.shutdown()
-    server.server_close()
+    with local_runtime(monkeypatch, _Runtime):
+        yield
 
 
 json_values = st.recursive(

@@ -12,19 +12,12 @@ import boto3
 import pytest
 from PIL import Image
 
-from lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, endpoint_answers, load_handler, model_package, sagemaker_backend
-from lambda_harness import aws as aws_only  # noqa: F401  (a fixture, requested by name)
-from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, changed, endpoint_answers, load_handler, model_package, sagemaker_backend
+from lambda_harness import aws_taking_images as aws  # noqa: F401  (a fixture: moto, yielding what its runtime received)
 
 ENDPOINT = "dogbreed-single-instance"
 RESOURCE_ID = f"endpoint/{ENDPOINT}/variant/AllTraffic"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-
-
-@pytest.fixture
-def aws(aws_only, runtime_takes_images):
-    """moto, with a SageMaker runtime that takes the JPEG the check sends; yields what it received."""
-    yield runtime_takes_images
 
 
 def class_names(count: int) -> list[str]:
@@ -296,11 +289,6 @@ def test_a_wrong_answer_fails_the_named_check(aws, body, content_type, message):
 )
 def test_a_bad_event_names_the_field(aws, change, message):
     check = load_handler("check_endpoint")
-    event = check_event()
-    for key, value in change.items():
-        if value is None:
-            event.pop(key)
-        else:
-            event[key] = value
+    event = changed(check_event(), change)
     with pytest.raises(check.EventError, match=message):
         check.handler(event, None)

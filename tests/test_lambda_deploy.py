@@ -8,7 +8,7 @@ import traceback
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
+from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, changed, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
 
 MODEL_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model"
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -351,12 +351,7 @@ def test_an_unknown_package_is_refused_with_its_arn(aws):
 )
 def test_a_bad_event_names_the_field(aws, change, message):
     deploy = load_handler("deploy_endpoint")
-    event = deploy_event(f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/dogbreed-models/1")
-    for key, value in change.items():
-        if value is None:
-            event.pop(key)
-        else:
-            event[key] = value
+    event = changed(deploy_event(f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model-package/dogbreed-models/1"), change)
 
     with pytest.raises(deploy.EventError, match=message):
         deploy.handler(event, None)

@@ -8,30 +8,22 @@ certificate; nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import base64
-import datetime
 import io
-import ipaddress
 import json
 import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
-from lambda_harness import LambdaContext, endpoint_answers, load_handler
-from lambda_harness import aws as aws_only  # noqa: F401  (a fixture, requested by name)
-from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import LambdaContext, QuietHandler, endpoint_answers, load_handler, local_runtime, log_lines, make_certificates
+from lambda_harness import function_url, rest_v1, use_test_credentials
+from lambda_harness import aws_taking_images as aws  # noqa: F401  (a fixture: moto, yielding what its runtime received)
 
 ENDPOINT = "dogbreed-single-instance"
-
-
-@pytest.fixture
-def aws(aws_only, runtime_takes_images):
-    yield runtime_takes_images
 
 
 @pytest.fixture
@@ -55,35 +47,23 @@ def ranked(count: int = 10) -> dict:
 
 
 def rest_event(body: bytes | str | None, content_type: str | None, *, encoded: bool = True, method: str = "POST", headers=None, query=None) -> dict:
-    """An API Gateway REST (v1) proxy event."""
+    """An API Gateway REST (v1) proxy event; ``query`` maps each parameter to one value."""
     all_headers = {"Content-Type": content_type} if content_type else {}
     all_headers.update(headers or {})
     if isinstance(body, bytes):
         body = base64.b64encode(body).decode() if encoded else body.decode("latin-1")
-    return {
-        "resource": "/predict", "path": "/predict", "httpMethod": method, "headers": all_headers,
-        "queryStringParameters": query, "requestContext": {"requestId": "rest-1", "stage": "prod"},
-        "body": body, "isBase64Encoded": encoded and isinstance(body, str),
-    }
+    queries = {name: [value] for name, value in query.items()} if query else None
+    return rest_v1(body, encoded and isinstance(body, str), all_headers, queries, method)
 
 
 def url_event(body: bytes, content_type: str, *, method: str = "POST", headers=None) -> dict:
-    """A Lambda function URL / HTTP API (v2) proxy event: lower-case headers, method under requestContext.http."""
-    return {
-        "version": "2.0", "routeKey": "$default", "rawPath": "/", "rawQueryString": "",
-        "headers": {"content-type": content_type, **(headers or {})},
-        "requestContext": {"http": {"method": method, "path": "/"}, "requestId": "url-1"},
-        "body": base64.b64encode(body).decode(), "isBase64Encoded": True,
-    }
+    """A Lambda function URL (v2) proxy event: lower-case headers, method under requestContext.http."""
+    return function_url(base64.b64encode(body).decode(), True, {"content-type": content_type, **(headers or {})}, None, method)
 
 
 def body_of(response: dict) -> dict:
     assert response["headers"]["Content-Type"] == "application/json"
     return json.loads(response["body"])
-
-
-def log_lines(capsys) -> list[dict]:
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
 # --- accepted input forms --------------------------------------------------
@@ -262,7 +242,7 @@ def test_an_unreadable_endpoint_answer_is_502(aws, invoke, answer, content_type,
     assert message in body_of(response)["error"]
 
 
-class FakeRuntime(BaseHTTPRequestHandler):
+class FakeRuntime(QuietHandler):
     """Answers InvokeEndpoint the way SageMaker does when the model container returns an error."""
 
     container_status = 400
@@ -277,15 +257,8 @@ class FakeRuntime(BaseHTTPRequestHandler):
             "OriginalStatusCode": self.container_status,
             "LogStreamArn": "arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/Endpoints/x",
         }).encode()
-        self.send_response(424)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("x-amzn-ErrorType", "ModelError:http://internal.amazon.com/coral/com.amazon.sagemaker/")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.answer(424, "application/json", body,
+                    {"x-amzn-ErrorType": "ModelError:http://internal.amazon.com/coral/com.amazon.sagemaker/"})
 
 
 @pytest.fixture
@@ -294,15 +267,8 @@ def fake_runtime(monkeypatch):
     class Handler(FakeRuntime):
         pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": f"http://127.0.0.1:{server.server_port}"}.items():
-        monkeypatch.setenv(name, value)
-    yield Handler
-    server.shutdown()
-    server.server_close()
+    with local_runtime(monkeypatch, Handler):
+        yield Handler
 
 
 @pytest.mark.parametrize(("container_status", "expected"), [(400, 400), (413, 413), (415, 415), (500, 502), (406, 502)])
@@ -323,9 +289,7 @@ def test_an_endpoint_that_cannot_be_reached_is_502(invoke, monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again when the block ends: connections are refused
-    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(name, value)
+    use_test_credentials(monkeypatch, runtime_url=f"http://127.0.0.1:{port}")
     response = invoke.handler(rest_event(image_bytes(), "image/jpeg"), None)
 
     assert response["statusCode"] == 502
@@ -341,44 +305,21 @@ def test_a_missing_endpoint_setting_is_500_without_details(invoke, monkeypatch, 
     assert any("ENDPOINT_NAME" in line.get("detail", "") for line in log_lines(capsys))
 
 
-# --- fetching image URLs: a local HTTPS server with a self-signed certificate -----
-
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
-
+# --- fetching image URLs: a local HTTPS server with a certificate from a CA made here -----
 
 JPEG = image_bytes()
 
 
-class ImageSite(BaseHTTPRequestHandler):
+class ImageSite(QuietHandler):
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/dog.jpg":
-            self._send(200, "image/jpeg", JPEG)
+            self.answer(200, "image/jpeg", JPEG)
         elif self.path == "/dog.png":
-            self._send(200, "image/png", image_bytes("PNG"))
+            self.answer(200, "image/png", image_bytes("PNG"))
         elif self.path == "/page.html":
-            self._send(200, "text/html; charset=utf-8", b"<html>a dog</html>")
+            self.answer(200, "text/html; charset=utf-8", b"<html>a dog</html>")
         elif self.path == "/big.jpg":
-            self._send(200, "image/jpeg", JPEG + bytes(5000))
+            self.answer(200, "image/jpeg", JPEG + bytes(5000))
         elif self.path == "/big-unannounced.jpg":
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -387,7 +328,7 @@ class ImageSite(BaseHTTPRequestHandler):
             self.close_connection = True
         elif self.path == "/slow.jpg":
             time.sleep(1.5)
-            self._send(200, "image/jpeg", JPEG)
+            self.answer(200, "image/jpeg", JPEG)
         elif self.path == "/to-http":
             self.send_response(302)
             self.send_header("Location", "http://127.0.0.1/dog.jpg")
@@ -399,17 +340,7 @@ class ImageSite(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         else:
-            self._send(404, "text/plain", b"not found")
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+            self.answer(404, "text/plain", b"not found")
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -423,14 +354,14 @@ class QuietServer(ThreadingHTTPServer):
 @pytest.fixture(scope="module")
 def image_site(tmp_path_factory):
     """(base URL, SSL context that trusts the site) of a local HTTPS image server."""
-    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    ca, cert, key = make_certificates(tmp_path_factory.mktemp("tls"), ("127.0.0.1",))
     server = QuietServer(("127.0.0.1", 0), ImageSite)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"https://127.0.0.1:{server.server_port}", ssl.create_default_context(cafile=str(cert))
+    yield f"https://127.0.0.1:{server.server_port}", ssl.create_default_context(cafile=str(ca))
     server.shutdown()
     server.server_close()
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
 
-from lambda_harness import LambdaContext, load_handler
+from lambda_harness import LambdaContext, load_handler, log_lines
 
 LAMBDA = Path(__file__).resolve().parents[1] / "lambda"
 HANDLERS = {"deploy_endpoint": "deploy-endpoint", "check_endpoint": "check-endpoint",
@@ -33,10 +32,6 @@ def test_no_handler_writes_its_identity_by_hand(module):
              if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "log"]
     assert [keyword.arg for call in calls for keyword in call.keywords
             if keyword.arg in ("function", "request_id", "latency_ms")] == []
-
-
-def log_lines(capsys) -> list[dict]:
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
 def test_a_failed_step_request_logs_one_line_with_its_identity_and_latency(capsys):

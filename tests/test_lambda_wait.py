@@ -16,7 +16,7 @@ from contextlib import redirect_stdout
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend
+from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend, use_test_credentials
 from pipeline.local.callbacks import MotoWithCallbacks, callback_message, deliver, queue_arn, sqs_event
 
 ENDPOINT = "dogbreed-single-instance"
@@ -30,12 +30,7 @@ def server(monkeypatch: pytest.MonkeyPatch):
     moto.start()
     request = urllib.request.Request(f"{moto.url}/moto-api/reset", method="POST", data=b"")
     urllib.request.urlopen(request, timeout=10).read()
-    for variable in ("AWS_PROFILE", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    use_test_credentials(monkeypatch, endpoint_url=moto.url)
     monkeypatch.setenv("INITIAL_POLL_SECONDS", "1")
     try:
         yield moto
