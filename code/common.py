@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import sys
 import traceback
@@ -108,6 +109,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> None:
+    """``fill(temporary)`` fills a temporary folder beside ``path``, which then replaces ``path`` as a whole."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        fill(temporary)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> None:

@@ -24,19 +24,18 @@ import torch
 
 import common
 import contract
+import distributed
 import features
 import train
 
 DEFAULT_ROOT = "/opt/ml/processing"
-# A processing job's exit message (DescribeProcessingJob ExitMessage, shown when it fails).
-FAILURE_MESSAGE_FILE = "/opt/ml/output/message"
 
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train", default=f"{DEFAULT_ROOT}/input/train", help="training split, one folder per class")
-    parser.add_argument("--valid", default=f"{DEFAULT_ROOT}/input/valid", help="validation split, the same class folders")
+    parser.add_argument("--train", default=f"{DEFAULT_ROOT}/input/{contract.TRAIN_CHANNEL}", help="training split, one folder per class")
+    parser.add_argument("--valid", default=f"{DEFAULT_ROOT}/input/{contract.VALID_CHANNEL}", help="validation split, the same class folders")
     parser.add_argument("--output", default=f"{DEFAULT_ROOT}/output/features", help="where the features folder is written")
     parser.add_argument("--backbone", type=train.text, choices=common.BACKBONES, default="resnet50")
     parser.add_argument("--image-size", type=train.positive_int, default=common.DEFAULT_IMAGE_SIZE)
@@ -55,7 +54,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 def backbone_of(args: argparse.Namespace, num_classes: int, source: str | None) -> torch.nn.Module:
     """The frozen backbone as train.py builds it before training: seeded, then the weights loaded."""
-    train.seed_everything(args.seed)
+    distributed.seed_everything(args.seed)
     model = common.build_model(args.backbone, num_classes)
     train.load_backbone_weights(model, source, args.backbone)
     return train.feature_extractor(model).eval()
@@ -71,13 +70,13 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     if args.pretrained_channel:
         os.environ[f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}"] = args.pretrained_channel
     torch.set_num_threads(args.num_threads)
-    device = train.training_device(0)
+    device = distributed.training_device(0)
     train_set, valid_set = train.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)
     source = train.resolved_weights(args.pretrained_weights)
     backbone = backbone_of(args, len(train_set.classes), source).to(device)
     started, cpu_started = time.perf_counter(), time.process_time()
-    splits = {name: train.extract_features(backbone, dataset, args, train.DistInfo(), device, args.num_workers)
-              for name, dataset in (("train", train_set), ("valid", valid_set))}
+    splits = {name: train.extract_features(backbone, dataset, args, distributed.DistInfo(), device, args.num_workers)
+              for name, dataset in ((contract.TRAIN_CHANNEL, train_set), (contract.VALID_CHANNEL, valid_set))}
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     images = len(train_set) + len(valid_set)
     settings = {
@@ -87,7 +86,8 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
         "classes": train_set.classes,
         "transform": f"resize {common.resize_size(args.image_size)}, center crop {args.image_size}, ImageNet normalization",
         "content_sha256": features.images_sha256(
-            [("train", Path(p)) for p, _ in train_set.samples] + [("valid", Path(p)) for p, _ in valid_set.samples]),
+            [(contract.TRAIN_CHANNEL, Path(p)) for p, _ in train_set.samples]
+            + [(contract.VALID_CHANNEL, Path(p)) for p, _ in valid_set.samples]),
         "extraction": {"device": str(device), "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
                        "cpu_seconds": round(cpu_seconds, 3), "images_per_second": round(images / max(seconds, 1e-9), 2)},
     }
@@ -99,7 +99,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.run_script("extract_features.py", FAILURE_MESSAGE_FILE, lambda: argument_parser().parse_args(argv),
+    return common.run_script("extract_features.py", contract.PROCESSING_FAILURE_FILE, lambda: argument_parser().parse_args(argv),
                              extract, (train.TrainingInputError, features.FeaturesError))
 
 

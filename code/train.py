@@ -10,36 +10,40 @@ Distributed when ``SM_HOSTS`` lists several hosts (one process per host, as
 SageMaker starts it) or under ``torchrun``; only rank 0 writes the model and
 the checkpoints. Every epoch prints one metric line (see contract.py) that the
 tuner parses.
+
+Laid out as torchvision's classification reference, top to bottom: the
+arguments (``get_args_parser``, ``parse_args``); the data (``load_data``,
+``load_splits``, the loaders); the model (pretrained weights, frozen and
+trained parts); the features cache; one epoch (``train_one_epoch``,
+``evaluate``); resuming (checkpoints, ``Progress``); the fit (``fit``, one
+checkpoint per epoch); the outputs (the model directory); and ``main``/``run``,
+which read as the table of contents. Process groups, seeds and each rank's share
+of the data are in distributed.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
-import ipaddress
-import json
 import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, models
 
 import common
 import contract
+import distributed
 import features
 
 LOG = logging.getLogger("train")
@@ -49,15 +53,12 @@ METRICS_HISTORY_FILE = "metrics_history.json"
 INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "serving_model.py", "requirements.txt")
 # Validation images stored with the model for int8 calibration (serving_model.py).
 CALIBRATION_IMAGES = 32
-DEFAULT_MASTER_PORT = "29500"
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin")
 # Global batches of the forward pass that recomputes batch-norm statistics after each epoch (when they train).
 PRECISE_BN_BATCHES = 50
 # The pipeline parameter whose S3 URI becomes the pretrained channel (steps/parameters.py).
 PRETRAINED_URI_PARAMETER = "PretrainedWeightsS3Uri"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
-# A training job's failure reason (DescribeTrainingJob FailureReason).
-FAILURE_FILE = "/opt/ml/output/failure"
 # Settings that change the trained weights: a checkpoint is only resumed by a
 # run whose settings are the same. Epochs, patience and the speed settings may change.
 RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment", "learning_rate",
@@ -67,10 +68,6 @@ RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment"
 class TrainingInputError(ValueError):
     """Bad data, arguments or checkpoint: the message says what, where, and what to do."""
 
-
-# ----------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------
 
 def text(value: str) -> str:
     """A string hyperparameter; SageMaker may JSON-encode strings, so one level of quotes is removed."""
@@ -135,47 +132,8 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def sagemaker_hosts() -> list[str]:
-    raw = os.environ.get("SM_HOSTS")
-    if not raw:
-        return []
-    try:
-        hosts = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise TrainingInputError(f"SM_HOSTS is not JSON ({err}): {raw!r}; expected a list such as [\"algo-1\", \"algo-2\"]") from None
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
-        raise TrainingInputError(f"SM_HOSTS must be a JSON list of host names, got {raw!r}")
-    return hosts
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def processes_on_this_machine() -> int:
-    """How many training processes share this machine's cores.
-
-    torchrun says so in LOCAL_WORLD_SIZE; a local run of an N-host job starts N
-    processes with SM_HOSTS listing N hosts and MASTER_ADDR on the loopback.
-    """
-    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
-        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
-    try:
-        hosts = sagemaker_hosts()
-    except TrainingInputError:
-        hosts = []
-    if len(hosts) > 1 and is_loopback(os.environ.get("MASTER_ADDR", "")):
-        return len(hosts)
-    return 1
-
-
 def cpus_per_process() -> int:
-    return max(1, usable_cpus() // processes_on_this_machine())
+    return max(1, usable_cpus() // distributed.processes_on_this_machine())
 
 
 def default_num_threads() -> int:
@@ -326,102 +284,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingInputError(f"--model-dir must be a local folder, got {args.model_dir}; SageMaker uploads $SM_MODEL_DIR itself")
 
 
-# ----------------------------------------------------------------------------
-# Processes, devices, seeds
-# ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str) -> DistInfo:
-    """Join the process group that torchrun or SageMaker's host list describes, or run alone.
-
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/MASTER_PORT. SageMaker
-    starts one process per host with SM_HOSTS and SM_CURRENT_HOST; the first host
-    is the master unless MASTER_ADDR/MASTER_PORT say otherwise (local runs).
-    """
-    env = os.environ
-    timeout = timedelta(minutes=30)
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", 0))
-        if world_size > 1:
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
-        return DistInfo(rank, world_size, local_rank)
-    hosts = sagemaker_hosts()
-    if len(hosts) <= 1:
-        return DistInfo()
-    current = env.get("SM_CURRENT_HOST", "")
-    if current not in hosts:
-        raise TrainingInputError(f"SM_CURRENT_HOST {current!r} is not in SM_HOSTS {hosts}; set it to this process's host name")
-    rank = hosts.index(current)
-    address = env.get("MASTER_ADDR", hosts[0])
-    port = env.get("MASTER_PORT", DEFAULT_MASTER_PORT)
-    if "SM_NETWORK_INTERFACE_NAME" in env and not is_loopback(address):
-        env.setdefault("GLOO_SOCKET_IFNAME", env["SM_NETWORK_INTERFACE_NAME"])
-        env.setdefault("NCCL_SOCKET_IFNAME", env["SM_NETWORK_INTERFACE_NAME"])
-    local_rank = rank if is_loopback(address) else 0
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
-                            world_size=len(hosts), timeout=timeout)
-    return DistInfo(rank, len(hosts), local_rank)
-
-
-def training_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        torch.backends.cudnn.benchmark = True
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
-def derived_seed(*parts: int) -> int:
-    """A seed that depends on every part (seed, epoch, rank or sample index), the same on every machine."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def write_line(line: str) -> None:
-    """One write per line: processes that share stdout (torchrun) then never splice their lines together."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def configure_logging(dist_info: DistInfo) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s [rank {dist_info.rank}/{dist_info.world_size}] %(message)s"))
-    LOG.handlers[:] = [handler]
-    LOG.setLevel(logging.INFO)
-    LOG.propagate = False
-
-
-# ----------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------
-
 def split_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
     data = Path(args.data)
-    train_dir = Path(args.train_dir) if args.train_dir else data / "train"
-    valid_dir = Path(args.valid_dir) if args.valid_dir else data / "valid"
+    train_dir = Path(args.train_dir) if args.train_dir else data / contract.TRAIN_CHANNEL
+    valid_dir = Path(args.valid_dir) if args.valid_dir else data / contract.VALID_CHANNEL
     return train_dir, valid_dir
 
 
@@ -438,8 +304,8 @@ def split_classes(folder: Path, split: str) -> list[str]:
 
 def check_splits(train_dir: Path, valid_dir: Path) -> list[str]:
     """The class names, in index order, after checking that both splits hold the same class folders."""
-    train_classes = split_classes(train_dir, "train")
-    valid_classes = split_classes(valid_dir, "valid")
+    train_classes = split_classes(train_dir, contract.TRAIN_CHANNEL)
+    valid_classes = split_classes(valid_dir, contract.VALID_CHANNEL)
     if train_classes != valid_classes:
         only_train = sorted(set(train_classes) - set(valid_classes))
         only_valid = sorted(set(valid_classes) - set(train_classes))
@@ -464,85 +330,39 @@ def image_folder(folder: Path, split: str, transform: Any) -> datasets.ImageFold
 def load_data(train_dir: Path, valid_dir: Path, image_size: int, augment: bool) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
     """The training and validation ImageFolders; the test split is never read here."""
     check_splits(train_dir, valid_dir)
-    train_set = image_folder(train_dir, "train", common.train_transform(image_size, augment))
-    valid_set = image_folder(valid_dir, "valid", common.eval_transform(image_size))
+    train_set = image_folder(train_dir, contract.TRAIN_CHANNEL, common.train_transform(image_size, augment))
+    valid_set = image_folder(valid_dir, contract.VALID_CHANNEL, common.eval_transform(image_size))
     return train_set, valid_set
 
 
-def rank_slice(size: int, dist_info: DistInfo) -> slice:
-    """This rank's contiguous part of a global batch of ``size``: the first ``size % N`` ranks take one more."""
-    base, extra = divmod(size, dist_info.world_size)
-    start = dist_info.rank * base + min(dist_info.rank, extra)
-    return slice(start, start + base + (dist_info.rank < extra))
+@dataclass
+class Splits:
+    """The training and validation data: ImageFolders, or the precomputed features of --features (``feature_dim`` set)."""
+
+    train: Dataset
+    valid: Dataset
+    classes: list[str]
+    train_dir: Path
+    valid_dir: Path
+    feature_dim: int | None = None
 
 
-class GlobalBatchSampler(Sampler):
-    """This rank's share of each global batch: the multi-instance rule.
-
-    Every epoch the whole training set is shuffled with (seed, epoch) alone, the
-    same permutation for every process count, and cut into global batches of
-    ``batch_size``. Each of the N ranks takes a contiguous slice of each global
-    batch (sizes differ by at most one), so N processes make the same optimizer
-    steps on the same images as one process does; ``global_sizes`` lets the loss
-    be weighted so that averaging gradients over ranks gives the global batch's mean.
-    The last global batch is dropped when it cannot give every rank an image, or
-    when it is a single image and batch norm trains (its statistics need two).
-
-    With ``seeded`` each index comes with a seed derived from (seed, epoch,
-    index), so augmentation is the same whatever the rank, worker or restart.
-    """
-
-    def __init__(self, length: int, batch_size: int, dist_info: DistInfo, seed: int, batch_norm_trains: bool,
-                 seeded: bool) -> None:
-        self.length, self.batch_size, self.dist_info, self.seed = length, batch_size, dist_info, seed
-        self.seeded, self.epoch = seeded, 0
-        last = length % batch_size
-        smallest = max(dist_info.world_size, 2 if batch_norm_trains else 1)
-        self.drop_last = 0 < last < smallest
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def global_sizes(self) -> list[int]:
-        full, last = divmod(self.length, self.batch_size)
-        return [self.batch_size] * full + ([last] if last and not self.drop_last else [])
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        order = torch.randperm(self.length, generator=generator).tolist()
-        start = 0
-        for size in self.global_sizes():
-            mine = order[start:start + size][rank_slice(size, self.dist_info)]
-            start += size
-            yield [(index, derived_seed(self.seed, self.epoch, index)) for index in mine] if self.seeded else mine
-
-    def __len__(self) -> int:
-        return len(self.global_sizes())
-
-
-class SeededDataset(Dataset):
-    """Applies the wrapped dataset's random transform under the seed its sampler chose."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-def shard_indices(length: int, dist_info: DistInfo, pad: bool) -> list[int]:
-    """This rank's share of ``range(length)``; padded to the same length on every rank when ``pad``."""
-    indices = list(range(dist_info.rank, length, dist_info.world_size))
-    if pad:
-        per_rank = math.ceil(length / dist_info.world_size)
-        indices += indices[: per_rank - len(indices)]
-    return indices
+def load_splits(args: argparse.Namespace, dist_info: distributed.DistInfo) -> Splits:
+    """The --features folder when given, else the image splits; at least one training image per process."""
+    if args.features:
+        feature_set = read_feature_set(args)
+        folder = Path(args.features)
+        splits = Splits(feature_set.train, feature_set.valid, feature_set.classes, folder, folder, feature_set.feature_dim)
+    else:
+        train_dir, valid_dir = split_dirs(args)
+        train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
+        splits = Splits(train_set, valid_set, train_set.classes, train_dir, valid_dir)
+    if len(splits.train) < dist_info.world_size:
+        raise TrainingInputError(f"the train split at {splits.train_dir} has {len(splits.train)} images, "
+                                 f"fewer than the {dist_info.world_size} processes")
+    LOG.info("%d classes; %d training images in %s, %d validation images in %s",
+             len(splits.classes), len(splits.train), splits.train_dir, len(splits.valid), splits.valid_dir)
+    return splits
 
 
 def loader_options(args: argparse.Namespace, device: torch.device, workers: int) -> dict[str, Any]:
@@ -550,29 +370,25 @@ def loader_options(args: argparse.Namespace, device: torch.device, workers: int)
             "persistent_workers": workers > 0}
 
 
-def make_train_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+def make_train_loader(dataset: Dataset, args: argparse.Namespace, dist_info: distributed.DistInfo, device: torch.device,
                       seeded: bool, workers: int) -> DataLoader:
     """Batches of this rank's share of each global batch of ``--batch-size`` (see GlobalBatchSampler)."""
     if args.batch_size < dist_info.world_size:
         raise TrainingInputError(
             f"--batch-size {args.batch_size} is the global batch, split across the {dist_info.world_size} processes, "
             f"so it must be at least {dist_info.world_size}: raise it or use fewer instances")
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, dist_info, args.seed,
+    sampler = distributed.GlobalBatchSampler(len(dataset), args.batch_size, dist_info, args.seed,
                                  batch_norm_trains=not args.freeze_backbone, seeded=seeded)
     options = {key: value for key, value in loader_options(args, device, workers).items() if key != "batch_size"}
-    return DataLoader(SeededDataset(dataset) if seeded else dataset, batch_sampler=sampler, **options)
+    return DataLoader(distributed.SeededDataset(dataset) if seeded else dataset, batch_sampler=sampler, **options)
 
 
-def make_eval_loader(dataset: Dataset, args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+def make_eval_loader(dataset: Dataset, args: argparse.Namespace, dist_info: distributed.DistInfo, device: torch.device,
                      workers: int) -> DataLoader:
     """Unpadded shards, so that the all-reduced sums count every validation image exactly once."""
-    shard = Subset(dataset, shard_indices(len(dataset), dist_info, pad=False))
+    shard = Subset(dataset, distributed.shard_indices(len(dataset), dist_info, pad=False))
     return DataLoader(shard, shuffle=False, **loader_options(args, device, workers))
 
-
-# ----------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------
 
 def channel_weights() -> Path | None:
     """The state dict file in the pretrained channel; None without the channel or when it holds the placeholder.
@@ -674,74 +490,18 @@ def load_backbone_weights(model: nn.Module, source: str | None, backbone: str) -
             "pass the state dict of the same backbone")
 
 
+def initial_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The model before training: built under ``--seed`` (the head's initial weights), then the backbone's weights loaded."""
+    distributed.seed_everything(args.seed)
+    model = common.build_model(args.backbone, num_classes)
+    load_backbone_weights(model, pretrained_source(args.pretrained_weights), args.backbone)
+    return model
+
+
 def feature_extractor(model: nn.Module) -> nn.Module:
     """The ResNet up to its pooled, flattened features; shares its modules with ``model``."""
     children = [module for name, module in model.named_children() if name != "fc"]
     return nn.Sequential(*children, nn.Flatten(1))
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) with its gradient: each rank's input gradient is the sum of every rank's output gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
-        total = gradient.clone()
-        dist.all_reduce(total)
-        return total
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the whole global batch, over every rank.
-
-    Each rank holds only 1/N of a global batch, often a handful of images: their
-    own statistics would make N processes train a different (noisier) model than
-    one process. Sums are all-reduced with the autograd-aware collective, so the
-    backward pass is exact too. torch's SyncBatchNorm does this on GPUs only; this
-    one runs on any backend (gloo on CPU instances, NCCL on GPUs). The state dict
-    is BatchNorm2d's, so the saved model loads into a plain ResNet.
-    """
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(inputs)
-        values = inputs.float()
-        wide = values.double()  # sums of squares in float64: E[x^2] - E[x]^2 loses little
-        count = torch.full((1,), values.numel() / values.shape[1], dtype=wide.dtype, device=values.device)
-        totals = _SumOverRanks.apply(torch.cat([wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3)), count]))
-        channels = self.num_features
-        n = totals[-1]
-        mean = (totals[:channels] / n).float()
-        variance = (totals[channels:2 * channels] / n - (totals[:channels] / n) ** 2).clamp_min(0).float()
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(variance.detach() * (n / (n - 1).clamp_min(1)), alpha=factor)
-        shape = (1, channels, 1, 1)
-        normalized = (values - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
-        if self.affine:
-            normalized = normalized * self.weight.view(shape) + self.bias.view(shape)
-        return normalized.to(inputs.dtype)
-
-
-def with_global_batch_norm(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding the same parameters and statistics."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats).to(child.weight.device)
-            replacement.load_state_dict(child.state_dict())
-            setattr(module, name, replacement)
-        else:
-            with_global_batch_norm(child)
-    return module
 
 
 @dataclass
@@ -756,7 +516,7 @@ class Parts:
         return self.trainable.module if isinstance(self.trainable, DistributedDataParallel) else self.trainable
 
 
-def model_parts(model: nn.Module, freeze_backbone: bool, cached: bool, device: torch.device, dist_info: DistInfo) -> Parts:
+def model_parts(model: nn.Module, freeze_backbone: bool, cached: bool, device: torch.device, dist_info: distributed.DistInfo) -> Parts:
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -768,7 +528,7 @@ def model_parts(model: nn.Module, freeze_backbone: bool, cached: bool, device: t
         frozen = None if cached else feature_extractor(model).eval()
         trainable: nn.Module = model.fc
     else:
-        frozen, trainable = None, with_global_batch_norm(model) if dist_info.enabled else model
+        frozen, trainable = None, distributed.with_global_batch_norm(model) if dist_info.enabled else model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         trainable = DistributedDataParallel(trainable, device_ids=device_ids)
@@ -788,31 +548,18 @@ def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------
-# Features cache
-# ----------------------------------------------------------------------------
-
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: datasets.ImageFolder, args: argparse.Namespace,
-                     dist_info: DistInfo, device: torch.device, workers: int) -> TensorDataset:
+                     dist_info: distributed.DistInfo, device: torch.device, workers: int) -> TensorDataset:
     """Features and labels of every image: each rank computes 1/N of them and all ranks gather the whole set."""
-    indices = shard_indices(len(dataset), dist_info, pad=True)
+    indices = distributed.shard_indices(len(dataset), dist_info, pad=True)
     loader = DataLoader(Subset(dataset, indices), shuffle=False, **loader_options(args, device, workers))
     chunks = []
     for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            chunks.append(backbone(images).float())
-    features = torch.cat(chunks)
-    index_tensor = torch.tensor(indices, device=device)
-    if dist_info.enabled:
-        gathered_features = [torch.empty_like(features) for _ in range(dist_info.world_size)]
-        gathered_indices = [torch.empty_like(index_tensor) for _ in range(dist_info.world_size)]
-        dist.all_gather(gathered_features, features)
-        dist.all_gather(gathered_indices, index_tensor)
-        features, index_tensor = torch.cat(gathered_features), torch.cat(gathered_indices)
+            chunks.append(backbone(to_device(images, device)).float())
+    features = distributed.gathered(torch.cat(chunks), dist_info)
+    index_tensor = distributed.gathered(torch.tensor(indices, device=device), dist_info)
     everything = torch.empty((len(dataset), features.shape[1]), dtype=features.dtype, device=device)
     everything[index_tensor] = features
     return TensorDataset(everything.cpu(), torch.tensor(dataset.targets, dtype=torch.long))
@@ -837,9 +584,28 @@ def read_feature_set(args: argparse.Namespace) -> features.FeatureSet:
         raise TrainingInputError(str(err)) from None
 
 
-# ----------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------
+def make_loaders(args: argparse.Namespace, splits: Splits, model: nn.Module, device: torch.device,
+                 dist_info: distributed.DistInfo) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders: of the given features, of the features computed here once
+    (--cache-features), or of the images (decoded by --num-workers processes, augmentation seeded per image)."""
+    if splits.feature_dim is not None:
+        if splits.feature_dim != model.fc.in_features:
+            raise TrainingInputError(f"the features in {args.features} have {splits.feature_dim} values each; "
+                                     f"{args.backbone}'s head takes {model.fc.in_features}: extract them again")
+        train_data, valid_data = splits.train, splits.valid
+    elif args.cache_features:
+        started = time.perf_counter()
+        backbone = feature_extractor(model).eval()
+        train_data = extract_features(backbone, splits.train, args, dist_info, device, args.num_workers)
+        valid_data = extract_features(backbone, splits.valid, args, dist_info, device, args.num_workers)
+        LOG.info("computed backbone features of %d training and %d validation images in %.1f s",
+                 len(train_data), len(valid_data), time.perf_counter() - started)
+    else:
+        return (make_train_loader(splits.train, args, dist_info, device, seeded=True, workers=args.num_workers),
+                make_eval_loader(splits.valid, args, dist_info, device, workers=args.num_workers))
+    return (make_train_loader(train_data, args, dist_info, device, seeded=False, workers=0),
+            make_eval_loader(valid_data, args, dist_info, device, workers=0))
+
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
@@ -854,15 +620,8 @@ def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return inputs
 
 
-def all_reduce_sums(values: Sequence[float], device: torch.device, dist_info: DistInfo) -> list[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist_info.enabled:
-        dist.all_reduce(totals)
-    return totals.tolist()
-
-
 def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    device: torch.device, dist_info: DistInfo) -> dict[str, float]:
+                    device: torch.device, dist_info: distributed.DistInfo) -> dict[str, float]:
     """One pass over this rank's share of every global batch; one optimizer step per global batch.
 
     Each rank's loss is its images' summed loss times N over the global batch's
@@ -891,7 +650,7 @@ def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Opt
         count += len(targets)
         steps += 1
     seconds = time.perf_counter() - started
-    total_loss, total_count = all_reduce_sums([loss_sum.item(), count], device, dist_info)
+    total_loss, total_count = distributed.all_reduce_sums([loss_sum.item(), count], device, dist_info)
     return {"train_loss": total_loss / max(total_count, 1), "train_images": total_count,
             "rank_images": count, "train_seconds": seconds, "optimizer_steps": steps}
 
@@ -934,7 +693,7 @@ def recompute_batch_norm_statistics(parts: Parts, loader: DataLoader, device: to
 
 
 @torch.no_grad()
-def evaluate(parts: Parts, loader: DataLoader, device: torch.device, dist_info: DistInfo) -> dict[str, float]:
+def evaluate(parts: Parts, loader: DataLoader, device: torch.device, dist_info: distributed.DistInfo) -> dict[str, float]:
     """Mean loss and accuracy over the whole validation split, the same on every rank.
 
     Runs the unwrapped model: the shards may differ in length by one batch, and
@@ -954,13 +713,9 @@ def evaluate(parts: Parts, loader: DataLoader, device: torch.device, dist_info: 
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
-    total_loss, total_correct, total_count = all_reduce_sums([loss_sum, correct, count], device, dist_info)
+    total_loss, total_correct, total_count = distributed.all_reduce_sums([loss_sum, correct, count], device, dist_info)
     return {"val_loss": total_loss / total_count, "val_accuracy": total_correct / total_count}
 
-
-# ----------------------------------------------------------------------------
-# Checkpoints and outputs
-# ----------------------------------------------------------------------------
 
 def checkpoint_path(checkpoint_dir: Path) -> Path:
     """One fixed name, not the job's: a step retry or a spot restart may run under a new job name
@@ -999,39 +754,189 @@ def read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None
     return checkpoint
 
 
-def shared_checkpoint(path: Path | None, config: dict[str, Any], dist_info: DistInfo) -> dict[str, Any] | None:
+def shared_checkpoint(path: Path | None, config: dict[str, Any], dist_info: distributed.DistInfo) -> dict[str, Any] | None:
     """Rank 0's checkpoint, sent to every rank: optimizer state must be the same everywhere to stay in step."""
     checkpoint = read_checkpoint(path, config) if path is not None and dist_info.is_main else None
-    if dist_info.enabled:
-        box = [checkpoint]
-        dist.broadcast_object_list(box, src=0)
-        checkpoint = box[0]
-    return checkpoint
+    return distributed.from_main(checkpoint, dist_info)
+
+
+@dataclass
+class Progress:
+    """Where training stands after ``epoch`` epochs: what each checkpoint saves and a resumed run continues from."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_metrics: dict[str, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # rank 0 only
+    stale_epochs: int = 0
+    stopped: bool = False
+
+
+@dataclass
+class Trainer:
+    """What every epoch uses: the settings, this process's place, the model and its optimizer, the data."""
+
+    args: argparse.Namespace
+    dist_info: distributed.DistInfo
+    device: torch.device
+    model: nn.Module
+    parts: Parts
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    valid_loader: DataLoader
+    config: dict[str, Any]
+    checkpoint_file: Path | None
+
+
+def make_optimizer(parts: Parts, args: argparse.Namespace) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in parts.trainable.parameters() if p.requires_grad], lr=args.learning_rate,
+                           momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def resumed_progress(checkpoint: dict[str, Any] | None, trainer: Trainer) -> Progress:
+    """The progress the checkpoint saved, its optimizer and scaler state loaded into ``trainer``'s; none without one."""
+    if checkpoint is None:
+        return Progress()
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.scaler.load_state_dict(checkpoint["scaler"])
+    progress = Progress(epoch=checkpoint["epoch"], history=checkpoint["history"], best_epoch=checkpoint["best_epoch"],
+                        best_metrics=checkpoint["best_metrics"], best_state=checkpoint["best_model"],
+                        stale_epochs=checkpoint["stale_epochs"], stopped=checkpoint["stopped"])
+    LOG.info("resumed from %s after epoch %d (best epoch %d)", trainer.checkpoint_file, progress.epoch, progress.best_epoch)
+    return progress
+
+
+def checkpoint_of(trainer: Trainer, progress: Progress) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "config": trainer.config, "epoch": progress.epoch,
+            "model": state_on_cpu(trainer.model), "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "history": progress.history, "stale_epochs": progress.stale_epochs,
+            "stopped": progress.stopped, "best_epoch": progress.best_epoch, "best_metrics": progress.best_metrics,
+            "best_model": progress.best_state}
+
+
+@dataclass(frozen=True)
+class Elapsed:
+    seconds: float = 0.0
+    # CPU seconds of this process's threads (data-loading workers excluded): steadier than wall time on a busy machine.
+    cpu_seconds: float = 0.0
+
+    def __add__(self, other: Elapsed) -> Elapsed:
+        return Elapsed(self.seconds + other.seconds, self.cpu_seconds + other.cpu_seconds)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> Elapsed:
+        return Elapsed(time.perf_counter() - self.started, time.process_time() - self.cpu_started)
+
+
+def write_line(line: str) -> None:
+    """One write per line: processes that share stdout (torchrun) then never splice their lines together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def epoch_metrics(trainer: Trainer, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Train one epoch, recompute the batch-norm statistics, validate: the metrics and the training statistics."""
+    args, dist_info, device = trainer.args, trainer.dist_info, trainer.device
+    distributed.seed_everything(distributed.derived_seed(args.seed, epoch, dist_info.rank))
+    trainer.train_loader.batch_sampler.set_epoch(epoch)
+    stats = train_one_epoch(trainer.parts, trainer.train_loader, trainer.optimizer, trainer.scaler, device, dist_info)
+    recompute_batch_norm_statistics(trainer.parts, trainer.train_loader, device)
+    metrics = {"train_loss": stats["train_loss"], **evaluate(trainer.parts, trainer.valid_loader, device, dist_info)}
+    return metrics, stats
+
+
+def history_row(epoch: int, metrics: dict[str, float], stats: dict[str, float], spent: Elapsed) -> dict[str, Any]:
+    return {"epoch": epoch, **metrics, "seconds": spent.seconds, "cpu_seconds": spent.cpu_seconds,
+            "train_images_per_second": stats["train_images"] / max(stats["train_seconds"], 1e-9),
+            "optimizer_steps": stats["optimizer_steps"]}
+
+
+def log_epoch(trainer: Trainer, row: dict[str, Any], stats: dict[str, float]) -> None:
+    LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) in %d optimizer steps of global batch %d "
+             "at %.1f images/s; parameters %s", row["epoch"], row["seconds"], stats["train_images"],
+             stats["rank_images"], stats["optimizer_steps"], trainer.args.batch_size, row["train_images_per_second"],
+             parameters_digest(trainer.parts.trainable_module))
+
+
+def record_epoch(trainer: Trainer, progress: Progress, metrics: dict[str, float], improved: bool) -> None:
+    """Advance ``progress`` by one epoch: the best model when the validation loss fell, and early stopping."""
+    progress.epoch += 1
+    if improved:
+        progress.best_epoch, progress.best_metrics, progress.stale_epochs = progress.epoch, metrics, 0
+        progress.best_state = state_on_cpu(trainer.model) if trainer.dist_info.is_main else None
+    else:
+        progress.stale_epochs += 1
+    progress.stopped = trainer.args.patience > 0 and progress.stale_epochs >= trainer.args.patience
+    if progress.stopped:
+        LOG.info("stopping early: no lower validation loss for %d epochs; best epoch %d",
+                 progress.stale_epochs, progress.best_epoch)
+
+
+def save_progress(trainer: Trainer, progress: Progress) -> None:
+    """Rank 0: the checkpoint (with a checkpoint folder) and the metrics history (with an output data folder)."""
+    if not trainer.dist_info.is_main:
+        return
+    if trainer.checkpoint_file is not None:
+        atomic_torch_save(trainer.checkpoint_file, checkpoint_of(trainer, progress))
+        LOG.info("saved checkpoint of epoch %d to %s", progress.epoch, trainer.checkpoint_file)
+    if trainer.args.output_data_dir:
+        common.atomic_write_json(Path(trainer.args.output_data_dir) / METRICS_HISTORY_FILE, progress.history)
+
+
+def fit(trainer: Trainer, progress: Progress, setup: Elapsed) -> Progress:
+    """The epochs after ``progress.epoch`` up to --epochs, or until early stopping; one metric line and checkpoint each.
+
+    The first epoch of a run that does not resume counts the set-up (loaders, cached features) in its time.
+    """
+    while not progress.stopped and progress.epoch < trainer.args.epochs:
+        epoch, clock = progress.epoch + 1, Stopwatch()
+        metrics, stats = epoch_metrics(trainer, epoch)
+        best = progress.best_metrics
+        improved = best is None or metrics["val_loss"] < best["val_loss"]
+        metrics["best_val_loss"] = metrics["val_loss"] if improved else best["val_loss"]
+        write_line(contract.format_metric_line(epoch, metrics))
+        row = history_row(epoch, metrics, stats, clock.elapsed() + (setup if not progress.history else Elapsed()))
+        progress.history.append(row)
+        log_epoch(trainer, row, stats)
+        record_epoch(trainer, progress, metrics, improved)
+        save_progress(trainer, progress)
+    return progress
+
+
+def training_summary(progress: Progress, dist_info: distributed.DistInfo, setup: Elapsed) -> dict[str, Any]:
+    return {"best_epoch": progress.best_epoch, "best_metrics": progress.best_metrics, "history": progress.history,
+            "epochs_trained": len(progress.history), "stopped_early": progress.stopped,
+            "world_size": dist_info.world_size, "setup_seconds": setup.seconds}
 
 
 def copy_inference_code(destination: Path) -> list[str]:
     """Copy the inference files beside this script into ``destination`` (replaced as a whole)."""
     source = Path(__file__).resolve().parent
     names = [name for name in INFERENCE_FILES if (source / name).is_file()]
-    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in names:
-        shutil.copy2(source / name, staging / name)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(staging, destination)
+
+    def copy_into(folder: Path) -> None:
+        for name in names:
+            shutil.copy2(source / name, folder / name)
+
+    common.atomic_write_dir(destination, copy_into)
     return names
 
 
-def model_info(args: argparse.Namespace, classes: list[str], best: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+def model_info(args: argparse.Namespace, classes: list[str], summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "backbone": args.backbone,
         "image_size": args.image_size,
         "resize_size": common.resize_size(args.image_size),
         "num_classes": len(classes),
         "normalization": {"mean": list(common.IMAGENET_MEAN), "std": list(common.IMAGENET_STD)},
-        "best_epoch": best["epoch"],
-        "metrics": best["metrics"],
+        "best_epoch": summary["best_epoch"],
+        "metrics": summary["best_metrics"],
         "epochs_trained": summary["epochs_trained"],
         "stopped_early": summary["stopped_early"],
         "world_size": summary["world_size"],
@@ -1053,15 +958,15 @@ def calibration_sample(dataset: Any, count: int = CALIBRATION_IMAGES) -> list[Pa
 
 def write_calibration_sample(destination: Path, images: Sequence[Path]) -> None:
     """Copy ``images`` into ``destination`` as 0000.jpg, 0001.png, ... (replaced as a whole); nothing when there are none."""
-    shutil.rmtree(destination, ignore_errors=True)
     if not images:
+        shutil.rmtree(destination, ignore_errors=True)
         return
-    staging = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for position, image in enumerate(images):
-        shutil.copyfile(image, staging / f"{position:04d}{image.suffix.lower()}")
-    os.replace(staging, destination)
+
+    def copy_into(folder: Path) -> None:
+        for position, image in enumerate(images):
+            shutil.copyfile(image, folder / f"{position:04d}{image.suffix.lower()}")
+
+    common.atomic_write_dir(destination, copy_into)
 
 
 def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: list[str], info: dict[str, Any],
@@ -1076,139 +981,56 @@ def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], classes: li
              contract.MODEL_INFO_FILE, contract.MODEL_CODE_DIR, ", ".join(copied), model_dir)
 
 
-# ----------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------
+def write_outputs(args: argparse.Namespace, dist_info: distributed.DistInfo, splits: Splits, progress: Progress,
+                  summary: dict[str, Any]) -> None:
+    """Rank 0: the best epoch's model directory (weights, classes, model info, calibration images, inference code)."""
+    if dist_info.is_main:
+        write_model_dir(Path(args.model_dir), progress.best_state, splits.classes,
+                        model_info(args, splits.classes, summary), calibration_sample(splits.valid))
+    LOG.info("best epoch %d: %s", progress.best_epoch,
+             ", ".join(f"{k} {v:.4f}" for k, v in progress.best_metrics.items()))
+
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, print one metric line per epoch, and (rank 0) write the best epoch's model. Returns a summary."""
     torch.set_num_threads(args.num_threads)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist_info = init_distributed(backend)
-    try:
+    with distributed.process_group() as dist_info:
         return run(args, dist_info)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
-    configure_logging(dist_info)
-    device = training_device(dist_info.local_rank)
+def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> dict[str, Any]:
+    distributed.configure_logging(LOG, dist_info)
+    device = distributed.training_device(dist_info.local_rank)
     LOG.info("device %s, %d CPU threads, %d data workers, torch %s", device, torch.get_num_threads(),
              args.num_workers, torch.__version__)
-    train_dir, valid_dir = split_dirs(args)
-    if args.features:
-        feature_set = read_feature_set(args)
-        train_set, valid_set, classes = feature_set.train, feature_set.valid, feature_set.classes
-        train_dir = valid_dir = Path(args.features)
-    else:
-        train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
-        classes = train_set.classes
-    if len(train_set) < dist_info.world_size:
-        raise TrainingInputError(f"the train split at {train_dir} has {len(train_set)} images, fewer than the {dist_info.world_size} processes")
-    LOG.info("%d classes; %d training images in %s, %d validation images in %s",
-             len(classes), len(train_set), train_dir, len(valid_set), valid_dir)
-
-    seed_everything(args.seed)
-    model = common.build_model(args.backbone, len(classes))
-    load_backbone_weights(model, pretrained_source(args.pretrained_weights), args.backbone)
-    config = run_config(args, classes, dist_info.world_size)
-    ckpt_file = checkpoint_path(Path(args.checkpoint_dir)) if args.checkpoint_dir else None
-    checkpoint = shared_checkpoint(ckpt_file, config, dist_info)
+    splits = load_splits(args, dist_info)
+    model = initial_model(args, len(splits.classes))
+    config = run_config(args, splits.classes, dist_info.world_size)
+    checkpoint_file = checkpoint_path(Path(args.checkpoint_dir)) if args.checkpoint_dir else None
+    checkpoint = shared_checkpoint(checkpoint_file, config, dist_info)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
 
-    setup_started, setup_cpu_started = time.perf_counter(), time.process_time()
+    clock = Stopwatch()
     parts = model_parts(model, args.freeze_backbone, args.cache_features or bool(args.features), device, dist_info)
-    if args.features:
-        if feature_set.feature_dim != model.fc.in_features:
-            raise TrainingInputError(f"the features in {args.features} have {feature_set.feature_dim} values each; "
-                                     f"{args.backbone}'s head takes {model.fc.in_features}: extract them again")
-        train_loader = make_train_loader(train_set, args, dist_info, device, seeded=False, workers=0)
-        valid_loader = make_eval_loader(valid_set, args, dist_info, device, workers=0)
-    elif args.cache_features:
-        backbone = feature_extractor(model).eval()
-        train_data: Dataset = extract_features(backbone, train_set, args, dist_info, device, args.num_workers)
-        valid_data: Dataset = extract_features(backbone, valid_set, args, dist_info, device, args.num_workers)
-        LOG.info("computed backbone features of %d training and %d validation images in %.1f s",
-                 len(train_data), len(valid_data), time.perf_counter() - setup_started)
-        train_loader = make_train_loader(train_data, args, dist_info, device, seeded=False, workers=0)
-        valid_loader = make_eval_loader(valid_data, args, dist_info, device, workers=0)
-    else:
-        train_loader = make_train_loader(train_set, args, dist_info, device, seeded=True, workers=args.num_workers)
-        valid_loader = make_eval_loader(valid_set, args, dist_info, device, workers=args.num_workers)
-    setup_seconds = time.perf_counter() - setup_started
-    setup_cpu_seconds = time.process_time() - setup_cpu_started
+    train_loader, valid_loader = make_loaders(args, splits, model, device, dist_info)
+    setup = clock.elapsed()
 
-    optimizer = torch.optim.SGD([p for p in parts.trainable.parameters() if p.requires_grad], lr=args.learning_rate,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "metrics": None, "state": None}
-    stale_epochs, stopped, start_epoch = 0, False, 1
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        history, stale_epochs, stopped = checkpoint["history"], checkpoint["stale_epochs"], checkpoint["stopped"]
-        best = {"epoch": checkpoint["best_epoch"], "metrics": checkpoint["best_metrics"], "state": checkpoint["best_model"]}
-        start_epoch = checkpoint["epoch"] + 1
-        LOG.info("resumed from %s after epoch %d (best epoch %d)", ckpt_file, checkpoint["epoch"], best["epoch"])
-        del checkpoint
+    trainer = Trainer(args, dist_info, device, model, parts, make_optimizer(parts, args), scaler,
+                      train_loader, valid_loader, config, checkpoint_file)
+    progress = resumed_progress(checkpoint, trainer)
+    del checkpoint
+    progress = fit(trainer, progress, setup)
 
-    for epoch in range(start_epoch, args.epochs + 1):
-        if stopped:
-            break
-        started, cpu_started = time.perf_counter(), time.process_time()
-        seed_everything(derived_seed(args.seed, epoch, dist_info.rank))
-        train_loader.batch_sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(parts, train_loader, optimizer, scaler, device, dist_info)
-        recompute_batch_norm_statistics(parts, train_loader, device)
-        metrics = {"train_loss": train_stats["train_loss"], **evaluate(parts, valid_loader, device, dist_info)}
-        improved = best["metrics"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]
-        metrics["best_val_loss"] = metrics["val_loss"] if improved else best["metrics"]["val_loss"]
-        write_line(contract.format_metric_line(epoch, metrics))
-        seconds = time.perf_counter() - started + (setup_seconds if not history else 0.0)
-        # CPU seconds of this process's threads (data-loading workers excluded): steadier than wall time on a busy machine.
-        cpu_seconds = time.process_time() - cpu_started + (setup_cpu_seconds if not history else 0.0)
-        images_per_second = train_stats["train_images"] / max(train_stats["train_seconds"], 1e-9)
-        history.append({"epoch": epoch, **metrics, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                        "train_images_per_second": images_per_second, "optimizer_steps": train_stats["optimizer_steps"]})
-        LOG.info("epoch %d took %.2f s; training %d images (%d on this rank) in %d optimizer steps of global batch %d "
-                 "at %.1f images/s; parameters %s", epoch, seconds, train_stats["train_images"],
-                 train_stats["rank_images"], train_stats["optimizer_steps"], args.batch_size, images_per_second,
-                 parameters_digest(parts.trainable_module))
-
-        if improved:
-            best = {"epoch": epoch, "metrics": metrics, "state": state_on_cpu(model) if dist_info.is_main else None}
-            stale_epochs = 0
-        else:
-            stale_epochs += 1
-        stopped = args.patience > 0 and stale_epochs >= args.patience
-        if stopped:
-            LOG.info("stopping early: no lower validation loss for %d epochs; best epoch %d", stale_epochs, best["epoch"])
-        if dist_info.is_main and ckpt_file is not None:
-            atomic_torch_save(ckpt_file, {
-                "format": CHECKPOINT_FORMAT, "config": config, "epoch": epoch, "model": state_on_cpu(model),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "stale_epochs": stale_epochs, "stopped": stopped, "best_epoch": best["epoch"],
-                "best_metrics": best["metrics"], "best_model": best["state"]})
-            LOG.info("saved checkpoint of epoch %d to %s", epoch, ckpt_file)
-        if dist_info.is_main and args.output_data_dir:
-            common.atomic_write_json(Path(args.output_data_dir) / METRICS_HISTORY_FILE, history)
-
-    summary = {"best_epoch": best["epoch"], "best_metrics": best["metrics"], "history": history,
-               "epochs_trained": len(history), "stopped_early": stopped, "world_size": dist_info.world_size,
-               "setup_seconds": setup_seconds}
-    if dist_info.is_main:
-        write_model_dir(Path(args.model_dir), best["state"], classes, model_info(args, classes, best, summary),
-                        calibration_sample(valid_set))
-    LOG.info("best epoch %d: %s", best["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in best["metrics"].items()))
+    summary = training_summary(progress, dist_info, setup)
+    write_outputs(args, dist_info, splits, progress, summary)
     return summary
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return common.run_script("train.py", FAILURE_FILE, lambda: parse_args(argv), main, (TrainingInputError,))
+    return common.run_script("train.py", contract.TRAINING_FAILURE_FILE, lambda: parse_args(argv), main,
+                             (TrainingInputError, distributed.DistributedSetupError))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from conftest import CODE_DIR, make_dataset, write_images
 
 import common
 import contract
+import distributed
 import train
 
 TRAIN_SCRIPT = CODE_DIR / "train.py"
@@ -290,10 +291,10 @@ def test_defaults_come_from_the_container_variables(monkeypatch: pytest.MonkeyPa
 def test_threads_are_shared_between_local_processes(monkeypatch: pytest.MonkeyPatch, no_run_env: None) -> None:
     monkeypatch.setenv("SM_HOSTS", json.dumps([f"algo-{i}" for i in range(1, 8)]))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert train.processes_on_this_machine() == 7
+    assert distributed.processes_on_this_machine() == 7
     assert train.parse_args([]).num_threads == max(1, train.usable_cpus() // 7)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
-    assert train.processes_on_this_machine() == 1
+    assert distributed.processes_on_this_machine() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert train.parse_args([]).num_threads == 3
 
@@ -326,7 +327,7 @@ def test_missing_split_is_named(no_run_env: None, tmp_path: Path, capsys: pytest
     root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 2})
     job_output = tmp_path / "opt-ml-output"
     job_output.mkdir()
-    monkeypatch.setattr(train, "FAILURE_FILE", str(job_output / "failure"))
+    monkeypatch.setattr(contract, "TRAINING_FAILURE_FILE", str(job_output / "failure"))
     assert train.cli(SMALL + ["--data", str(root), "--model-dir", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err
     assert f"the valid split is missing: {root / 'valid'} is not a folder" in err and "--valid-dir" in err
@@ -421,7 +422,7 @@ def test_random_weights_train_the_whole_network(no_run_env: None, data: Path, tm
     """--pretrained-weights none and no freeze flag: every backbone layer learns, batch-norm statistics too."""
     summary, _ = in_process_run(capsys, SMALL + ["--data", str(data), "--model-dir", str(tmp_path / "m"), "--epochs", "1",
                                                  "--batch-size", "8", "--learning-rate", "0.05", "--seed", "5"])
-    train.seed_everything(5)
+    distributed.seed_everything(5)
     initial = common.build_model("resnet18", 3).state_dict()
     trained = torch.load(tmp_path / "m" / contract.MODEL_FILE, weights_only=True)
     backbone = [k for k in initial if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
