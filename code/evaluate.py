@@ -53,16 +53,13 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from common import DEFAULT_IMAGE_SIZE, atomic_write, atomic_write_json, eval_transform, load_model_dir, run_script
-from contract import NO_WEIGHTS_PLACEHOLDER
 from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
-                      MODEL_INFO_FILE, PRECISIONS)
+                      MODEL_INFO_FILE, NO_WEIGHTS_PLACEHOLDER, PRECISIONS, PROCESSING_FAILURE_FILE, TEST_CHANNEL)
 from serving_model import QuantizationFailed, calibration_batch, precision_decision, quantized_int8
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
-DEFAULT_TEST = "/opt/ml/processing/input/test"
+DEFAULT_TEST = f"/opt/ml/processing/input/{TEST_CHANNEL}"
 DEFAULT_OUTPUT = "/opt/ml/processing/output/evaluation"
-# A processing job's exit message (DescribeProcessingJob ExitMessage, shown when it fails).
-FAILURE_MESSAGE_FILE = "/opt/ml/output/message"
 MODEL_ARCHIVE = "model.tar.gz"
 TOP_K = 5
 NOT_COMPUTED = "NaN"  # the format's standard_deviation when there is no bootstrap
@@ -338,7 +335,7 @@ def pretrained_record(folder: str | None, info: dict[str, Any]) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_script("evaluate.py", FAILURE_MESSAGE_FILE, lambda: argument_parser().parse_args(argv), evaluate, (EvaluationError,))
+    return run_script("evaluate.py", PROCESSING_FAILURE_FILE, lambda: argument_parser().parse_args(argv), evaluate, (EvaluationError,))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import TensorDataset
 from torchvision import models
 
-from common import atomic_write
-from contract import FEATURES_HEADER_FILE, FEATURES_SPLIT_FILES
+from common import atomic_write, atomic_write_json
+from contract import FEATURES_HEADER_FILE, FEATURES_SPLIT_FILES, TRAIN_CHANNEL, VALID_CHANNEL
 
 FORMAT = "dogbreed-features"
 VERSION = 1
@@ -96,7 +96,7 @@ def write_features(folder: Path, splits: Mapping[str, TensorDataset], settings: 
         split_entries[split] = {"file": name, "images": int(features.shape[0]), "sha256": file_sha256(path)}
     header = {"format": FORMAT, "version": VERSION, **settings, "feature_dim": feature_dim, "splits": split_entries,
               "torch_version": torch.__version__}
-    atomic_write(folder / FEATURES_HEADER_FILE, lambda p: p.write_text(json.dumps(header, indent=2) + "\n"))
+    atomic_write_json(folder / FEATURES_HEADER_FILE, header)
     return header
 
 
@@ -169,7 +169,8 @@ def read_features(folder: str | os.PathLike, expected: Mapping[str, Any]) -> Fea
     if missing:
         raise FeaturesError(f"{folder / FEATURES_HEADER_FILE} has no {', '.join(missing)} split; extract the features again")
     datasets = {split: _read_split(folder, split, splits[split], header) for split in FEATURES_SPLIT_FILES}
-    if len(datasets["train"]) == 0 or len(datasets["valid"]) == 0:
-        raise FeaturesError(f"the features in {folder} hold {len(datasets['train'])} training and "
-                            f"{len(datasets['valid'])} validation images; both splits need at least one")
-    return FeatureSet(header, datasets["train"], datasets["valid"])
+    train, valid = datasets[TRAIN_CHANNEL], datasets[VALID_CHANNEL]
+    if len(train) == 0 or len(valid) == 0:
+        raise FeaturesError(f"the features in {folder} hold {len(train)} training and "
+                            f"{len(valid)} validation images; both splits need at least one")
+    return FeatureSet(header, train, valid)

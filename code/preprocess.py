@@ -42,12 +42,10 @@ from typing import Iterable, Sequence
 from PIL import Image
 
 from common import MAX_IMAGE_PIXELS, ImageRejected, atomic_write_json, image_from_bytes, run_script
-from contract import MANIFEST_FILE, SPLITS
+from contract import MANIFEST_FILE, PROCESSING_FAILURE_FILE, SPLITS, TEST_CHANNEL, TRAIN_CHANNEL, VALID_CHANNEL
 
 DEFAULT_INPUT = "/opt/ml/processing/input/data"
 DEFAULT_OUTPUT = "/opt/ml/processing/output"
-# A processing job's exit message (DescribeProcessingJob ExitMessage, shown when it fails).
-FAILURE_MESSAGE_FILE = "/opt/ml/output/message"
 MANIFEST_DIR = "manifest"
 MANIFEST_FORMAT = 1
 UNSPLIT = "unsplit"
@@ -276,7 +274,7 @@ def assign_splits(outcomes: list[Outcome], valid_fraction: float, test_fraction:
             )
         random.Random(f"{seed}/{class_name}").shuffle(members)
         for position, outcome in enumerate(members):
-            split = "train" if position < train else "valid" if position < train + valid else "test"
+            split = TRAIN_CHANNEL if position < train else VALID_CHANNEL if position < train + valid else TEST_CHANNEL
             c = outcome.candidate
             assigned.append(Outcome(Candidate(c.relative, split, c.class_name, c.output_name), None, outcome.sha256))
     return assigned
@@ -440,7 +438,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_script("preprocess.py", FAILURE_MESSAGE_FILE, lambda: argument_parser().parse_args(argv), prepare, (PreprocessError,))
+    return run_script("preprocess.py", PROCESSING_FAILURE_FILE, lambda: argument_parser().parse_args(argv), prepare, (PreprocessError,))
 
 
 if __name__ == "__main__":

@@ -139,14 +139,14 @@ def test_a_model_folder_without_the_model_is_refused(prepared, tmp_path, capsys,
     (tmp_path / "empty").mkdir()
     job_output = tmp_path / "opt-ml-output"
     job_output.mkdir()
-    monkeypatch.setattr(evaluate, "FAILURE_MESSAGE_FILE", str(job_output / "message"))
+    monkeypatch.setattr(evaluate, "PROCESSING_FAILURE_FILE", str(job_output / "message"))
     assert run(tmp_path / "empty", prepared / "test", tmp_path / "out") == 2
     error = capsys.readouterr().err
     assert "neither model.tar.gz nor model.pth" in error
     assert (job_output / "message").read_text() == error.strip()
     assert [p.name for p in job_output.iterdir()] == ["message"]
 
-    monkeypatch.setattr(evaluate, "FAILURE_MESSAGE_FILE", str(tmp_path / "no-such-folder" / "message"))
+    monkeypatch.setattr(evaluate, "PROCESSING_FAILURE_FILE", str(tmp_path / "no-such-folder" / "message"))
 
     with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
         info = tarfile.TarInfo("model.pth")

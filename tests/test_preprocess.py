@@ -141,7 +141,7 @@ def test_faults_are_listed_with_reasons_and_good_images_come_out_rgb_at_size(fau
 
 def test_too_many_bad_files_fail_clearly_and_leave_nothing_behind(faulty_dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(preprocess, "FAILURE_MESSAGE_FILE", str(tmp_path / "no-such-folder" / "message"))
+    monkeypatch.setattr(preprocess, "PROCESSING_FAILURE_FILE", str(tmp_path / "no-such-folder" / "message"))
     assert run(faulty_dataset, out) == 2
     assert not (tmp_path / "no-such-folder").exists()
     error = capsys.readouterr().err
