@@ -24,10 +24,9 @@ from typing import Any
 
 import pytest
 
-from test_infra import KMS_KEY, ROOT, TEMPLATE, load_template
+from test_infra import KMS_KEY, NO_VALUE, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
 
 CHECKOV = ROOT / ".venv" / "tools-checkov" / "bin" / "checkov"
-NO_VALUE = object()
 
 # (check id, resource (a glob), variant or "*") -> why the template keeps this finding. The only place a finding is accepted.
 ACCEPTED: dict[tuple[str, str, str], str] = {
@@ -47,58 +46,21 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
 
 # --- deciding the conditions ---------------------------------------------------
 
-def condition_values(template: dict, parameters: dict[str, str]) -> dict[str, bool]:
-    """Every Condition of the template, decided for ``parameters`` (the rest take their defaults)."""
-    values = {name: str(spec.get("Default", "")) for name, spec in template.get("Parameters", {}).items()}
-    values.update(parameters)
-    decided: dict[str, bool] = {}
-
-    def evaluate(node: Any) -> Any:
-        if isinstance(node, dict) and len(node) == 1:
-            (key, argument), = node.items()
-            if key == "Ref":
-                return values[argument]
-            if key == "Condition":
-                return decide(argument)
-            if key == "Fn::Equals":
-                return str(evaluate(argument[0])) == str(evaluate(argument[1]))
-            if key == "Fn::Not":
-                return not evaluate(argument[0])
-            if key == "Fn::And":
-                return all(evaluate(item) for item in argument)
-            if key == "Fn::Or":
-                return any(evaluate(item) for item in argument)
-        if isinstance(node, (str, bool, int)):
-            return node
-        raise AssertionError(f"the condition resolver does not know {node!r}")
-
-    def decide(name: str) -> bool:
-        if name not in decided:
-            decided[name] = bool(evaluate(template["Conditions"][name]))
-        return decided[name]
-
-    for name in template.get("Conditions", {}):
-        decide(name)
-    return decided
-
-
 def without_conditions(template: dict, parameters: dict[str, str]) -> dict:
     """A copy of ``template`` with its conditions decided: branches chosen, NoValue and false resources dropped."""
-    decided = condition_values(template, parameters)
+    conditions = Resolver(template, parameters)
+    decided = {name: conditions.condition(name) for name in template.get("Conditions", {})}
 
     def choose(node: Any) -> Any:
-        if isinstance(node, list):
-            return [item for item in (choose(item) for item in node) if item is not NO_VALUE]
-        if not isinstance(node, dict):
-            return node
-        if len(node) == 1:
-            (key, argument), = node.items()
-            if key == "Fn::If":
-                name, when_true, when_false = argument
-                return choose(when_true if decided[name] else when_false)
-            if key == "Ref" and argument == "AWS::NoValue":
-                return NO_VALUE
-        return {key: value for key, value in ((key, choose(value)) for key, value in node.items()) if value is not NO_VALUE}
+        return resolve_node(node, decide)
+
+    def decide(key: str, argument: Any) -> Any:
+        if key == "Fn::If":
+            name, when_true, when_false = argument
+            return choose(when_true if decided[name] else when_false)
+        if key == "Ref" and argument == "AWS::NoValue":
+            return NO_VALUE
+        return UNRESOLVED
 
     resolved = {key: value for key, value in template.items() if key != "Conditions"}
     for section in ("Resources", "Outputs"):
@@ -222,8 +184,6 @@ def test_the_log_bucket_takes_access_logs_only_from_the_artifact_bucket():
 
 
 def test_the_key_policy_statement_lets_cloudwatch_logs_use_the_key_for_the_project_log_groups_only():
-    from test_infra import Resolver
-
     template = load_template()
     resolver = Resolver(template, {"KmsKeyArn": KMS_KEY})
     statement = json.loads(resolver.value(template["Outputs"]["KmsKeyPolicyStatementForLogs"]["Value"]))

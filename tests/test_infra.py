@@ -14,7 +14,7 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -22,10 +22,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "template.yaml"
 ACCOUNT, REGION, PARTITION = "111122223333", "eu-west-1", "aws"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-NO_VALUE = object()
+NO_VALUE = object()  # what Ref AWS::NoValue resolves to: the field or list item is left out
+UNRESOLVED = object()  # an intrinsic handler's answer for a one-key mapping that is not a function it evaluates
 
 
 # --- loading and resolving the template --------------------------------------
+
+def resolve_node(node: Any, intrinsic: Callable[[str, Any], Any]) -> Any:
+    """``node`` with every one-key mapping that ``intrinsic(key, argument)`` evaluates replaced by its value,
+    and NO_VALUE left out of lists and mappings, as CloudFormation resolves a template."""
+    if isinstance(node, list):
+        return [item for item in (resolve_node(item, intrinsic) for item in node) if item is not NO_VALUE]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        (key, argument), = node.items()
+        value = intrinsic(key, argument)
+        if value is not UNRESOLVED:
+            return value
+    return {key: item for key, item in ((k, resolve_node(v, intrinsic)) for k, v in node.items()) if item is not NO_VALUE}
+
 
 def load_template() -> dict:
     from cfnlint.decode import decode_str
@@ -98,38 +114,38 @@ class Resolver:
         return re.sub(r"\$\{([^}!]+)\}", replace, text)
 
     def value(self, node: Any) -> Any:
-        if isinstance(node, list):
-            return [item for item in (self.value(item) for item in node) if item is not NO_VALUE]
-        if not isinstance(node, dict):
-            return node
-        if len(node) == 1:
-            (key, argument), = node.items()
-            if key == "Ref":
-                return self.ref(argument)
-            if key == "Fn::GetAtt":
-                logical, attribute = argument if isinstance(argument, list) else argument.split(".", 1)
-                return self.get_att(logical, attribute)
-            if key == "Fn::Sub":
-                if isinstance(argument, list):
-                    return self.sub(argument[0], {k: self.value(v) for k, v in argument[1].items()})
-                return self.sub(argument, {})
-            if key == "Fn::If":
-                name, when_true, when_false = argument
-                return self.value(when_true if self.condition(name) else when_false)
-            if key == "Fn::Equals":
-                left, right = (self.value(item) for item in argument)
-                return str(left) == str(right)
-            if key == "Fn::Not":
-                return not self.value(argument[0])
-            if key == "Fn::And":
-                return all(self.value(item) for item in argument)
-            if key == "Fn::Or":
-                return any(self.value(item) for item in argument)
-            if key == "Condition":
-                return self.condition(argument)
-            if key == "Fn::Join":
-                return argument[0].join(str(item) for item in self.value(argument[1]))
-        return {key: item for key, item in ((k, self.value(v)) for k, v in node.items()) if item is not NO_VALUE}
+        return resolve_node(node, self.intrinsic)
+
+    def intrinsic(self, key: str, argument: Any) -> Any:
+        """The value of the function ``key`` of ``argument``; UNRESOLVED when ``key`` names no function."""
+        if key == "Ref":
+            return self.ref(argument)
+        if key == "Fn::GetAtt":
+            logical, attribute = argument if isinstance(argument, list) else argument.split(".", 1)
+            return self.get_att(logical, attribute)
+        if key == "Fn::Sub":
+            if isinstance(argument, list):
+                return self.sub(argument[0], {k: self.value(v) for k, v in argument[1].items()})
+            return self.sub(argument, {})
+        if key == "Fn::If":
+            name, when_true, when_false = argument
+            return self.value(when_true if self.condition(name) else when_false)
+        if key == "Fn::Equals":
+            left, right = (self.value(item) for item in argument)
+            return str(left) == str(right)
+        if key == "Fn::Not":
+            return not self.value(argument[0])
+        if key == "Fn::And":
+            return all(self.value(item) for item in argument)
+        if key == "Fn::Or":
+            return any(self.value(item) for item in argument)
+        if key == "Condition":
+            return self.condition(argument)
+        if key == "Fn::Join":
+            return argument[0].join(str(item) for item in self.value(argument[1]))
+        if key.startswith("Fn::"):
+            raise AssertionError(f"the template resolver does not know {key}")
+        return UNRESOLVED
 
     def resources(self) -> dict[str, dict]:
         """The resources this parameter set creates, with their properties resolved."""
