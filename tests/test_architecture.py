@@ -96,7 +96,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "pipeline.local.executor" in graph["pipeline.local.command"]  # imported inside run_command
+    assert "pipeline.local.scheduler" in graph["pipeline.local.command"]  # imported inside run_command
     assert "pipeline.commands" in graph["pipeline.aws"]
 
 

@@ -7,9 +7,11 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pipeline.commands import UsageError, add_settings_arguments, parse_parameters, positive_int, settings_from_args
+from pipeline.local.sample import make_sample, split_sizes_of
 from pipeline.dag import strings_in
 from pipeline.definition import load_contract, synth
 from pipeline.local.errors import LocalRunError
@@ -18,6 +20,7 @@ from pipeline.parameters import ParameterError, check_run_values
 DATA_PARAMETER = "InputDataUrl"
 WEIGHTS_PARAMETER = "PretrainedWeightsS3Uri"
 DEFAULT_WORKDIRS = Path("build") / "local-run"
+WEIGHTS_PREFIX = ("local-run", "pretrained")  # where in local S3 a local weights file is put
 # name: (value, why). Without a weights file nothing is downloaded, so the backbone is random and trains whole
 # (train.py's frozen-backbone rule); the rest keeps that affordable on a laptop's CPU.
 NO_WEIGHTS_DEFAULTS = {
@@ -127,7 +130,7 @@ def local_weights_file(given: dict[str, Any], flag: Path | None) -> Path | None:
 
 def weights_uri(settings: Any, path: Path) -> str:
     """Where local-run puts a local weights file in its local S3."""
-    return settings.s3_uri("local-run", "pretrained", path.name)
+    return settings.s3_uri(*WEIGHTS_PREFIX, path.name)
 
 
 def load_document(args: argparse.Namespace, synthesized: str) -> dict:
@@ -172,25 +175,24 @@ def link_data(run: Any, data: Path) -> None:
     target.symlink_to(data.resolve(), target_is_directory=True)
 
 
-def sample_data(folder: Path) -> dict[str, str]:
+def sample_data(folder: Path, contract: ModuleType) -> dict[str, str]:
     """The generated sample in ``folder``: written on first use, reused by later runs in the same work dir."""
-    from pipeline.local.sample import make_sample  # Pillow, a dev dependency
-
-    if (folder / "train").is_dir():
+    if (folder / contract.TRAIN_CHANNEL).is_dir():
         images = sum(1 for path in folder.rglob("*.jpg"))
         return {"path": str(folder), "description": f"generated sample (from an earlier run), {images} files"}
-    sample = make_sample(folder)
+    sample = make_sample(folder, split_sizes=split_sizes_of(contract.SPLITS))  # Pillow, a dev dependency
     return {"path": str(sample.root), "description": f"generated sample: {len(sample.classes)} classes, {sample.images} images"}
 
 
 def run_command(args: argparse.Namespace) -> int:
     # the runner brings moto, werkzeug and the toolkits (dev dependencies): not imported for the other commands
-    from pipeline.local.executor import LocalRun, RunOptions, new_execution_id
+    from pipeline.local.scheduler import LocalRun, RunOptions, new_execution_id
     from pipeline.local.summary import summary_document, summary_lines, write_summary
 
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data {args.data} is not a folder of images")
     settings = settings_from_args(args)
+    contract = load_contract(settings.source_dir)
     synthesized = synth(settings)
     document = load_document(args, synthesized.definition)
     check_assets(document, settings, synthesized.assets)
@@ -206,21 +208,20 @@ def run_command(args: argparse.Namespace) -> int:
     options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=args.max_tuning_jobs,
                          parallel=args.parallel, plain=args.plain, endpoint_delay_seconds=args.endpoint_delay)
     try:
-        run = LocalRun(document, settings, synthesized.assets, workdir, options, execution_id)
+        run = LocalRun(document, settings, synthesized.assets, workdir, contract, options, execution_id)
         run.prepare()
         if args.data is not None:
             data = {"path": str(args.data.resolve()), "description": "data"}
-            link_data(run, args.data)
         else:
-            data = sample_data(run.workdir / "sample-data")
-            link_data(run, Path(data["path"]))
+            data = sample_data(run.workdir / "sample-data", contract)
+        link_data(run, Path(data["path"]))
         if weights_file is not None:
             run.s3.put(given[WEIGHTS_PARAMETER], weights_file.read_bytes())
     except LocalRunError as error:
         raise UsageError(str(error)) from None
     if weights_file is not None:
         print(f"pretrained weights: {weights_file} as {WEIGHTS_PARAMETER}={given[WEIGHTS_PARAMETER]} "
-              "(the 'pretrained' channel; PretrainedWeights=imagenet reads it, the backbone stays frozen)")
+              f"(the '{contract.PRETRAINED_CHANNEL}' channel; PretrainedWeights=imagenet reads it, the backbone stays frozen)")
     if applied:
         why = "local-run defaults" + (" for the generated sample" if args.data is None else "")
         print(f"{why} (--param NAME=VALUE to choose otherwise):")
@@ -229,7 +230,6 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"data: {data['description']} at {os.path.relpath(data['path'])}; work dir {os.path.relpath(run.workdir)}")
     sys.stdout.flush()
     result = run.execute()
-    contract = load_contract(settings.source_dir)
     document_out = summary_document(result, {k: str(v) for k, v in applied.items()}, data, contract.ACCURACY_JSON_PATH,
                                     features_header=contract.FEATURES_HEADER_FILE)
     write_summary(document_out, run.workdir / "summary.json")

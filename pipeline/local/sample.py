@@ -1,20 +1,25 @@
 """A small generated data set in the dogImages layout, for a local run on a fresh machine.
 
-``<root>/{train,valid,test}/<NNN.Breed>/*.jpg``: a few classes, each a base
-colour and a shape of its own with per-image noise, position and size, so a
-small network separates them after a few epochs even from random weights.
+``<root>/<split>/<NNN.Breed>/*.jpg`` for each of code/contract.py's SPLITS
+(train, valid, test): a few classes, each a base colour and a shape of its own
+with per-image noise, position and size, so a small network separates them
+after a few epochs even from random weights.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
+
+from pipeline.definition import load_contract
 
 BREEDS = ("001.Affenpinscher", "002.Afghan_hound", "003.Airedale_terrier", "004.Akita",
           "005.Alaskan_malamute", "006.American_eskimo_dog", "007.American_foxhound", "008.American_staffordshire_terrier")
 COLOURS = ((205, 50, 45), (50, 170, 70), (45, 80, 200), (225, 190, 40), (150, 60, 180), (40, 180, 185),
            (120, 120, 120), (230, 120, 30))
-SPLIT_SIZES = {"train": 24, "valid": 4, "test": 4}
+IMAGES_PER_CLASS = (24, 4, 4)  # of each split, in the order of contract.py's SPLITS (train, valid, test)
+CHECKOUT = Path(__file__).resolve().parents[2]  # holds code/contract.py
 IMAGE_SIZE = (64, 48)
 CORRUPT_NAME = "corrupt_upload.jpg"
 
@@ -52,14 +57,26 @@ def _image(colour: tuple[int, int, int], shape: int, rng: random.Random, size: t
     return image
 
 
-def make_sample(root: Path, classes: int = 4, split_sizes: dict[str, int] | None = None,
+def split_sizes_of(splits: Sequence[str]) -> dict[str, int]:
+    """Images per class of each split: ``IMAGES_PER_CLASS`` under the contract's split names."""
+    return dict(zip(splits, IMAGES_PER_CLASS, strict=True))
+
+
+def _contract_splits() -> tuple[str, ...]:
+    return tuple(load_contract(CHECKOUT).SPLITS)
+
+
+def make_sample(root: Path, classes: int = 4, split_sizes: Mapping[str, int] | None = None,
                 size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> Sample:
-    """Write the sample under ``root`` (which must not hold one already) and describe it."""
+    """Write the sample under ``root`` (which must not hold one already) and describe it.
+
+    ``split_sizes`` (images per class, by split) defaults to ``split_sizes_of`` the contract's SPLITS.
+    """
     if not 2 <= classes <= len(BREEDS):
         raise ValueError(f"a sample has 2 to {len(BREEDS)} classes, not {classes}")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the sample is written into a new folder")
-    sizes = split_sizes or SPLIT_SIZES
+    sizes = split_sizes or split_sizes_of(_contract_splits())
     rng = random.Random(seed)
     count = 0
     for split, per_class in sizes.items():
@@ -72,9 +89,10 @@ def make_sample(root: Path, classes: int = 4, split_sizes: dict[str, int] | None
     return Sample(root, BREEDS[:classes], count)
 
 
-def plant_corrupt_image(root: Path, split: str = "train") -> Path:
-    """A file named like a JPEG that is not one, in the first class folder of ``split``; returns its path."""
-    folder = sorted(p for p in (root / split).iterdir() if p.is_dir())[0]
+def plant_corrupt_image(root: Path, split: str | None = None) -> Path:
+    """A file named like a JPEG that is not one, in the first class folder of ``split`` (default: the
+    contract's first split, train); returns its path."""
+    folder = sorted(p for p in (root / (split or _contract_splits()[0])).iterdir() if p.is_dir())[0]
     path = folder / CORRUPT_NAME
     path.write_bytes(b"\xff\xd8\xff\xe0 this upload was cut off" + bytes(range(64)))
     return path

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.local.executor import RunResult, StepState
+from pipeline.local.scheduler import RunResult
+from pipeline.local.state import SUCCEEDED, StepState
 from pipeline.progress import format_duration
 
 
@@ -59,7 +60,7 @@ def feature_extractions(result: RunResult, header_file: str) -> dict[str, dict[s
     """By step: the features header a processing step wrote (what was extracted, how fast), read from its outputs."""
     found = {}
     for state in result.steps.values():
-        if state.node.type != "Processing" or state.status != "Succeeded":
+        if state.node.type != "Processing" or state.status != SUCCEEDED:
             continue
         for output in state.details.get("outputs", {}).values():
             header = Path(output) / header_file
@@ -99,7 +100,7 @@ def summary_document(result: RunResult, applied: dict[str, str], data: dict[str,
         document["manifest"] = {"path": manifest["path"], "classes": manifest["document"].get("classes"),
                                 "dropped": manifest["document"].get("dropped", [])}
     for state in result.steps.values():
-        if state.node.type == "Tuning" and state.status == "Succeeded":
+        if state.node.type == "Tuning" and state.status == SUCCEEDED:
             best = result.properties(state.name)["BestTrainingJob"]
             document.setdefault("tuning", {})[state.name] = {
                 "best_training_job": best["TrainingJobName"],

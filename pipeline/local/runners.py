@@ -1,0 +1,261 @@
+"""One runner per step type: what a step of the definition becomes on this machine.
+
+A runner takes the step's state, a resolver for its arguments and the run's
+``StepContext``; it sets the step's properties in the scope (shaped like its
+Describe* API's answer, which later steps' references read), records what the
+summary shows in the state, and returns a short remark for the table. It raises
+``StepFailure`` (or another ``LocalRunError``) when the step fails.
+
+Local stand-ins: S3 is a folder, jobs are processes (``processing_job``,
+``training_job``), tuning is a few seeded random trials (``tuning``), the model
+registry and the endpoints' control plane are an embedded moto server, Lambda
+functions are the project's handlers called in this process (``lambdas``), and
+the endpoints' data plane is a local server (``runtime``). A Callback step sends
+SageMaker's message to its queue in moto's SQS, and the project's wait-endpoint
+function receives it as Lambda's SQS event source mapping would deliver it,
+until it answers the token (``callbacks``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.local import aws
+from pipeline.local.callbacks import CallbackApi, callback_message, deliver
+from pipeline.local.conditions import evaluate_all
+from pipeline.local.jobs import JobContext
+from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, output_parameters, register_model_package
+from pipeline.local.processing_job import run_processing_job
+from pipeline.local.references import PropertyFile, Resolver, Scope, as_text
+from pipeline.local.runtime import RuntimeServer
+from pipeline.local.s3 import LocalS3
+from pipeline.local.state import StepFailure, StepState
+from pipeline.local.training_job import TrainingSpec, run_training_job
+from pipeline.local.tuning import Trial, run_tuning_job
+from pipeline.progress import utc_now
+from pipeline.settings import Settings
+
+WAIT_FUNCTION = "wait-endpoint"  # the function the endpoint-wait queue triggers (infra/template.yaml)
+CALLBACK_GRACE_SECONDS = 120  # beyond the step's max_wait_minutes, before local-run gives up on an unanswered token
+
+
+@dataclass
+class StepContext:
+    """What the runners of one run share."""
+
+    settings: Settings
+    scope: Scope
+    s3: LocalS3
+    jobs: JobContext
+    sagemaker: Any  # boto3 clients of the embedded moto
+    sqs: Any
+    callbacks: CallbackApi
+    functions: LambdaFunctions
+    runtime: RuntimeServer
+    router: ThreadOutput | None
+    workdir: Path
+    execution_id: str
+    manifest_file: str  # contract.py's MANIFEST_FILE: the data manifest a processing output may hold
+    max_tuning_jobs: int | None = None
+    seed: int = 0
+    parallel: int = 2
+    endpoint_delay_seconds: float = 0.0  # an endpoint a Deploy step creates or updates stays Creating/Updating this long
+    facts: dict[str, Any] = field(default_factory=dict)  # what the summary reads besides the steps
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def job_name(self, step: str) -> str:
+        return f"{self.execution_id}-{step}"[:63]
+
+    def lambda_log(self, step: str) -> Path:
+        return self.workdir / "lambda" / f"{step}.log"
+
+
+Runner = Callable[[StepState, Resolver, StepContext], str]
+
+
+def run_processing(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    arguments = resolver.resolve(state.node.document["Arguments"])
+    state.job_name = ctx.job_name(state.name)
+    state.logs = [ctx.jobs.jobs_dir / state.job_name / "logs" / "algo-1.log"]
+    result = run_processing_job(ctx.jobs, state.job_name, arguments)
+    state.logs = result.logs
+    ctx.scope.set_properties(state.name, result.properties)
+    outputs = {item["OutputName"]: item["S3Output"]["S3Uri"]
+               for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", [])}
+    state.details["outputs"] = {name: str(ctx.s3.path(uri)) for name, uri in outputs.items()}
+    for item in state.node.document.get("PropertyFiles", []):
+        ctx.scope.add_property_file(property_file(ctx.s3, state.name, item, outputs))
+    note_manifest(ctx, state.name, outputs)
+    return ""
+
+
+def property_file(s3: LocalS3, step: str, item: dict, outputs: dict[str, str]) -> PropertyFile:
+    """A step's PropertyFiles entry, read from the output it names."""
+    name, output, path = item["PropertyFileName"], item["OutputName"], item["FilePath"]
+    if output not in outputs:
+        raise StepFailure(f"property file {name} reads output {output!r}, which the step does not have")
+    uri = f"{outputs[output].rstrip('/')}/{path}"
+    local = s3.path(uri)
+    try:
+        document = json.loads(local.read_text())
+    except FileNotFoundError:
+        raise StepFailure(f"property file {name}: the job wrote no {path} in output {output!r} ({local})") from None
+    except json.JSONDecodeError as error:
+        raise StepFailure(f"property file {name}: {local} is not JSON ({error})") from None
+    return PropertyFile(step, name, uri, document)
+
+
+def note_manifest(ctx: StepContext, step: str, outputs: dict[str, str]) -> None:
+    """Remember a data manifest (classes, dropped files) for the summary and the check function."""
+    for uri in outputs.values():
+        manifest = ctx.s3.path(uri) / ctx.manifest_file
+        if manifest.is_file():
+            try:
+                document = json.loads(manifest.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(document, dict) and isinstance(document.get("classes"), list):
+                ctx.facts["manifest"] = {"path": str(manifest), "step": step, "document": document}
+
+
+def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    arguments = resolver.resolve(state.node.document["Arguments"])
+    state.job_name = ctx.job_name(state.name)
+    spec = TrainingSpec(state.job_name, arguments)
+    state.details["metric_patterns"] = [item["Regex"] for item in spec.metric_definitions]
+    state.details["instances"] = spec.instance_count
+
+    def started(logs: list[Path]) -> None:
+        state.logs = logs
+
+    result = run_training_job(ctx.jobs, spec, on_started=started)
+    state.logs = result.logs
+    ctx.scope.set_properties(state.name, result.properties)
+    state.details["model"] = str(result.model_artifact)
+    state.details["runner"] = result.runner
+    final = {item["MetricName"]: item["Value"] for item in result.properties["FinalMetricDataList"]}
+    state.details["final_metrics"] = final
+    return " ".join(f"{name}={value:.4g}" for name, value in final.items())
+
+
+def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    arguments = resolver.resolve(state.node.document["Arguments"])
+    state.job_name = ctx.job_name(state.name)
+    done: list[Trial] = []
+
+    def finished(trial: Trial) -> None:
+        with ctx.lock:
+            done.append(trial)
+            state.note = f"{len(done)} trial(s) done"
+
+    properties, trials = run_tuning_job(ctx.jobs, state.job_name, arguments, max_jobs=ctx.max_tuning_jobs,
+                                        seed=f"{state.name}:{ctx.seed}", parallel_limit=ctx.parallel, on_trial=finished)
+    state.logs = [log for trial in trials if trial.result for log in trial.result.logs]
+    ctx.scope.set_properties(state.name, properties)
+    metric = properties["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]
+    state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
+                                "objective": t.objective(metric["MetricName"]),
+                                "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None,
+                                "runner": t.result.runner if t.result else None}
+                               for t in trials]
+    channels = {item["ChannelName"]: item.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
+                for item in arguments["TrainingJobDefinition"].get("InputDataConfig", [])}
+    state.details["channels"] = {name: str(ctx.s3.path(uri)) for name, uri in channels.items() if uri}
+    return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; winner {metric['MetricName']}={metric['Value']:.4g}"
+
+
+def run_register_model(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    properties = register_model_package(ctx.sagemaker, resolver.resolve(state.node.document["Arguments"]))
+    ctx.scope.set_properties(state.name, properties)
+    return f"{properties.get('ModelPackageArn', '').split('/', 1)[-1]} {properties.get('ModelApprovalStatus', '')}"
+
+
+def run_lambda(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    event = resolver.resolve(state.node.document.get("Arguments", {}))
+    arn = state.node.document["FunctionArn"]
+    state.logs = [ctx.lambda_log(state.name)]
+    answer = ctx.functions.invoke(arn, event, state.logs[0], ctx.router)
+    ctx.runtime.start_containers()  # an endpoint the function created or updated loads its model now
+    outputs = output_parameters(answer, state.node.document.get("OutputParameters", []), arn.split(":")[6])
+    delay_endpoint(ctx, outputs)
+    return set_outputs(state, ctx, outputs)
+
+
+def set_outputs(state: StepState, ctx: StepContext, outputs: dict[str, Any]) -> str:
+    """A Lambda or Callback step's OutputParameters as its properties; returns them as the step's remark."""
+    ctx.scope.set_properties(state.name, {"OutputParameters": outputs})
+    state.details["outputs"] = outputs
+    return " ".join(f"{name}={value}" for name, value in outputs.items())
+
+
+def delay_endpoint(ctx: StepContext, outputs: dict[str, Any]) -> None:
+    """With --endpoint-delay, an endpoint just created or updated is Creating or Updating for that long, as on SageMaker."""
+    action, name = outputs.get("action"), outputs.get("endpoint_name")
+    delay = ctx.endpoint_delay_seconds
+    if delay <= 0 or not name or action not in ("created", "updated"):
+        return
+    region = ctx.settings.region
+    aws.set_endpoint_status(region, name, "Creating" if action == "created" else "Updating")
+    timer = threading.Timer(delay, aws.set_endpoint_status, (region, name, "InService"))
+    timer.daemon = True
+    timer.start()
+
+
+def queue_url(ctx: StepContext, sqs_queue_url: str) -> str:
+    """The embedded SQS queue named by a Callback step's SqsQueueUrl, created on first use."""
+    name = sqs_queue_url.rstrip("/").rsplit("/", 1)[-1]
+    with ctx.lock:
+        return ctx.sqs.create_queue(QueueName=name)["QueueUrl"]
+
+
+def run_callback(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    """Send SageMaker's callback message and let the wait function answer it, delivered as Lambda's SQS mapping does."""
+    document = state.node.document
+    arguments = resolver.resolve(document.get("Arguments", {}))
+    queue = queue_url(ctx, document["SqsQueueUrl"])
+    execution_arn = ctx.scope.execution["PipelineExecutionArn"]
+    token = ctx.callbacks.issue(state.name, execution_arn)
+    callback = ctx.callbacks.callbacks[token]
+    ctx.sqs.send_message(QueueUrl=queue, MessageBody=callback_message(token, execution_arn, arguments))
+    arn = ctx.settings.lambda_arn(WAIT_FUNCTION)
+    log = ctx.lambda_log(state.name)
+    state.logs = [log]
+    limit = float(arguments.get("max_wait_minutes") or 60) * 60 + CALLBACK_GRACE_SECONDS
+    started, looks = utc_now(), 0
+    while not callback.answered.is_set():
+        if (utc_now() - started).total_seconds() > limit:
+            raise StepFailure(f"no answer to the callback token within {limit:.0f} s: see {log}")
+        looks += deliver(ctx.sqs, queue, ctx.settings.region, lambda event: ctx.functions.invoke(arn, event, log, ctx.router))
+        state.note = f"{looks} message deliveries to {ctx.settings.lambda_function_name(WAIT_FUNCTION)}"
+    state.details["callback"] = {"token": token, "deliveries": looks, "outcome": callback.outcome}
+    if callback.outcome != "Succeeded":
+        raise StepFailure(callback.failure_reason or "the callback step was answered with a failure")
+    return set_outputs(state, ctx, output_parameters(callback.outputs, document.get("OutputParameters", []), "the callback answer"))
+
+
+def run_condition(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    outcome, notes = evaluate_all(state.node.document.get("Arguments", {}).get("Conditions", []), resolver.resolve)
+    ctx.scope.set_properties(state.name, {"Outcome": outcome})
+    state.details["notes"] = notes
+    return f"{'; '.join(notes)} -> {'if' if outcome else 'else'} branch"
+
+
+def run_fail(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+    message = as_text(resolver.resolve(state.node.document.get("Arguments", {}).get("ErrorMessage", "")))
+    state.details["message"] = message
+    raise StepFailure(message or "the pipeline reached a Fail step")
+
+
+RUNNERS: dict[str, Runner] = {
+    "Processing": run_processing,
+    "Training": run_training,
+    "Tuning": run_tuning,
+    "RegisterModel": run_register_model,
+    "Lambda": run_lambda,
+    "Callback": run_callback,
+    "Condition": run_condition,
+    "Fail": run_fail,
+}

@@ -1,0 +1,65 @@
+"""A step's state in a local run: the progress table's row of it, and what its runner found out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.dag import StepNode
+from pipeline.local.errors import LocalRunError
+from pipeline.progress import StepRow, utc_now
+
+SUCCEEDED, FAILED, EXECUTING, STOPPED = "Succeeded", "Failed", "Executing", "Stopped"
+SKIPPED, NOT_RUN = "Skipped", "Not run"
+NOTE_WIDTH = 90  # a step's remark in the table; the summary has it whole
+
+
+class StepFailure(LocalRunError):
+    """A step ended Failed; the message is its FailureReason."""
+
+
+@dataclass
+class StepState:
+    node: StepNode
+    row: StepRow  # name, status, start, end and failure reason, as the progress table shows them
+    note: str = ""  # a short live or final remark, shown in the table while the row has no reason
+    job_name: str = ""
+    logs: list[Path] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def pending(cls, node: StepNode) -> "StepState":
+        return cls(node, StepRow(node.name))
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def status(self) -> str:
+        return self.row.status
+
+    @property
+    def reason(self) -> str:
+        return self.row.reason
+
+    @property
+    def seconds(self) -> float | None:
+        return self.row.seconds(utc_now())
+
+    def start(self) -> None:
+        self.row = replace(self.row, status=EXECUTING, started=utc_now())
+
+    def finish(self, status: str, reason: str = "") -> None:
+        self.row = replace(self.row, status=status, ended=utc_now(), reason=reason)
+
+    def never_run(self, status: str, reason: str) -> None:
+        """Skipped or Not run, with why."""
+        self.row = replace(self.row, status=status, reason=reason)
+
+    def table_row(self) -> StepRow:
+        """The row with the note in place of a missing reason, cut to the table's width."""
+        if self.row.reason or not self.note:
+            return self.row
+        note = self.note if len(self.note) <= NOTE_WIDTH else self.note[: NOTE_WIDTH - 3] + "..."
+        return replace(self.row, reason=note)
