@@ -88,21 +88,10 @@ class Clients:
             self._clients[service] = _ServiceClient(client, service)
         return self._clients[service]
 
-    @property
-    def s3(self) -> Any:
-        return self.client("s3")
-
-    @property
-    def lambda_(self) -> Any:
-        return self.client("lambda")
-
-    @property
-    def sagemaker(self) -> Any:
-        return self.client("sagemaker")
-
-    @property
-    def sts(self) -> Any:
-        return self.client("sts")
+    s3 = property(lambda self: self.client("s3"))
+    lambda_ = property(lambda self: self.client("lambda"))
+    sagemaker = property(lambda self: self.client("sagemaker"))
+    sts = property(lambda self: self.client("sts"))
 
 
 class _ServiceClient:

@@ -125,14 +125,8 @@ class Settings:
             ("account", _ACCOUNT, "a 12-digit AWS account id"),
             ("project_name", _NAME, "letters, digits and hyphens, at most 40 characters"),
             ("bucket", _BUCKET, "an S3 bucket name"),
-            ("pipeline_role_arn", _ROLE, "an IAM role ARN"),
-            ("job_role_arn", _ROLE, "an IAM role ARN"),
-            ("model_role_arn", _ROLE, "an IAM role ARN"),
-            ("deploy_lambda_role_arn", _ROLE, "an IAM role ARN"),
-            ("check_lambda_role_arn", _ROLE, "an IAM role ARN"),
-            ("wait_lambda_role_arn", _ROLE, "an IAM role ARN"),
+            *((name, _ROLE, "an IAM role ARN") for name in role_settings()),
             ("endpoint_wait_queue_url", _QUEUE_URL, "an SQS queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
-            ("invoke_lambda_role_arn", _ROLE, "an IAM role ARN"),
             ("invoke_endpoint_name", _NAME_63, "a SageMaker endpoint name (letters, digits, hyphens, at most 63 characters)"),
         ]
         for name, pattern, expected in checks:
@@ -178,6 +172,11 @@ class Settings:
             tags.setdefault("sagemaker:project-name", self.project_name)
             tags.setdefault("sagemaker:project-id", self.project_id)
         return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+
+def role_settings() -> tuple[str, ...]:
+    """The settings that are IAM role ARNs: every ``*_role_arn`` field."""
+    return tuple(setting.name for setting in fields(Settings) if setting.name.endswith("_role_arn"))
 
 
 def default_source_dir() -> Path:
