@@ -131,4 +131,4 @@ def load_artifact(path: Path, settings: Settings):
     if problems:
         raise ArtifactError("will not publish " + str(path) + ":\n  " + "\n  ".join(dict.fromkeys(problems)))
     validate_definition(document)
-    return Synth(definition=text, assets=assets)
+    return Synth(definition=text, document=document, assets=assets)

@@ -54,12 +54,10 @@ OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_
 
 @dataclass(frozen=True)
 class Synth:
+    """A definition as the text that is published and its document, parsed once; treat both as read-only."""
     definition: str  # pretty-printed JSON with sorted keys
+    document: dict
     assets: Assets
-
-    @property
-    def document(self) -> dict:
-        return json.loads(self.definition)
 
 
 def load_contract(source_dir: Path) -> ModuleType:
@@ -172,4 +170,4 @@ def synth(settings: Settings) -> Synth:
     with offline_sdk(settings) as session:
         document = json.loads(get_pipeline(settings, assets, session).definition())
     validate_definition(document)
-    return Synth(definition=render(document), assets=assets)
+    return Synth(definition=render(document), document=document, assets=assets)

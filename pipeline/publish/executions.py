@@ -16,7 +16,7 @@ from pipeline.commands import parse_parameters
 from pipeline.dag import steps_of, topological_order
 from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
 from pipeline.progress import PENDING, ProgressView, StepRow
-from pipeline.publish.pipeline_resource import deployed_pipeline
+from pipeline.publish.pipeline_resource import deployed_definition
 from pipeline.settings import Settings
 
 DEFAULT_POLL_SECONDS = 20.0
@@ -55,12 +55,12 @@ def start_execution(clients: Clients, settings: Settings, parameters: list[str],
     """Start an execution of the deployed pipeline; returns its ARN."""
     name = settings.pipeline_name
     with explained(f"starting pipeline {name}"):
-        deployed = deployed_pipeline(clients, name)
+        deployed = deployed_definition(clients, name)
         if deployed is None:
             raise AwsError(f"pipeline {name} does not exist in {settings.region}: run dogbreed upsert first")
         request: dict[str, Any] = {
             "PipelineName": name,
-            "PipelineParameters": pipeline_parameters(parameters, json.loads(deployed["PipelineDefinition"])),
+            "PipelineParameters": pipeline_parameters(parameters, deployed),
             "ClientRequestToken": str(uuid.uuid4()),  # a retried call cannot start a second execution
         }
         if display_name:

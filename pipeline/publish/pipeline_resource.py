@@ -36,14 +36,22 @@ def deployed_pipeline(clients: Clients, name: str) -> dict[str, Any] | None:
         raise
 
 
+def deployed_definition(clients: Clients, name: str) -> dict | None:
+    """The deployed pipeline's definition document, or None when the pipeline does not exist."""
+    deployed = deployed_pipeline(clients, name)
+    return None if deployed is None else json.loads(deployed["PipelineDefinition"])
+
+
 def _pipeline_missing(error: ClientError) -> bool:
     message = error_message(error).lower()
     return error_code(error) in ("ResourceNotFound", "ResourceNotFoundException") or (
         error_code(error) == "ValidationException" and ("could not find" in message or "does not exist" in message))
 
 
-def publish_pipeline(clients: Clients, settings: Settings, definition: str, tags: list[dict[str, str]],
+def publish_pipeline(clients: Clients, settings: Settings, definition: str, document: dict, tags: list[dict[str, str]],
                      max_parallel_steps: int) -> tuple[str, bool]:
+    """Create or update the pipeline with ``definition``, the text sent as it is, whose parsed ``document`` is
+    compared with the deployed one."""
     name = settings.pipeline_name
     attributes = pipeline_attributes(settings, max_parallel_steps)
     with explained(f"publishing pipeline {name}", role=settings.pipeline_role_arn):
@@ -53,10 +61,10 @@ def publish_pipeline(clients: Clients, settings: Settings, definition: str, tags
                 PipelineName=name, PipelineDefinition=definition, Tags=tags,
                 ClientRequestToken=str(uuid.uuid4()), **attributes,
             )
-            steps = len(diff_definitions({}, json.loads(definition)).added_steps)
+            steps = len(diff_definitions({}, document).added_steps)
             return f"pipeline {name}: created ({steps} steps)", True
         done = []
-        diff = diff_definitions(json.loads(deployed["PipelineDefinition"]), json.loads(definition))
+        diff = diff_definitions(json.loads(deployed["PipelineDefinition"]), document)
         different = [key for key, value in attributes.items() if deployed.get(key) != value]
         if not diff.equal or different:
             clients.sagemaker.update_pipeline(PipelineName=name, PipelineDefinition=definition, **attributes)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +11,7 @@ from pipeline.changes import DefinitionDiff, diff_definitions
 from pipeline.commands import add_settings_arguments, positive_float, positive_int, settings_from_args
 from pipeline.definition import synth
 from pipeline.publish.executions import DEFAULT_POLL_SECONDS, start_and_maybe_wait
-from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, deployed_pipeline
+from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, deployed_definition
 from pipeline.publish.upsert import upsert
 from pipeline.settings import PLACEHOLDER_ACCOUNT, Settings
 
@@ -54,12 +53,12 @@ def _diff_command(args: argparse.Namespace) -> int:
     local = read_definition(args.definition)[1] if args.definition else synth(settings).document
     name = settings.pipeline_name
     with explained(f"reading pipeline {name}"):
-        deployed = deployed_pipeline(clients, name)
+        deployed = deployed_definition(clients, name)
     if deployed is None:
         print(f"pipeline {name} does not exist in {settings.region}: upsert would create it with "
               f"{len(diff_definitions({}, local).added_steps)} steps")
         return 1
-    diff: DefinitionDiff = diff_definitions(json.loads(deployed["PipelineDefinition"]), local)
+    diff: DefinitionDiff = diff_definitions(deployed, local)
     if diff.equal:
         print(f"no differences: the deployed definition of {name} equals the local one")
         return 0
@@ -81,9 +80,19 @@ def _add_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execution-name", default=None, help="display name of the execution")
 
 
+def _add_aws_command(commands: argparse._SubParsersAction, name: str, help: str,
+                     handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A command that reads the settings and talks to AWS; the caller adds its own arguments."""
+    parser = commands.add_parser(name, help=help)
+    add_settings_arguments(parser)
+    add_aws_arguments(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    upsert_parser = commands.add_parser("upsert", help="publish the assets, the Lambda functions (with the invoke function's provisioned "
-                                                      "concurrency) and the pipeline; changes only what differs")
+    upsert_parser = _add_aws_command(commands, "upsert", "publish the assets, the Lambda functions (with the invoke function's "
+                                     "provisioned concurrency) and the pipeline; changes only what differs", _upsert_command)
     upsert_parser.add_argument("--start", action="store_true", help="start an execution afterwards")
     upsert_parser.add_argument("--max-parallel-steps", type=positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
                                help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")
@@ -91,19 +100,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                                help="publish this definition (written by dogbreed synth) and the assets its assets.json "
                                     "lists, exactly as they are, instead of synthesizing one")
     _add_start_arguments(upsert_parser)
-    add_settings_arguments(upsert_parser)
-    add_aws_arguments(upsert_parser)
-    upsert_parser.set_defaults(handler=_upsert_command)
 
-    start_parser = commands.add_parser("start", help="start an execution of the deployed pipeline and print its ARN")
+    start_parser = _add_aws_command(commands, "start", "start an execution of the deployed pipeline and print its ARN",
+                                    _start_command)
     _add_start_arguments(start_parser)
-    add_settings_arguments(start_parser)
-    add_aws_arguments(start_parser)
-    start_parser.set_defaults(handler=_start_command)
 
-    diff_parser = commands.add_parser("diff", help="compare the local definition with the deployed one; exit 1 when they differ")
+    diff_parser = _add_aws_command(commands, "diff", "compare the local definition with the deployed one; exit 1 when they differ",
+                                   _diff_command)
     diff_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
                              help="compare this definition file instead of synthesizing one")
-    add_settings_arguments(diff_parser)
-    add_aws_arguments(diff_parser)
-    diff_parser.set_defaults(handler=_diff_command)

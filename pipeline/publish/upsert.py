@@ -68,7 +68,7 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
     for spec in FUNCTIONS:
         record(publish_function(clients, settings, spec, assets.lambdas))
     record(publish_provisioned_concurrency(clients, settings))
-    record(publish_pipeline(clients, settings, built.definition, settings.all_tags(), max_parallel_steps))
+    record(publish_pipeline(clients, settings, built.definition, built.document, settings.all_tags(), max_parallel_steps))
     if report.changed:
         print(f"{report.changed} of {len(report.lines)} resources changed", file=out)
     else:
