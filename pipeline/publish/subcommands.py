@@ -80,32 +80,37 @@ def _add_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execution-name", default=None, help="display name of the execution")
 
 
+def _add_upsert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start", action="store_true", help="start an execution afterwards")
+    parser.add_argument("--max-parallel-steps", type=positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
+                        help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")
+    parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
+                        help="publish this definition (written by dogbreed synth) and the assets its assets.json "
+                             "lists, exactly as they are, instead of synthesizing one")
+
+
+def _add_diff_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
+                        help="compare this definition file instead of synthesizing one")
+
+
 def _add_aws_command(commands: argparse._SubParsersAction, name: str, help: str,
-                     handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    """A command that reads the settings and talks to AWS; the caller adds its own arguments."""
+                     handler: Callable[[argparse.Namespace], int],
+                     *own_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    """A command that reads the settings and talks to AWS: its own arguments, then the settings and connection flags."""
     parser = commands.add_parser(name, help=help)
+    for add in own_arguments:
+        add(parser)
     add_settings_arguments(parser)
     add_aws_arguments(parser)
     parser.set_defaults(handler=handler)
-    return parser
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    upsert_parser = _add_aws_command(commands, "upsert", "publish the assets, the Lambda functions (with the invoke function's "
-                                     "provisioned concurrency) and the pipeline; changes only what differs", _upsert_command)
-    upsert_parser.add_argument("--start", action="store_true", help="start an execution afterwards")
-    upsert_parser.add_argument("--max-parallel-steps", type=positive_int, default=DEFAULT_MAX_PARALLEL_STEPS,
-                               help=f"ParallelismConfiguration of the pipeline (default {DEFAULT_MAX_PARALLEL_STEPS})")
-    upsert_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
-                               help="publish this definition (written by dogbreed synth) and the assets its assets.json "
-                                    "lists, exactly as they are, instead of synthesizing one")
-    _add_start_arguments(upsert_parser)
-
-    start_parser = _add_aws_command(commands, "start", "start an execution of the deployed pipeline and print its ARN",
-                                    _start_command)
-    _add_start_arguments(start_parser)
-
-    diff_parser = _add_aws_command(commands, "diff", "compare the local definition with the deployed one; exit 1 when they differ",
-                                   _diff_command)
-    diff_parser.add_argument("--definition", type=Path, default=None, metavar="FILE",
-                             help="compare this definition file instead of synthesizing one")
+    _add_aws_command(commands, "upsert", "publish the assets, the Lambda functions (with the invoke function's provisioned "
+                     "concurrency) and the pipeline; changes only what differs",
+                     _upsert_command, _add_upsert_arguments, _add_start_arguments)
+    _add_aws_command(commands, "start", "start an execution of the deployed pipeline and print its ARN",
+                     _start_command, _add_start_arguments)
+    _add_aws_command(commands, "diff", "compare the local definition with the deployed one; exit 1 when they differ",
+                     _diff_command, _add_diff_arguments)
