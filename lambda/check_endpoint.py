@@ -13,26 +13,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from events import (
-    NAME_HINT,
-    NAME_PATTERN,
     SCALABLE_DIMENSION,
     VARIANT_NAME,
+    WAITING_STATUSES,
     EventError,
+    annotate,
     client,
+    env_int,
     error_code,
     error_message,
-    annotate,
     is_not_found,
     read_float,
     read_int,
-    read_str,
+    read_name,
     request_handler,
     scaling_resource_id,
 )
@@ -47,7 +46,6 @@ DEFAULT_NUM_CLASSES = 133
 PROBABILITY_TOLERANCE = 1e-3  # float32 softmax over 133 classes, rounded by JSON
 SCALE_IN_COOLDOWN_SECONDS = 300
 SCALE_OUT_COOLDOWN_SECONDS = 60
-WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 
 
 class CheckFailed(RuntimeError):
@@ -70,20 +68,15 @@ class CheckRequest:
     num_classes: int
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() else default
-
-
 def parse_event(event: Mapping[str, Any]) -> CheckRequest:
     """The check request in ``event``; raises EventError naming the first bad field.
 
     ``min_capacity`` and ``max_capacity`` default to the function's MIN_CAPACITY
     and MAX_CAPACITY environment (the stack's auto-scaling bounds).
     """
-    endpoint_name = read_str(event, "endpoint_name", pattern=NAME_PATTERN, hint=NAME_HINT)
-    min_capacity = read_int(event, "min_capacity", default=_env_int("MIN_CAPACITY", 1), minimum=1)
-    max_capacity = read_int(event, "max_capacity", default=_env_int("MAX_CAPACITY", 5), minimum=1)
+    endpoint_name = read_name(event, "endpoint_name")
+    min_capacity = read_int(event, "min_capacity", default=env_int("MIN_CAPACITY", 1), minimum=1)
+    max_capacity = read_int(event, "max_capacity", default=env_int("MAX_CAPACITY", 5), minimum=1)
     if max_capacity < min_capacity:
         raise EventError(f"event field 'max_capacity' = {max_capacity} is below 'min_capacity' = {min_capacity}")
     target = read_float(event, "target_invocations_per_instance")
@@ -97,8 +90,8 @@ def parse_event(event: Mapping[str, Any]) -> CheckRequest:
         target_invocations_per_instance=target,
         wait_seconds=None if wait in (None, "") else read_float(event, "wait_seconds", minimum=0),
         poll_seconds=read_float(event, "poll_seconds", default=DEFAULT_POLL_SECONDS, minimum=0.01, maximum=300),
-        endpoint_config_name=read_str(event, "endpoint_config_name", default="", pattern=NAME_PATTERN, hint=NAME_HINT, allow_empty=True),
-        num_classes=read_int(event, "num_classes", default=_env_int("NUM_CLASSES", DEFAULT_NUM_CLASSES), minimum=2),
+        endpoint_config_name=read_name(event, "endpoint_config_name", default="", allow_empty=True),
+        num_classes=read_int(event, "num_classes", default=env_int("NUM_CLASSES", DEFAULT_NUM_CLASSES), minimum=2),
     )
 
 

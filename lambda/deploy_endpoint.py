@@ -18,20 +18,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from events import (
-    NAME_HINT,
-    NAME_PATTERN,
     SCALABLE_DIMENSION,
     VARIANT_NAME,
+    WAITING_STATUSES,
     AwsCallFailed,
     EventError,
+    annotate,
     client,
     error_code,
     error_message,
     is_not_found,
-    annotate,
     log,
     read_bool,
     read_int,
+    read_name,
     read_str,
     read_str_list,
     request_handler,
@@ -40,7 +40,7 @@ from events import (
 
 HASH_LENGTH = 10
 MAX_NAME_LENGTH = 63
-BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+BUSY_STATUSES = (*WAITING_STATUSES, "Deleting")
 STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.yaml creates for both endpoints
 # Blue/green: shift all traffic at once, then keep the old fleet while the
 # rollback alarms watch the new one, so an alarm can switch traffic back. The
@@ -81,7 +81,7 @@ class DeployRequest:
 
 def parse_event(event: Mapping[str, Any]) -> DeployRequest:
     """The deploy request in ``event``; raises EventError naming the first bad field."""
-    endpoint_name = read_str(event, "endpoint_name", pattern=NAME_PATTERN, hint=NAME_HINT)
+    endpoint_name = read_name(event, "endpoint_name")
     alarms = read_str_list(event, "rollback_alarm_names") or default_rollback_alarms(endpoint_name)
     return DeployRequest(
         model_package_arn=read_str(event, "model_package_arn", pattern=MODEL_PACKAGE_ARN, hint="a SageMaker model package ARN (arn:aws:sagemaker:<region>:<account>:model-package/<group>/<version>)"),

@@ -1,4 +1,4 @@
-"""Typed event fields, AWS clients, and the request decorator and log lines shared by the handlers.
+"""What the handlers share: typed event fields, AWS clients and errors, and each request's log lines.
 
 Standard library and boto3 only: the functions ship as one zip and must
 start fast. Pipeline parameters reach a LambdaStep either as JSON numbers or as
@@ -16,6 +16,7 @@ import contextvars
 import functools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -25,24 +26,16 @@ from typing import Any, Callable, Mapping, Pattern, TypeVar
 import boto3
 from botocore.config import Config
 
-NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# --- event fields -------------------------------------------------------------
+
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # a SageMaker endpoint or endpoint config name
 NAME_HINT = "1 to 63 letters, digits and hyphens, starting and ending with a letter or digit"
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
-VARIANT_NAME = "AllTraffic"  # the one production variant deploy-endpoint creates
-SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-
 _MISSING = object()
-LATENCY_FIELD = "latency_ms"  # every handler's summary line: milliseconds from the event's arrival to the answer
-_REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("request", default=None)
-Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 class EventError(ValueError):
     """An event field is missing or has a value that cannot work; the message names the field."""
-
-
-class AwsCallFailed(RuntimeError):
-    """AWS refused a call the function made; the message carries AWS's error code and message."""
 
 
 def _raw(event: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -79,6 +72,11 @@ def read_str(
     return value
 
 
+def read_name(event: Mapping[str, Any], name: str, *, default: Any = _MISSING, allow_empty: bool = False) -> str:
+    """``event[name]`` as a SageMaker endpoint or endpoint config name (NAME_PATTERN)."""
+    return read_str(event, name, default=default, pattern=NAME_PATTERN, hint=NAME_HINT, allow_empty=allow_empty)
+
+
 def read_int(
     event: Mapping[str, Any],
     name: str,
@@ -88,17 +86,7 @@ def read_int(
     maximum: int | None = None,
 ) -> int:
     """``event[name]`` as an int, from a JSON integer, an integral float or a decimal string."""
-    value = _raw(event, name, default)
-    if isinstance(value, bool):
-        raise EventError(f"event field {name!r} must be an integer, got a boolean")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str) and _INTEGER.match(value.strip()):
-        value = int(value.strip())
-    if not isinstance(value, int):
-        raise EventError(f"event field {name!r} must be an integer, got {type(value).__name__} {value!r}")
-    _check_range(name, value, minimum, maximum)
-    return value
+    return _read_number(event, name, default, minimum, maximum, "an integer", _as_int)
 
 
 def read_float(
@@ -110,9 +98,30 @@ def read_float(
     maximum: float | None = None,
 ) -> float:
     """``event[name]`` as a finite float, from a JSON number or a decimal string."""
+    return _read_number(event, name, default, minimum, maximum, "a number", _as_float)
+
+
+def _read_number(event: Mapping[str, Any], name: str, default: Any, minimum: float | None, maximum: float | None,
+                 kind: str, convert: Callable[[str, Any], Any]) -> Any:
     value = _raw(event, name, default)
-    if isinstance(value, bool):
-        raise EventError(f"event field {name!r} must be a number, got a boolean")
+    if isinstance(value, bool):  # JSON true is no number, though Python's bool is an int
+        raise EventError(f"event field {name!r} must be {kind}, got a boolean")
+    value = convert(name, value)
+    _check_range(name, value, minimum, maximum)
+    return value
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INTEGER.match(value.strip()):
+        return int(value.strip())
+    if not isinstance(value, int):
+        raise EventError(f"event field {name!r} must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -120,7 +129,6 @@ def read_float(
             raise EventError(f"event field {name!r} must be a number, got {value!r}") from None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise EventError(f"event field {name!r} must be a finite number, got {value!r}")
-    _check_range(name, float(value), minimum, maximum)
     return float(value)
 
 
@@ -151,6 +159,23 @@ def _check_range(name: str, value: float, minimum: float | None, maximum: float 
         raise EventError(f"event field {name!r} = {value} is above the maximum {maximum}")
 
 
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """The function's environment variable ``name`` as a whole number of at least ``minimum``; else ``default``."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) >= minimum else default
+
+
+# --- SageMaker endpoints and AWS calls -----------------------------------------
+
+VARIANT_NAME = "AllTraffic"  # the one production variant deploy-endpoint creates
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")  # an endpoint on its way to InService or Failed
+
+
+class AwsCallFailed(RuntimeError):
+    """AWS refused a call the function made; the message carries AWS's error code and message."""
+
+
 @functools.lru_cache(maxsize=None)
 def client(service: str, read_timeout: float = 20.0, max_attempts: int = 3) -> Any:
     """One boto3 client per service and settings for the life of the execution environment (reused while warm)."""
@@ -174,14 +199,22 @@ def error_code(error: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def error_message(error: Exception) -> str:
+    """The AWS error message of a botocore ClientError, or the text of anything else."""
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Message", "")) or str(error)
+
+
 def is_not_found(error: Exception) -> bool:
     """SageMaker's answer for a missing model, config or endpoint: a ValidationException saying 'Could not find'."""
     return error_code(error) == "ValidationException" and "could not find" in error_message(error).lower()
 
 
-def error_message(error: Exception) -> str:
-    response = getattr(error, "response", None) or {}
-    return str(response.get("Error", {}).get("Message", "")) or str(error)
+# --- each request's log lines --------------------------------------------------
+
+LATENCY_FIELD = "latency_ms"  # every handler's summary line: milliseconds from the event's arrival to the answer
+_REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("request", default=None)
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def log(**fields: Any) -> None:
@@ -204,6 +237,7 @@ def annotate(**fields: Any) -> None:
 
 
 def request_id(context: Any) -> str:
+    """The Lambda request id, or 'local' outside Lambda."""
     return str(getattr(context, "aws_request_id", "") or "local")
 
 
@@ -223,10 +257,10 @@ def request_handler(function: str, *, expected: tuple[type, ...] = (),
                        "summary_line": summary_line, "started": started}
             token = _REQUEST.set(request)
             try:
-                try:
-                    result = body(event, context)
-                except Exception as error:
-                    raise _failure(error, expected, started) from None
+                result = body(event, context)
+            except Exception as error:
+                raise _failure(error, expected, started) from None
+            else:
                 if summary_line:
                     log(**request["summary"], **{LATENCY_FIELD: _milliseconds(started)})
                 return result

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 import traceback
@@ -33,21 +32,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from events import (
-    NAME_HINT,
-    NAME_PATTERN,
+    WAITING_STATUSES,
     EventError,
     client,
+    env_int,
     error_code,
     error_message,
     is_not_found,
     log,
     read_int,
-    read_str,
+    read_name,
     request_handler,
 )
 
 TOKEN_PATTERN = re.compile(r"^[a-zA-Z0-9]{10}$")  # SageMaker's CallbackToken: 10 letters and digits
-WAITING_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 DEFAULT_MAX_WAIT_MINUTES = 60
 MAX_WAIT_MINUTES_LIMIT = 720  # the queue keeps a message 14 days; a day of polling stays far inside it
 DEFAULT_INITIAL_POLL_SECONDS = 30
@@ -93,8 +91,8 @@ class Outcome:
 def parse_arguments(arguments: Any) -> WaitRequest:
     """The CallbackStep's inputs; raises EventError naming the first bad field."""
     return WaitRequest(
-        endpoint_name=read_str(arguments, "endpoint_name", pattern=NAME_PATTERN, hint=NAME_HINT),
-        endpoint_config_name=read_str(arguments, "endpoint_config_name", pattern=NAME_PATTERN, hint=NAME_HINT),
+        endpoint_name=read_name(arguments, "endpoint_name"),
+        endpoint_config_name=read_name(arguments, "endpoint_config_name"),
         max_wait_minutes=read_int(arguments, "max_wait_minutes", default=DEFAULT_MAX_WAIT_MINUTES,
                                   minimum=1, maximum=MAX_WAIT_MINUTES_LIMIT),
     )
@@ -168,15 +166,10 @@ def endpoint_outcome(sagemaker: Any, request: WaitRequest, waited_seconds: float
 
 def poll_seconds(receive_count: int, remaining_seconds: float) -> int:
     """The visibility timeout before the next look: doubling per delivery, capped, never past the maximum wait."""
-    initial = _env_seconds("INITIAL_POLL_SECONDS", DEFAULT_INITIAL_POLL_SECONDS)
-    ceiling = _env_seconds("MAX_POLL_SECONDS", DEFAULT_MAX_POLL_SECONDS)
+    initial = env_int("INITIAL_POLL_SECONDS", DEFAULT_INITIAL_POLL_SECONDS, minimum=1)
+    ceiling = env_int("MAX_POLL_SECONDS", DEFAULT_MAX_POLL_SECONDS, minimum=1)
     interval = min(initial * 2 ** min(receive_count - 1, 16), ceiling, MAX_VISIBILITY_SECONDS)
     return int(max(1, min(interval, remaining_seconds + 1)))
-
-
-def _env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) > 0 else default
 
 
 def decide(delivery: Delivery) -> tuple[Outcome, WaitRequest | None]:
