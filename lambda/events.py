@@ -77,26 +77,14 @@ def read_name(event: Mapping[str, Any], name: str, *, default: Any = _MISSING, a
     return read_str(event, name, default=default, pattern=NAME_PATTERN, hint=NAME_HINT, allow_empty=allow_empty)
 
 
-def read_int(
-    event: Mapping[str, Any],
-    name: str,
-    *,
-    default: Any = _MISSING,
-    minimum: int | None = None,
-    maximum: int | None = None,
-) -> int:
+def read_int(event: Mapping[str, Any], name: str, *, default: Any = _MISSING,
+             minimum: int | None = None, maximum: int | None = None) -> int:
     """``event[name]`` as an int, from a JSON integer, an integral float or a decimal string."""
     return _read_number(event, name, default, minimum, maximum, "an integer", _as_int)
 
 
-def read_float(
-    event: Mapping[str, Any],
-    name: str,
-    *,
-    default: Any = _MISSING,
-    minimum: float | None = None,
-    maximum: float | None = None,
-) -> float:
+def read_float(event: Mapping[str, Any], name: str, *, default: Any = _MISSING,
+               minimum: float | None = None, maximum: float | None = None) -> float:
     """``event[name]`` as a finite float, from a JSON number or a decimal string."""
     return _read_number(event, name, default, minimum, maximum, "a number", _as_float)
 
