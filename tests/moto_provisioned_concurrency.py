@@ -28,21 +28,20 @@ import json
 import re
 import threading
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 from urllib.parse import parse_qs, unquote
 
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.test import Client
 
+from pipeline.local.moto_server import StartResponse, ThreadedMotoServer, WsgiApp
+
 PATH = re.compile(r"^/2019-09-30/functions/(?P<function>[^/]+)/provisioned-concurrency/?$")
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
 class ProvisionedConcurrency:
     """WSGI application: the three provisioned-concurrency operations here, everything else to ``moto``."""
 
-    def __init__(self, moto: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, moto: WsgiApp) -> None:
         self.moto = moto
         self.configurations: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -116,23 +115,8 @@ def _error(status: str, code: str, message: str) -> tuple[str, dict, str]:
     return status, {"Type": "User", "message": message}, code
 
 
-class Server:
-    """moto's server app behind ``ProvisionedConcurrency``, served on 127.0.0.1 from a thread."""
+class Server(ThreadedMotoServer):
+    """moto's server app behind ``ProvisionedConcurrency`` (``app``), served on 127.0.0.1 from a thread."""
 
     def __init__(self, port: int) -> None:
-        self.app = ProvisionedConcurrency(DomainDispatcherApplication(create_backend_app))
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, self.app, threaded=True, request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join()
-        self._server.server_close()
+        super().__init__(ProvisionedConcurrency, port)

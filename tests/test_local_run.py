@@ -50,6 +50,17 @@ def local_run(*arguments: str) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+def run_edited(tmp_path: Path, document: dict, *arguments: str,
+               split_sizes: dict[str, int] | None = None) -> tuple[int, str, str, Path]:
+    """``local-run`` of an edited definition on a generated two-class sample: exit status, stdout, stderr, work dir."""
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(document))
+    sample = make_sample(tmp_path / "data", classes=2, split_sizes=split_sizes or {"train": 4, "valid": 2, "test": 2})
+    workdir = tmp_path / "work"
+    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir), *arguments)
+    return status, out, err, workdir
+
+
 def summary_of(workdir: Path) -> dict:
     return json.loads((workdir / "summary.json").read_text())
 
@@ -173,11 +184,7 @@ def test_training_jobs_run_through_the_training_toolkit(full_run):
 def test_a_failing_script_gives_its_error_line_as_the_reason(tmp_path: Path):
     document = _definition(tmp_path)
     _step(document, "PrepareData")["Arguments"]["AppSpecification"]["ContainerArguments"] += ["--resize", "tiny"]
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(document))
-    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 4, "valid": 2, "test": 2})
-    workdir = tmp_path / "work"
-    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir))
+    status, out, err, workdir = run_edited(tmp_path, document)
     assert status == 1, out[-2000:] + err
     reason = steps_by_name(summary_of(workdir))["PrepareData"]["reason"]
     assert reason == "AlgorithmError: preprocess.py: error: argument --resize: invalid int value: 'tiny'", reason
@@ -233,12 +240,8 @@ def test_raised_threshold_ends_in_the_fail_step(tmp_path: Path):
     document = _definition(tmp_path)
     for suffix in ("SingleInstance", "MultiInstance"):
         gate_model_at(document, suffix, 1.5)
-    edited = tmp_path / "gated.json"
-    edited.write_text(json.dumps(document))
-    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 8, "valid": 2, "test": 2})
-    workdir = tmp_path / "work"
-    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir),
-                                 "--max-tuning-jobs", "1", "--param", "MultiInstanceCount=1", *SMALL_MODEL)
+    status, out, err, workdir = run_edited(tmp_path, document, "--max-tuning-jobs", "1", "--param", "MultiInstanceCount=1",
+                                           *SMALL_MODEL, split_sizes={"train": 8, "valid": 2, "test": 2})
     assert status == 1, out[-3000:] + err
     summary = summary_of(workdir)
     assert summary["status"] == "Failed"
@@ -283,13 +286,9 @@ def gate_model_at(document: dict, suffix: str, threshold: float) -> None:
 def test_a_twin_below_the_threshold_does_not_stop_the_other_and_fails_the_run_after_its_deployment(tmp_path: Path):
     document = _definition(tmp_path)
     gate_model_at(document, "MultiInstance", 1.5)  # out of reach; the single-instance model faces AccuracyThreshold=0.0
-    edited = tmp_path / "gated.json"
-    edited.write_text(json.dumps(document))
-    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 8, "valid": 2, "test": 2})
-    workdir = tmp_path / "work"
-    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir),
-                                 "--max-tuning-jobs", "1", "--endpoint-delay", "3", "--param", "MultiInstanceCount=1",
-                                 "--param", "AccuracyThreshold=0.0", *SMALL_MODEL)
+    status, out, err, workdir = run_edited(tmp_path, document, "--max-tuning-jobs", "1", "--endpoint-delay", "3",
+                                           "--param", "MultiInstanceCount=1", "--param", "AccuracyThreshold=0.0",
+                                           *SMALL_MODEL, split_sizes={"train": 8, "valid": 2, "test": 2})
     assert status == 1, out[-3000:] + err
     summary = summary_of(workdir)
     steps = steps_by_name(summary)
@@ -352,11 +351,7 @@ def test_reference_that_fails_at_run_time_names_step_and_path(tmp_path: Path):
     tune = _step(document, "TuneHyperparameters")
     missing = "Steps.PrepareData.ProcessingOutputConfig.Outputs[9].S3Output.S3Uri"
     tune["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]["data_hint"] = {"Get": missing}
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(document))
-    sample = make_sample(tmp_path / "data", classes=2, split_sizes={"train": 4, "valid": 2, "test": 2})
-    workdir = tmp_path / "work"
-    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir))
+    status, out, err, workdir = run_edited(tmp_path, document)
     assert status == 1, out[-2000:] + err
     steps = steps_by_name(summary_of(workdir))
     assert steps["PrepareData"]["status"] == "Succeeded"

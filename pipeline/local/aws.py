@@ -17,6 +17,9 @@ from typing import Any, Iterator, Mapping
 
 import boto3
 from botocore.config import Config
+from moto.sagemaker.models import sagemaker_backends
+
+from pipeline.local.callbacks import CallbackApi, MotoWithCallbacks
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-run", "AWS_SECRET_ACCESS_KEY": "local-run"}
 QUIET_LOGGERS = ("werkzeug", "moto", "botocore.credentials")
@@ -27,17 +30,15 @@ class EmbeddedMoto:
     callback API of CallbackSteps that moto lacks (``pipeline.local.callbacks``) in front of it."""
 
     def __init__(self) -> None:
-        self._server = None
+        self._server: MotoWithCallbacks | None = None
         self._levels: dict[str, int] = {}
         self.url = ""
 
     @property
-    def callbacks(self):
+    def callbacks(self) -> CallbackApi:
         return self._server.api
 
     def __enter__(self) -> "EmbeddedMoto":
-        from pipeline.local.callbacks import MotoWithCallbacks
-
         self._levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
         for name in QUIET_LOGGERS:  # the server logs every request
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -68,8 +69,6 @@ class EmbeddedMoto:
 def set_endpoint_status(region: str, endpoint_name: str, status: str) -> bool:
     """Put an endpoint of the embedded SageMaker in ``status`` (moto makes every endpoint InService at once);
     False when no account of the embedded backend has it."""
-    from moto.sagemaker.models import sagemaker_backends
-
     for account in list(sagemaker_backends.keys()):
         endpoint = sagemaker_backends[account][region].endpoints.get(endpoint_name)
         if endpoint is not None:

@@ -34,13 +34,12 @@ from typing import Any, Callable, Iterable
 
 import botocore.session
 from botocore.validate import ParamValidator
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from werkzeug.serving import BaseWSGIServer, make_server
+
+from pipeline.local.moto_server import StartResponse, ThreadedMotoServer, WsgiApp
 
 TARGET_PREFIX = "SageMaker."
 OPERATIONS = ("SendPipelineExecutionStepSuccess", "SendPipelineExecutionStepFailure")
 TOKEN_ALPHABET = string.ascii_letters + string.digits
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Callback:
 class CallbackApi:
     """WSGI application: the two callback operations here, everything else to ``moto``."""
 
-    def __init__(self, moto: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, moto: WsgiApp) -> None:
         self.moto = moto
         self.callbacks: dict[str, Callback] = {}
         self._lock = threading.Lock()
@@ -137,26 +136,15 @@ def _error(code: str, message: str) -> tuple[str, dict[str, Any]]:
     return "400 Bad Request", {"__type": code, "message": message}
 
 
-class MotoWithCallbacks:
-    """moto's server app behind ``CallbackApi``, on a free 127.0.0.1 port, from a thread."""
+class MotoWithCallbacks(ThreadedMotoServer):
+    """moto's server app behind ``CallbackApi``, on a 127.0.0.1 port (0: a free one), from a thread."""
 
     def __init__(self, port: int = 0) -> None:
-        self.api = CallbackApi(DomainDispatcherApplication(create_backend_app))
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, self.api, threaded=True, request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+        super().__init__(CallbackApi, port)
 
     @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join()
-        self._server.server_close()
+    def api(self) -> CallbackApi:
+        return self.app
 
 
 def queue_arn(sqs: Any, queue_url: str) -> str:

@@ -223,21 +223,21 @@ def _wait_for_hosts(ctx: JobContext, started: list[tuple[HostProcess, subprocess
         time.sleep(POLL_SECONDS)
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+def _log_text(path: Path) -> str:
+    """A job log's text; empty when it cannot be read."""
     try:
-        text = path.read_text(errors="replace")
+        return path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(line for line in text.splitlines()[-lines:])
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(_log_text(path).splitlines()[-lines:])
 
 
 def script_error_line(log: Path) -> str:
     """The last ``<script>.py: error: ...`` line of a log: the one-line error every container script ends with."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return ""
-    lines = SCRIPT_ERROR_LINE.findall(text)
+    lines = SCRIPT_ERROR_LINE.findall(_log_text(log))
     return lines[-1].strip() if lines else ""
 
 

@@ -27,7 +27,6 @@ from pipeline.local.errors import LocalRunError
 from pipeline.validate import parse_property_path
 
 ITEM_NAME_KEYS = ("OutputName", "InputName", "ChannelName", "MetricName", "Name", "PropertyFileName", "VariantName")
-_JSON_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 
 
 class UnresolvableReference(LocalRunError):
@@ -122,18 +121,9 @@ def as_text(value: Any) -> str:
 
 
 def json_path_get(document: Any, path: str, where: str, shown: str) -> Any:
-    """``a.b[0].c`` inside a JSON document (the subset of JsonPath SageMaker's JsonGet takes)."""
-    text = path[2:] if path.startswith("$.") else path
-    tokens: list[str | int] = []
-    position = 0
-    while position < len(text):
-        match = _JSON_PATH_TOKEN.match(text, position)
-        if not match:
-            raise UnresolvableReference(f"{where}: cannot parse JSON path {path!r} at {text[position:]!r}")
-        name, quoted, double_quoted, index = match.groups()
-        tokens.append(int(index) if index is not None else next(t for t in (name, quoted, double_quoted) if t is not None))
-        position = match.end()
-    return walk(document, tokens, where, shown)
+    """``a.b[0].c`` or ``$.a['b-c']`` inside a JSON document (the subset of JsonPath SageMaker's JsonGet takes),
+    parsed as synth parses property paths."""
+    return walk(document, parse_path(path[2:] if path.startswith("$.") else path, where), where, shown)
 
 
 class Resolver:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from pipeline.local.errors import LocalRunError
 
@@ -47,28 +48,14 @@ class LocalS3:
             link_or_copy(source, destination / source.name)
             return 1
         if source.is_dir():
-            count = 0
-            for file in sorted(source.rglob("*")):
-                if file.is_file():
-                    target = destination / file.relative_to(source)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(file, target)
-                    count += 1
+            count = copy_files(source, destination, link_or_copy)
             if count:
                 return count
         raise LocalRunError(f"no S3 objects found under {uri} (local folder {source})")
 
     def upload(self, source: Path, uri: str) -> int:
         """Copy the files under the folder ``source`` to the prefix ``uri``; returns the files copied."""
-        target_root = self.path(uri)
-        count = 0
-        for file in sorted(Path(source).rglob("*")):
-            if file.is_file():
-                target = target_root / file.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                copy_atomically(file, target)
-                count += 1
-        return count
+        return copy_files(Path(source), self.path(uri), copy_atomically)
 
     def put(self, uri: str, data: bytes) -> Path:
         target = self.path(uri)
@@ -77,6 +64,18 @@ class LocalS3:
         temporary.write_bytes(data)
         temporary.replace(target)
         return target
+
+
+def copy_files(source: Path, destination: Path, copy: Callable[[Path, Path], None]) -> int:
+    """Every file under the folder ``source`` to the same place under ``destination``, by ``copy``; returns the count."""
+    count = 0
+    for file in sorted(source.rglob("*")):
+        if file.is_file():
+            target = destination / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy(file, target)
+            count += 1
+    return count
 
 
 def link_or_copy(source: Path, target: Path) -> None:
