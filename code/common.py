@@ -80,6 +80,11 @@ def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "c
     return model, classes, info
 
 
+def channel_variable(channel: str) -> str:
+    """The variable in which the training toolkit gives a channel's folder: ``SM_CHANNEL_`` and the name in capitals."""
+    return f"SM_CHANNEL_{channel.upper()}"
+
+
 # SageMaker shows the first 1 KB of a job's failure file (FailureReason, ExitMessage).
 FAILURE_MESSAGE_LIMIT = 1024
 

@@ -39,6 +39,7 @@ Both files are written under temporary names and renamed, the JSON last.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -320,8 +321,6 @@ def argument_parser() -> argparse.ArgumentParser:
 def pretrained_record(folder: str | None, info: dict[str, Any]) -> dict[str, Any]:
     """Which backbone weights the evaluated model was transfer-learned from: the input's file and hash, and
     the source train.py recorded. The input holding only the definition's placeholder means none."""
-    import hashlib
-
     files = sorted(p for p in Path(folder).iterdir() if p.is_file()) if folder and Path(folder).is_dir() else []
     weights = [p for p in files if p.name != NO_WEIGHTS_PLACEHOLDER]
     record: dict[str, Any] = {"file": None, "sha256": None, "trained_from": info.get("pretrained_weights")}

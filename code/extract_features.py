@@ -68,7 +68,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     if (output / contract.FEATURES_HEADER_FILE).exists():
         raise train.TrainingInputError(f"{output} already holds features: write into an empty --output")
     if args.pretrained_channel:
-        os.environ[f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}"] = args.pretrained_channel
+        os.environ[common.channel_variable(contract.PRETRAINED_CHANNEL)] = args.pretrained_channel
     torch.set_num_threads(args.num_threads)
     device = distributed.training_device(0)
     train_set, valid_set = train.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)

@@ -13,12 +13,13 @@ tuner parses.
 
 Laid out as torchvision's classification reference, top to bottom: the
 arguments (``get_args_parser``, ``parse_args``); the data (``load_data``,
-``load_splits``, the loaders); the model (pretrained weights, frozen and
-trained parts); the features cache; one epoch (``train_one_epoch``,
-``evaluate``); resuming (checkpoints, ``Progress``); the fit (``fit``, one
-checkpoint per epoch); the outputs (the model directory); and ``main``/``run``,
-which read as the table of contents. Process groups, seeds and each rank's share
-of the data are in distributed.py.
+``load_splits``); the model (pretrained weights, ``initial_model``, the frozen
+and trained ``Parts``); the features cache and ``make_loaders``; one epoch
+(``train_one_epoch``, ``evaluate``); resuming (checkpoints, ``Progress``,
+``resumed_progress``); the fit (``fit``: a metric line and a checkpoint per
+epoch); the outputs (``write_model_dir``); and ``main``/``run``, which read as
+the table of contents. The process group, seeds and each rank's share of the
+data are in distributed.py.
 """
 from __future__ import annotations
 
@@ -169,10 +170,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add("data", type=text, default=env.get("SM_CHANNEL_TRAINING", "./data"),
         help="folder holding the train/ and valid/ ImageFolder splits (default $SM_CHANNEL_TRAINING)")
-    add("train-dir", type=text, default=env.get("SM_CHANNEL_TRAIN"),
-        help="training split, one folder per class (default $SM_CHANNEL_TRAIN, else <data>/train)")
-    add("valid-dir", type=text, default=env.get("SM_CHANNEL_VALID"),
-        help="validation split, same class folders as the training split (default $SM_CHANNEL_VALID, else <data>/valid)")
+    for split, what in ((contract.TRAIN_CHANNEL, "training split, one folder per class"),
+                        (contract.VALID_CHANNEL, "validation split, same class folders as the training split")):
+        variable = common.channel_variable(split)
+        add(f"{split}-dir", type=text, default=env.get(variable), help=f"{what} (default ${variable}, else <data>/{split})")
     add("model-dir", type=text, default=env.get("SM_MODEL_DIR", "./model"),
         help="where the model, classes, model info and inference code are written (default $SM_MODEL_DIR)")
     add("output-data-dir", type=optional_path, default=env.get("SM_OUTPUT_DATA_DIR"),
@@ -195,7 +196,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "true with --pretrained-weights none is refused)")
     add("pretrained-weights", type=text, default=None,
         help="backbone weights: 'imagenet' (the state dict in the "
-             f"'{contract.PRETRAINED_CHANNEL}' channel, $SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}, when it holds one, "
+             f"'{contract.PRETRAINED_CHANNEL}' channel, ${common.channel_variable(contract.PRETRAINED_CHANNEL)}, when it holds one, "
              "else torchvision's download), a state dict file (or a folder with one), or 'none' for random weights "
              "(default: imagenet)")
     add("image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="side of the square input, at least 32")
@@ -205,9 +206,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="compute the frozen backbone's features once and train the head on them "
              "(true needs a frozen backbone and --augment false; auto caches when both hold, "
              "else trains on the images)")
-    add("features", type=optional_path, default=env.get(f"SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}"),
+    add("features", type=optional_path, default=env.get(common.channel_variable(contract.FEATURES_CHANNEL)),
         help="train the head on the backbone features extract_features.py wrote to this folder instead of on images "
-             f"(default $SM_CHANNEL_{contract.FEATURES_CHANNEL.upper()}; needs --freeze-backbone true and --augment false)")
+             f"(default ${common.channel_variable(contract.FEATURES_CHANNEL)}; needs --freeze-backbone true and --augment false)")
     add("num-workers", type=non_negative_int, default=default_num_workers(), help="data-loading processes")
     add("num-threads", type=positive_int, default=default_num_threads(),
         help="torch CPU threads of this process (default $OMP_NUM_THREADS, else the cores divided by the processes on this machine)")
@@ -398,7 +399,7 @@ def channel_weights() -> Path | None:
     has: the job's own code archive. A channel holding only that file means
     "no weights supplied".
     """
-    folder = os.environ.get(f"SM_CHANNEL_{contract.PRETRAINED_CHANNEL.upper()}")
+    folder = os.environ.get(common.channel_variable(contract.PRETRAINED_CHANNEL))
     if not folder:
         return None
     path = Path(folder)
