@@ -23,6 +23,8 @@ import struct
 from pathlib import Path
 from typing import Mapping
 
+from pipeline.local.modules import script_folder
+
 HANDLER_SERVICE = "sagemaker_pytorch_serving_container.handler_service"
 MODEL_NAME = "model"  # the name the container registers its one model under
 # The container's TorchServe config says decode_input_request=false: bodies reach the handler as bytes.
@@ -97,8 +99,6 @@ class ModelWorker:
         import ts  # the toolkits are a dev dependency, not a core one
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
         from ts.model_loader import ModelLoaderFactory
-
-        from pipeline.local.modules import script_folder
 
         os.environ.update(WORKER_ENVIRONMENT)
         self._ids = itertools.count(1)
