@@ -133,9 +133,10 @@ def weights_uri(settings: Any, path: Path) -> str:
     return settings.s3_uri(*WEIGHTS_PREFIX, path.name)
 
 
-def load_document(args: argparse.Namespace, synthesized: str) -> dict:
+def load_document(args: argparse.Namespace, synthesized: dict) -> dict:
+    """The definition to run: the one synth built (already parsed), or the --definition file."""
     if args.definition is None:
-        return json.loads(synthesized)
+        return synthesized
     try:
         return json.loads(args.definition.read_text())
     except OSError as error:
@@ -194,7 +195,7 @@ def run_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     contract = load_contract(settings.source_dir)
     synthesized = synth(settings)
-    document = load_document(args, synthesized.definition)
+    document = load_document(args, synthesized.document)
     check_assets(document, settings, synthesized.assets)
     given = parse_parameters(args.param, document)
     weights_file = local_weights_file(given, args.pretrained_weights)
