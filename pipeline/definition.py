@@ -115,14 +115,16 @@ def framework_image(settings: Settings, scope: str, instance_type: str) -> str:
     )
 
 
-def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession) -> Pipeline:
-    """The whole DAG, with one function per step and the twins built by calling it twice."""
+def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, contract: ModuleType | None = None) -> Pipeline:
+    """The whole DAG, with one function per step and the twins built by calling it twice.
+
+    ``contract`` is code/contract.py as ``load_contract`` returns it; loaded from the settings' source dir if not given."""
     ctx = BuildContext(
         settings=settings,
         session=session,
         parameters=define_parameters(settings, no_weights_uri=assets.code.s3_uri),
         code_uri=assets.code.s3_uri,
-        contract=load_contract(settings.source_dir),
+        contract=contract or load_contract(settings.source_dir),
         training_image=framework_image(settings, "training", settings.training_instance_type),
         inference_image=framework_image(settings, "inference", settings.endpoint_instance_type),
     )
@@ -164,10 +166,10 @@ def render(document: dict) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-def synth(settings: Settings) -> Synth:
-    """The pipeline definition and the assets it refers to, built offline and checked."""
+def synth(settings: Settings, contract: ModuleType | None = None) -> Synth:
+    """The pipeline definition and the assets it refers to, built offline and checked (``contract``: see get_pipeline)."""
     assets = build_assets(settings)
     with offline_sdk(settings) as session:
-        document = json.loads(get_pipeline(settings, assets, session).definition())
+        document = json.loads(get_pipeline(settings, assets, session, contract).definition())
     validate_definition(document)
     return Synth(definition=render(document), document=document, assets=assets)

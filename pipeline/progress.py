@@ -2,7 +2,7 @@
 
 Independent of AWS, so that anything that runs steps can show them the same
 way: ``dogbreed start --wait`` feeds it from ``ListPipelineExecutionSteps``,
-the local runner from its own executor.
+the local runner from its scheduler.
 
 API::
 

@@ -194,7 +194,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} is not a folder of images")
     settings = settings_from_args(args)
     contract = load_contract(settings.source_dir)
-    synthesized = synth(settings)
+    synthesized = synth(settings, contract)
     document = load_document(args, synthesized.document)
     check_assets(document, settings, synthesized.assets)
     given = parse_parameters(args.param, document)
