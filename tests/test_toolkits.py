@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 import common
+import contract
 import train
 from conftest import CODE_DIR, make_dataset
 from pipeline.local.torchserve import HANDLER_SERVICE, ModelWorker
@@ -336,7 +337,8 @@ def test_an_unknown_hyperparameter_is_the_failure_reason_under_the_toolkit(step_
         "OutputDataConfig": {"S3OutputPath": "s3://bucket/out"},
         "ResourceConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.large"}})
     ctx = JobContext(s3=s3, jobs_dir=tmp_path / "jobs", region="us-east-1", account="111122223333",
-                     environment={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")}, cpus_per_job=1)
+                     environment={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")},
+                     failure_files=(contract.TRAINING_FAILURE_FILE, contract.PROCESSING_FAILURE_FILE), cpus_per_job=1)
     with pytest.raises(JobFailed) as failed:
         run_training_job(ctx, spec)
     line = "train.py: error: unrecognized arguments: --learning_rat 0.1 (see --help for the hyperparameter names)"

@@ -54,8 +54,8 @@ class JobContext:
     account: str
     environment: dict[str, str]  # the base environment of every container process
     # The /opt/ml paths of the files a failing script leaves its one-line reason in (contract.py's
-    # TRAINING_FAILURE_FILE, PROCESSING_FAILURE_FILE); without them the reason comes from the log.
-    failure_files: tuple[str, ...] = ()
+    # TRAINING_FAILURE_FILE, PROCESSING_FAILURE_FILE); when none has text, the reason comes from the log.
+    failure_files: tuple[str, ...]
     python: str = field(default_factory=lambda: sys.executable)
     cpus_per_job: int = field(default_factory=lambda: os.cpu_count() or 1)  # the cores one job may use while others run
     processes: "ProcessRegistry" = field(default_factory=lambda: ProcessRegistry())
