@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from pipeline.definition import load_contract
+from pipeline.settings import default_source_dir
 
 BREEDS = ("001.Affenpinscher", "002.Afghan_hound", "003.Airedale_terrier", "004.Akita",
           "005.Alaskan_malamute", "006.American_eskimo_dog", "007.American_foxhound", "008.American_staffordshire_terrier")
 COLOURS = ((205, 50, 45), (50, 170, 70), (45, 80, 200), (225, 190, 40), (150, 60, 180), (40, 180, 185),
            (120, 120, 120), (230, 120, 30))
 IMAGES_PER_CLASS = (24, 4, 4)  # of each split, in the order of contract.py's SPLITS (train, valid, test)
-CHECKOUT = Path(__file__).resolve().parents[2]  # holds code/contract.py
 IMAGE_SIZE = (64, 48)
 CORRUPT_NAME = "corrupt_upload.jpg"
 
@@ -63,7 +63,7 @@ def split_sizes_of(splits: Sequence[str]) -> dict[str, int]:
 
 
 def _contract_splits() -> tuple[str, ...]:
-    return tuple(load_contract(CHECKOUT).SPLITS)
+    return tuple(load_contract(default_source_dir()).SPLITS)  # the source dir the settings default to
 
 
 def make_sample(root: Path, classes: int = 4, split_sizes: Mapping[str, int] | None = None,
