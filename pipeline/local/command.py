@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.commands import UsageError, add_settings_arguments, parse_parameters, positive_int, settings_from_args
 from pipeline.local.sample import make_sample, split_sizes_of
+from pipeline.local.state import RunOptions
 from pipeline.dag import strings_in
 from pipeline.definition import load_contract, synth
 from pipeline.local.errors import LocalRunError
@@ -187,7 +188,7 @@ def sample_data(folder: Path, contract: ModuleType) -> dict[str, str]:
 
 def run_command(args: argparse.Namespace) -> int:
     # the runner brings moto, werkzeug and the toolkits (dev dependencies): not imported for the other commands
-    from pipeline.local.scheduler import LocalRun, RunOptions, new_execution_id
+    from pipeline.local.scheduler import LocalRun, new_execution_id
     from pipeline.local.summary import summary_document, summary_lines, write_summary
 
     if args.data is not None and not args.data.is_dir():

@@ -32,7 +32,7 @@ from pipeline.local.processing_job import run_processing_job
 from pipeline.local.references import PropertyFile, Resolver, Scope, as_text
 from pipeline.local.runtime import RuntimeServer
 from pipeline.local.s3 import LocalS3
-from pipeline.local.state import StepFailure, StepState
+from pipeline.local.state import RunOptions, StepFailure, StepState
 from pipeline.local.training_job import TrainingSpec, run_training_job
 from pipeline.local.tuning import Trial, run_tuning_job
 from pipeline.progress import utc_now
@@ -59,10 +59,7 @@ class StepContext:
     workdir: Path
     execution_id: str
     manifest_file: str  # contract.py's MANIFEST_FILE: the data manifest a processing output may hold
-    max_tuning_jobs: int | None = None
-    seed: int = 0
-    parallel: int = 2
-    endpoint_delay_seconds: float = 0.0  # an endpoint a Deploy step creates or updates stays Creating/Updating this long
+    options: RunOptions = field(default_factory=RunOptions)
     facts: dict[str, Any] = field(default_factory=dict)  # what the summary reads besides the steps
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -151,8 +148,8 @@ def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
             done.append(trial)
             state.note = f"{len(done)} trial(s) done"
 
-    properties, trials = run_tuning_job(ctx.jobs, state.job_name, arguments, max_jobs=ctx.max_tuning_jobs,
-                                        seed=f"{state.name}:{ctx.seed}", parallel_limit=ctx.parallel, on_trial=finished)
+    properties, trials = run_tuning_job(ctx.jobs, state.job_name, arguments, max_jobs=ctx.options.max_tuning_jobs,
+                                        seed=f"{state.name}:{ctx.options.seed}", parallel_limit=ctx.options.parallel, on_trial=finished)
     state.logs = [log for trial in trials if trial.result for log in trial.result.logs]
     ctx.scope.set_properties(state.name, properties)
     metric = properties["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]
@@ -194,7 +191,7 @@ def set_outputs(state: StepState, ctx: StepContext, outputs: dict[str, Any]) -> 
 def delay_endpoint(ctx: StepContext, outputs: dict[str, Any]) -> None:
     """With --endpoint-delay, an endpoint just created or updated is Creating or Updating for that long, as on SageMaker."""
     action, name = outputs.get("action"), outputs.get("endpoint_name")
-    delay = ctx.endpoint_delay_seconds
+    delay = ctx.options.endpoint_delay_seconds
     if delay <= 0 or not name or action not in ("created", "updated"):
         return
     region = ctx.settings.region

@@ -24,11 +24,11 @@ import threading
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 from pipeline.assets import Assets
 from pipeline.dag import DefinitionError, StepNode, topological_order
@@ -40,7 +40,7 @@ from pipeline.local.references import Resolver, Scope, UnresolvableReference
 from pipeline.local.runners import RUNNERS, WAIT_FUNCTION, StepContext
 from pipeline.local.runtime import RuntimeServer
 from pipeline.local.s3 import LocalS3
-from pipeline.local.state import EXECUTING, FAILED, NOT_RUN, SKIPPED, STOPPED, SUCCEEDED, StepState
+from pipeline.local.state import EXECUTING, FAILED, NOT_RUN, SKIPPED, STOPPED, SUCCEEDED, RunOptions, StepState
 from pipeline.progress import PENDING, ProgressView, StepRow, utc_now
 from pipeline.settings import Settings
 from pipeline.validate import check_references
@@ -50,17 +50,6 @@ SUPPORTED_TYPES = tuple(RUNNERS)
 WAIT_FUNCTION_ENVIRONMENT = {"INITIAL_POLL_SECONDS": "1", "MAX_POLL_SECONDS": "2"}
 REFRESH_SECONDS = 0.5
 LOG = logging.getLogger("dogbreed.local")
-
-
-@dataclass
-class RunOptions:
-    parameters: dict[str, Any] = field(default_factory=dict)  # typed values that replace the defaults
-    max_tuning_jobs: int | None = None
-    parallel: int = 2
-    plain: bool | None = None
-    seed: int = 0
-    output: TextIO | None = None
-    endpoint_delay_seconds: float = 0.0  # an endpoint a Deploy step creates or updates stays Creating/Updating this long
 
 
 @dataclass
@@ -196,9 +185,7 @@ class LocalRun:
             settings=self.settings, scope=self.scope, s3=self.s3, jobs=jobs, sagemaker=sagemaker,
             sqs=aws.client("sqs", moto.url, self.settings.region), callbacks=moto.callbacks, functions=functions,
             runtime=runtime, router=router, workdir=self.workdir, execution_id=self.execution_id,
-            manifest_file=self.contract.MANIFEST_FILE, max_tuning_jobs=self.options.max_tuning_jobs,
-            seed=self.options.seed, parallel=self.options.parallel,
-            endpoint_delay_seconds=self.options.endpoint_delay_seconds, facts=self.facts, lock=self._lock,
+            manifest_file=self.contract.MANIFEST_FILE, options=self.options, facts=self.facts, lock=self._lock,
         )
 
     def _rows(self) -> list[StepRow]:

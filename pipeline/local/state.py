@@ -1,9 +1,9 @@
-"""A step's state in a local run: the progress table's row of it, and what its runner found out."""
+"""A local run's options, and a step's state in it: the progress table's row of the step, and what its runner found out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pipeline.dag import StepNode
 from pipeline.local.errors import LocalRunError
@@ -16,6 +16,17 @@ NOTE_WIDTH = 90  # a step's remark in the table; the summary has it whole
 
 class StepFailure(LocalRunError):
     """A step ended Failed; the message is its FailureReason."""
+
+
+@dataclass
+class RunOptions:
+    parameters: dict[str, Any] = field(default_factory=dict)  # typed values that replace the defaults
+    max_tuning_jobs: int | None = None
+    parallel: int = 2
+    plain: bool | None = None
+    seed: int = 0
+    output: TextIO | None = None
+    endpoint_delay_seconds: float = 0.0  # an endpoint a Deploy step creates or updates stays Creating/Updating this long
 
 
 @dataclass
