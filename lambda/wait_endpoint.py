@@ -214,7 +214,7 @@ def postpone(delivery: Delivery, request: WaitRequest) -> int:
     return seconds
 
 
-def handle_record(record: Any, context: Any) -> bool:
+def handle_record(record: Any) -> bool:
     """Process one record; True when SQS should deliver it again."""
     try:
         delivery = parse_record(record)
@@ -257,7 +257,7 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, list[dict[str, 
     failures = []
     for record in records:
         try:
-            retry = handle_record(record, context)
+            retry = handle_record(record)
         except Exception as error:  # a fault here: this record comes back, the others of the batch are unaffected
             log(status="error", error=f"{type(error).__name__}: {error}",
                 traceback=traceback.format_exc(limit=20))
