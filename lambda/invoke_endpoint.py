@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http
 import ipaddress
 import json
@@ -740,6 +741,13 @@ def _get(target: Target, addresses: Sequence[Address], context: ssl.SSLContext, 
         sock.close()
 
 
+@functools.lru_cache(maxsize=None)
+def default_ssl_context() -> ssl.SSLContext:
+    """The fetcher's verifying TLS context, made on the first URL fetch and kept while the function is warm
+    (loading the CA store takes tens of milliseconds)."""
+    return ssl.create_default_context()
+
+
 def fetch_image(
     url: str,
     *,
@@ -760,7 +768,7 @@ def fetch_image(
     """
     clock = _Clock(timeout)
     target = parse_image_url(url)
-    context = ssl_context or ssl.create_default_context()
+    context = ssl_context or default_ssl_context()
     try:
         for _hop in range(MAX_REDIRECTS + 1):
             answer = _get(target, vetted_addresses(target, clock, allow_private_addresses), context, clock, max_bytes)
