@@ -27,7 +27,7 @@ from pipeline.local import aws
 from pipeline.local.callbacks import CallbackApi, callback_message, deliver
 from pipeline.local.conditions import evaluate_all
 from pipeline.local.jobs import JobContext
-from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, output_parameters, register_model_package
+from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, function_name_of, output_parameters, register_model_package
 from pipeline.local.processing_job import run_processing_job
 from pipeline.local.references import PropertyFile, Resolver, Scope, as_text
 from pipeline.local.runtime import RuntimeServer
@@ -176,7 +176,7 @@ def run_lambda(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     state.logs = [ctx.lambda_log(state.name)]
     answer = ctx.functions.invoke(arn, event, state.logs[0], ctx.router)
     ctx.runtime.start_containers()  # an endpoint the function created or updated loads its model now
-    outputs = output_parameters(answer, state.node.document.get("OutputParameters", []), arn.split(":")[6])
+    outputs = output_parameters(answer, state.node.document.get("OutputParameters", []), function_name_of(arn))
     delay_endpoint(ctx, outputs)
     return set_outputs(state, ctx, outputs)
 
