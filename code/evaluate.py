@@ -39,7 +39,6 @@ Both files are written under temporary names and renamed, the JSON last.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -56,6 +55,7 @@ from torchvision import datasets
 from common import DEFAULT_IMAGE_SIZE, atomic_write, atomic_write_json, eval_transform, load_model_dir, run_script
 from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
                       MODEL_INFO_FILE, NO_WEIGHTS_PLACEHOLDER, PRECISIONS, PROCESSING_FAILURE_FILE, TEST_CHANNEL)
+from features import file_sha256
 from serving_model import QuantizationFailed, calibration_batch, precision_decision, quantized_int8
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
@@ -325,11 +325,7 @@ def pretrained_record(folder: str | None, info: dict[str, Any]) -> dict[str, Any
     weights = [p for p in files if p.name != NO_WEIGHTS_PLACEHOLDER]
     record: dict[str, Any] = {"file": None, "sha256": None, "trained_from": info.get("pretrained_weights")}
     if len(weights) == 1:
-        digest = hashlib.sha256()
-        with weights[0].open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        record.update(file=weights[0].name, sha256=digest.hexdigest())
+        record.update(file=weights[0].name, sha256=file_sha256(weights[0]))
     return record
 
 
