@@ -17,13 +17,15 @@ import ssl
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
 
 import boto3
 import pytest
+
+from pipeline.local.http_server import LoopbackServer
 
 LAMBDA_DIR = Path(__file__).resolve().parents[1] / "lambda"
 REGION = "us-east-1"
@@ -324,16 +326,14 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def local_runtime(monkeypatch: pytest.MonkeyPatch, handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+def local_runtime(monkeypatch: pytest.MonkeyPatch, handler: type[BaseHTTPRequestHandler]) -> Iterator[LoopbackServer]:
     """A SageMaker runtime on 127.0.0.1 that answers with ``handler``: the endpoint every sagemaker-runtime client calls."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    use_test_credentials(monkeypatch, runtime_url=f"http://127.0.0.1:{server.server_port}")
+    server = LoopbackServer(handler, "test-sagemaker-runtime")
+    use_test_credentials(monkeypatch, runtime_url=server.url)
     try:
         yield server
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 # --- a network for the URL fetcher: only loopback, with public addresses routed to local servers -----
