@@ -231,18 +231,18 @@ def _log_text(path: Path) -> str:
         return ""
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(_log_text(path).splitlines()[-lines:])
+def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
 
 
-def script_error_line(log: Path) -> str:
-    """The last ``<script>.py: error: ...`` line of a log: the one-line error every container script ends with."""
-    lines = SCRIPT_ERROR_LINE.findall(_log_text(log))
+def script_error_line(text: str) -> str:
+    """The last ``<script>.py: error: ...`` line of a log's text: the one-line error every container script ends with."""
+    lines = SCRIPT_ERROR_LINE.findall(text)
     return lines[-1].strip() if lines else ""
 
 
-def failure_text(host: HostProcess, failure_files: Sequence[str]) -> str:
-    """What the job left for SageMaker to show: the first of its ``failure_files`` with text, else the script's error line.
+def failure_file_text(host: HostProcess, failure_files: Sequence[str]) -> str:
+    """The text of the first of ``failure_files`` the host left with text ('' when none has).
 
     Training scripts and the training toolkit write the training failure file (under SAGEMAKER_BASE_DIR),
     a processing script or its bootstrap the processing one; a script that died before writing leaves
@@ -254,17 +254,20 @@ def failure_text(host: HostProcess, failure_files: Sequence[str]) -> str:
             text = written.read_text(errors="replace").strip()
             if text:
                 return text
-    return script_error_line(host.log)
+    return ""
 
 
 def failure_reason(host: HostProcess, code: int, failure_files: Sequence[str]) -> str:
-    """``AlgorithmError: <the failure file's text>``, as DescribeTrainingJob's FailureReason reads."""
-    written = failure_text(host, failure_files)
+    """``AlgorithmError: <what the job left>``, as DescribeTrainingJob's FailureReason reads: the first of its
+    ``failure_files`` with text, else the script's error line, else how the host ended and its log's tail."""
+    written = failure_file_text(host, failure_files)
+    log = "" if written else _log_text(host.log)  # read once, only when no failure file says why
+    written = written or script_error_line(log)
     if written:
         text = f"AlgorithmError: {written}"
     else:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        tail = log_tail(host.log)
+        tail = log_tail(log)
         text = f"AlgorithmError: {host.host} {how} (log {host.log})" + (f": {tail}" if tail else "")
     return text if len(text) <= FAILURE_REASON_LIMIT else text[: FAILURE_REASON_LIMIT - 3] + "..."
 
