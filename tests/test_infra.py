@@ -7,6 +7,7 @@ parliament.
 """
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import importlib.util
 import json
@@ -452,10 +453,16 @@ def allowed(statements_: list[dict], action: str, resource: str) -> bool:
     )
 
 
-def test_the_codebuild_role_allows_every_call_upsert_makes(template):
-    """Every AWS call in pipeline/publish/, on the resource it names, is allowed to the CodeBuild role."""
+@functools.lru_cache(maxsize=None)
+def api_names(service: str) -> dict[str, str]:
+    """A boto3 client's method names -> the API operations they call (one client per service)."""
     import boto3
 
+    return boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping
+
+
+def test_the_codebuild_role_allows_every_call_upsert_makes(template):
+    """Every AWS call in pipeline/publish/, on the resource it names, is allowed to the CodeBuild role."""
     from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
@@ -476,8 +483,7 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
         if method == "get_waiter":
             continue
         service = service.rstrip("_")
-        api = boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping[method]
-        operations.add((service, api))
+        operations.add((service, api_names(service)[method]))
     assert ("lambda", "PublishVersion") in operations and ("sagemaker", "UpdatePipeline") in operations
     assert {("lambda", f"{verb}ProvisionedConcurrencyConfig") for verb in ("Get", "Put", "Delete")} <= operations
     for service, api in sorted(operations):
@@ -547,13 +553,11 @@ def direct_resource(action: str, endpoint: str) -> str:
 
 def required_permissions(handler_file: str, endpoint: str, model_role: str) -> set[tuple[str, str]]:
     """(IAM action, resource) for every boto3 call in lambda/<handler_file>, and what those calls need besides."""
-    import boto3
-
     source = (ROOT / "lambda" / handler_file).read_text()
     required: set[tuple[str, str]] = set()
     for variable, method in set(re.findall(r"\b(" + "|".join(HANDLER_CLIENTS) + r")\.([a-z_]+)\b", source)):
         service = HANDLER_CLIENTS[variable]
-        mapping = boto3.client(service, region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x").meta.method_to_api_mapping
+        mapping = api_names(service)
         if method not in mapping:
             continue
         action = f"{IAM_PREFIX.get(service, service)}:{mapping[method]}"
