@@ -52,12 +52,9 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def backbone_of(args: argparse.Namespace, num_classes: int, source: str | None) -> torch.nn.Module:
-    """The frozen backbone as train.py builds it before training: seeded, then the weights loaded."""
-    distributed.seed_everything(args.seed)
-    model = common.build_model(args.backbone, num_classes)
-    train.load_backbone_weights(model, source, args.backbone)
-    return train.feature_extractor(model).eval()
+def backbone_of(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The frozen backbone as train.py builds it before training (``train.initial_model``: seeded, then the weights loaded)."""
+    return train.feature_extractor(train.initial_model(args, num_classes)).eval()
 
 
 def extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +70,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     device = distributed.training_device(0)
     train_set, valid_set = train.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)
     source = train.resolved_weights(args.pretrained_weights)
-    backbone = backbone_of(args, len(train_set.classes), source).to(device)
+    backbone = backbone_of(args, len(train_set.classes)).to(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     splits = {name: train.extract_features(backbone, dataset, args, distributed.DistInfo(), device, args.num_workers)
               for name, dataset in ((contract.TRAIN_CHANNEL, train_set), (contract.VALID_CHANNEL, valid_set))}
