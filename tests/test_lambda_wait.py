@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import urllib.request
 from contextlib import redirect_stdout
 
 import boto3
@@ -28,8 +27,7 @@ def server(monkeypatch: pytest.MonkeyPatch):
     """moto plus the callback API on 127.0.0.1, as every boto3 client's endpoint, with a fresh backend."""
     moto = MotoWithCallbacks()
     moto.start()
-    request = urllib.request.Request(f"{moto.url}/moto-api/reset", method="POST", data=b"")
-    urllib.request.urlopen(request, timeout=10).read()
+    moto.reset()
     use_test_credentials(monkeypatch, endpoint_url=moto.url)
     monkeypatch.setenv("INITIAL_POLL_SECONDS", "1")
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import urllib.request
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator, Mapping
@@ -61,9 +60,7 @@ class EmbeddedMoto:
 
     def reset(self) -> None:
         """Empty moto's backends (they live in this process, shared with any in-process mock)."""
-        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
+        self._server.reset()
 
 
 def set_endpoint_status(region: str, endpoint_name: str, status: str) -> bool:

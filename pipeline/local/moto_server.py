@@ -9,6 +9,7 @@ local-run's ``EmbeddedMoto`` (``callbacks.CallbackApi``) and the tests'
 from __future__ import annotations
 
 import threading
+import urllib.request
 from typing import Any, Callable, Iterable
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
@@ -33,6 +34,12 @@ class ThreadedMotoServer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def reset(self) -> None:
+        """Empty moto's backends (they live in this process, shared with any in-process mock)."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
 
     def stop(self) -> None:
         self._server.shutdown()
