@@ -85,7 +85,7 @@ def run_processing(state: StepState, resolver: Resolver, ctx: StepContext) -> st
     state.details["outputs"] = {name: str(ctx.s3.path(uri)) for name, uri in outputs.items()}
     for item in state.node.document.get("PropertyFiles", []):
         ctx.scope.add_property_file(property_file(ctx.s3, state.name, item, outputs))
-    note_manifest(ctx, state.name, outputs)
+    note_manifest(ctx, outputs)
     return ""
 
 
@@ -105,8 +105,8 @@ def property_file(s3: LocalS3, step: str, item: dict, outputs: dict[str, str]) -
     return PropertyFile(step, name, uri, document)
 
 
-def note_manifest(ctx: StepContext, step: str, outputs: dict[str, str]) -> None:
-    """Remember a data manifest (classes, dropped files) for the summary and the check function."""
+def note_manifest(ctx: StepContext, outputs: dict[str, str]) -> None:
+    """Remember a data manifest (classes, dropped files) for the summary."""
     for uri in outputs.values():
         manifest = ctx.s3.path(uri) / ctx.manifest_file
         if manifest.is_file():
@@ -115,7 +115,7 @@ def note_manifest(ctx: StepContext, step: str, outputs: dict[str, str]) -> None:
             except json.JSONDecodeError:
                 continue
             if isinstance(document, dict) and isinstance(document.get("classes"), list):
-                ctx.facts["manifest"] = {"path": str(manifest), "step": step, "document": document}
+                ctx.facts["manifest"] = {"path": str(manifest), "document": document}
 
 
 def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
