@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -657,40 +658,34 @@ def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Opt
 
 
 @torch.no_grad()
-def recompute_batch_norm_statistics(parts: Parts, loader: DataLoader, device: torch.device,
-                                    max_batches: int = PRECISE_BN_BATCHES) -> int:
+def recompute_batch_norm_statistics(parts: Parts, loader: DataLoader, device: torch.device) -> None:
     """Running statistics of every trained batch norm, recomputed as the plain mean over this epoch's final weights.
 
     During training they are a moving average (momentum 0.1) of statistics of
     weights that were still changing: after few steps from random weights they
     mislead evaluation (validation losses in the thousands). One forward pass
-    over up to ``max_batches`` global batches fixes that ("precise BN"); under
+    over up to ``PRECISE_BN_BATCHES`` global batches fixes that ("precise BN"); under
     several ranks GlobalBatchNorm2d makes the statistics the global batches'.
-    Returns the batches used (0 when the backbone is frozen).
+    Nothing to do when the backbone is frozen.
     """
     if parts.frozen is not None:
-        return 0
+        return
     model = parts.trainable_module
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        return 0
+        return
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative: the mean over the batches below
     model.train()
-    used = 0
     try:
-        for inputs, _ in loader:
-            if used == max_batches:
-                break
+        for inputs, _ in itertools.islice(loader, PRECISE_BN_BATCHES):  # no batch is loaded beyond the last one used
             with autocast(device):
                 model(to_device(inputs, device))
-            used += 1
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-    return used
 
 
 @torch.no_grad()
