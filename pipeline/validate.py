@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from typing import Any, Iterator
 
-import botocore.session
 from botocore.validate import ParamValidator
 
-from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape
+from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape, service_model
 from pipeline.dag import DefinitionError, StepNode, is_expression, iter_references, steps_of, topological_order
 from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
@@ -39,11 +37,6 @@ STEP_APIS = {
     "RegisterModel": ("CreateModelPackage", "DescribeModelPackage", None),
 }
 _PATH_TOKEN = re.compile(r"\.?([A-Za-z0-9_]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
-
-
-@lru_cache(maxsize=1)
-def sagemaker_model():
-    return botocore.session.get_session().get_service_model("sagemaker")
 
 
 def parse_property_path(path: str) -> list[str | int]:
@@ -100,7 +93,7 @@ def property_type(reference: str, nodes: dict[str, StepNode]) -> str | None:
             return LAMBDA_OUTPUT_TYPES.get(outputs.get(tokens[-1]))
         if node.type not in STEP_APIS:
             return None
-        shape = sagemaker_model().operation_model(STEP_APIS[node.type][1]).output_shape
+        shape = service_model("sagemaker").operation_model(STEP_APIS[node.type][1]).output_shape
         return _walk_shape(shape, tokens, reference).type_name
     except DefinitionError:
         return None
@@ -127,7 +120,7 @@ def _check_step_property(node: StepNode, tokens: list[str | int], where: str) ->
         names = {o["OutputName"] for o in step["Arguments"].get("ProcessingOutputConfig", {}).get("Outputs", [])}
         if isinstance(tokens[2], str) and tokens[2] not in names:
             raise DefinitionError(f"{where}: step {node.name} has no output {tokens[2]!r} (has {sorted(names)})")
-    describe = sagemaker_model().operation_model(STEP_APIS[node.type][1]).output_shape
+    describe = service_model("sagemaker").operation_model(STEP_APIS[node.type][1]).output_shape
     _walk_shape(describe, tokens, where)
 
 
@@ -202,7 +195,7 @@ def substitute_expressions(value: Any, shape) -> Any:
 def api_arguments_errors(node: StepNode) -> str | None:
     """botocore's report on a job step's Arguments, or None when they are valid."""
     create, _, run_time_name = STEP_APIS[node.type]
-    shape = sagemaker_model().operation_model(create).input_shape
+    shape = service_model("sagemaker").operation_model(create).input_shape
     arguments = substitute_expressions(node.document["Arguments"], shape)
     if run_time_name:
         arguments.setdefault(run_time_name, "name-given-at-run-time")
@@ -268,7 +261,7 @@ def check_step_fields(walk: Walk, step: dict) -> None:
 
 
 def check_job_arguments(walk: Walk, node: StepNode) -> None:
-    shape = sagemaker_model().operation_model(STEP_APIS[node.type][0]).input_shape
+    shape = service_model("sagemaker").operation_model(STEP_APIS[node.type][0]).input_shape
     check_value(walk, node.document.get("Arguments", {}), shape, "Arguments")
 
 
