@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT / "code"), str(ROOT / "tests")]
 import common  # noqa: E402
 import contract  # noqa: E402
 import inference  # noqa: E402
-from real_images import write_digits  # noqa: E402
+from real_images import sample_photo, write_digits  # noqa: E402
 
 IMAGE_SIZE = 224
 PHOTO_SIZE = (500, 375)
@@ -61,13 +61,6 @@ def machine() -> str:
 
 def load_average() -> str:
     return ", ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
-def sample_photo(name: str) -> Image.Image:
-    import sklearn
-
-    with Image.open(Path(sklearn.__file__).parent / "datasets" / "images" / name) as image:
-        return image.convert("RGB")
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:

@@ -20,6 +20,9 @@ split is deterministic: the scans of each class are shuffled with ``seed`` and
 dealt to train, valid and test in that order, so no scan is in two splits and
 the same arguments always write the same files. The pytest fixture
 ``real_image_dataset`` (tests/conftest.py) is ``write_digits(tmp_path / "real")``.
+
+``sample_photo("china.jpg")`` (or ``"flower.jpg"``) is one of the two real colour
+photos the wheel ships too (427x640 JPEGs), as an RGB image.
 """
 from __future__ import annotations
 
@@ -83,3 +86,12 @@ def write_digits(root: Path, per_class: Mapping[str, int] | None = None, size: i
                 _to_pil(scan, size).save(folder / f"digit_{i:04d}.{suffix}", fmt.upper())
             start += count
     return root
+
+
+def sample_photo(name: str):
+    """One of the two real photos scikit-learn ships in its wheel (427x640 JPEGs), in RGB."""
+    import sklearn
+    from PIL import Image
+
+    with Image.open(Path(sklearn.__file__).parent / "datasets" / "images" / name) as image:
+        return image.convert("RGB")

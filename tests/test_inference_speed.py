@@ -24,18 +24,10 @@ import common
 import inference
 import serving_model
 from contract import CALIBRATION_DIR, INFERENCE_PRECISION_ENV
-from real_images import write_digits
+from real_images import sample_photo, write_digits
 
 IMAGE_SIZE = 64
 TOLERANCE = serving_model.FP32_TOLERANCE
-
-
-def sample_photo(name: str) -> Image.Image:
-    """One of the two real photos scikit-learn ships in its wheel (427x640 JPEGs)."""
-    import sklearn
-
-    with Image.open(Path(sklearn.__file__).parent / "datasets" / "images" / name) as image:
-        return image.convert("RGB")
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
