@@ -24,7 +24,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "code"), str(ROOT / "tests")]
@@ -43,11 +42,11 @@ sys.path[:0] = [str(ROOT / "code"), str(ROOT / "tests")]
 import common  # noqa: E402
 import contract  # noqa: E402
 import inference  # noqa: E402
+import train  # noqa: E402
 from real_images import sample_photo, write_digits  # noqa: E402
 
 IMAGE_SIZE = 224
 PHOTO_SIZE = (500, 375)
-CALIBRATION_IMAGES = 32  # as train.py stores
 
 
 def machine() -> str:
@@ -123,10 +122,8 @@ def write_model_dir(folder: Path, digits: Path) -> list[str]:
     torch.save(network.state_dict(), folder / contract.MODEL_FILE)
     (folder / contract.CLASSES_FILE).write_text(json.dumps(classes))
     (folder / contract.MODEL_INFO_FILE).write_text(json.dumps({"backbone": "resnet50", "image_size": IMAGE_SIZE}))
-    (folder / contract.CALIBRATION_DIR).mkdir()
-    valid = sorted((digits / "valid").glob("*/*.png"))
-    for position in range(CALIBRATION_IMAGES):  # spread over the split, as train.py picks them
-        shutil.copyfile(valid[position * len(valid) // CALIBRATION_IMAGES], folder / contract.CALIBRATION_DIR / f"{position:04d}.png")
+    train.write_calibration_sample(folder / contract.CALIBRATION_DIR,
+                                   train.calibration_sample(datasets.ImageFolder(str(digits / "valid"))))
     return classes
 
 
