@@ -232,14 +232,14 @@ SUPPRESSED = {
     ("CREDENTIALS_EXPOSURE", "ecr:getauthorizationtoken"):
         "SageMaker pulls the PyTorch containers from ECR with the role's registry token; the pull itself is limited to the two repositories",
     ("PERMISSIONS_MANAGEMENT_ACTIONS", "iam:passrole"):
-        "each PassRole names one role and only for sagemaker.amazonaws.com (asserted in test_roles_pass_only_the_role_their_service_needs)",
+        "each PassRole names its roles and one service, sagemaker or lambda (asserted in test_roles_pass_only_the_roles_their_services_need)",
     ("PERMISSIONS_MANAGEMENT_ACTIONS", "kms:creategrant"):
         "SageMaker encrypts job volumes and endpoint storage with the project key through a grant; limited to that key and to AWS resources",
     ("PERMISSIONS_MANAGEMENT_ACTIONS", "iam:createservicelinkedrole"):
         "Application Auto Scaling needs its SageMaker service-linked role once; limited to that role's ARN and service name",
     ("PRIVILEGE_ESCALATION", "lambda:updatefunctioncode"):
-        "upsert publishes the project's three functions by design, so the build can act as their roles; those roles reach "
-        "only this project's endpoints, models and logs, and UpdateFunctionCode is limited to the three functions",
+        "upsert publishes the project's four functions by design, so the build can act as their roles; those roles reach "
+        "only this project's endpoints, models and logs, and UpdateFunctionCode is limited to the four functions",
     ("RESOURCE_STAR", "application-autoscaling:registerscalabletarget"):
         "scalable-target ARNs carry an ID made at registration, so they cannot be named in advance; conditions pin the namespace and dimension",
     ("RESOURCE_STAR", "application-autoscaling:putscalingpolicy"): "as RegisterScalableTarget",
