@@ -33,10 +33,10 @@ import torch  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
 import common  # noqa: E402
+import train  # noqa: E402
 from real_images import write_digits  # noqa: E402
 
 TRAIN_SCRIPT = ROOT / "code" / "train.py"
-HISTORY_FILE = "metrics_history.json"
 
 
 def free_port() -> int:
@@ -102,7 +102,7 @@ def main() -> None:
             job = root / f"job{count}"
             job.mkdir()
             run_job(data, job, count, args)
-            history = json.loads((job / "output" / HISTORY_FILE).read_text())
+            history = json.loads((job / "output" / train.METRICS_HISTORY_FILE).read_text())
             later = history[1:] or history
             rows.append((count, sorted({h["optimizer_steps"] for h in history}),
                          sum(h["seconds"] for h in later) / len(later), history[-1]["val_accuracy"],
