@@ -6,6 +6,7 @@ and membership in a condition step's branches.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -43,6 +44,11 @@ def json_values(value: Any, *, enter: Callable[[Any], bool] = lambda value: True
     elif isinstance(value, list):
         for item in value:
             yield from json_values(item, enter=enter)
+
+
+def render(document: dict) -> str:
+    """A definition document as the text that is published: pretty-printed JSON with sorted keys."""
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
 def is_expression(value: Any) -> bool:

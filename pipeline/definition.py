@@ -31,6 +31,7 @@ from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConf
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
 from pipeline.assets import Assets, build_assets
+from pipeline.dag import render
 from pipeline.settings import Settings
 from pipeline.validate import validate_definition
 from steps.check import check_step
@@ -160,10 +161,6 @@ def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, t
     hold = twin_deployment_step(ctx, variant, twin, twin_evaluation,
                                 else_steps=[accuracy_too_low_step(ctx, variant, evaluation, twin, twin_evaluation)])
     return accuracy_gate_step(ctx, variant, evaluation, if_steps=[register, approval], else_steps=[hold])
-
-
-def render(document: dict) -> str:
-    return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
 def synth(settings: Settings, contract: ModuleType | None = None) -> Synth:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from botocore.validate import ParamValidator
 
 from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape, service_model
-from pipeline.dag import DefinitionError, StepNode, is_expression, iter_references, steps_of, topological_order
+from pipeline.dag import DefinitionError, StepNode, is_expression, iter_references, render, steps_of, topological_order
 from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
 EXECUTION_VARIABLES = {
@@ -372,7 +372,7 @@ def constraint_walk(document: dict, nodes: dict[str, StepNode] | None = None) ->
         if node.type == "Lambda":
             check_lambda_step(walk, node)
     walk.where = "pipeline"
-    size = len((json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    size = len(render(document).encode())
     definition_shape = input_member("sagemaker", "CreatePipeline", "PipelineDefinition")
     if size > definition_shape.metadata["max"]:
         walk.report("PipelineDefinition", f"at most {definition_shape.metadata['max']} bytes (CreatePipeline)", f"{size} bytes")
