@@ -8,12 +8,11 @@ from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
 from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
-from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, script_processor
 from steps.training import pretrained_processing_input
 from steps.variants import Variant
 
 MODEL_DIR = f"{PROCESSING_ROOT}/input/model"
-PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"
 TEST_DIR = f"{PROCESSING_ROOT}/input/test"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/evaluation"
 OUTPUT_NAME = "evaluation"

@@ -15,12 +15,11 @@ from sagemaker.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
-from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, script_processor
 from steps.training import pretrained_processing_input, static_hyperparameters
 
 STEP_NAME = "ExtractFeatures"
 SCRIPT = "extract_features.py"
-PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/features"
 
 

@@ -25,6 +25,7 @@ PROCESSING_ROOT = "/opt/ml/processing"
 CODE_INPUT = f"{PROCESSING_ROOT}/input/code"
 CODE_DIR = f"{PROCESSING_ROOT}/code"
 CODE_ARCHIVE = "sourcedir.tar.gz"
+PRETRAINED_DIR = f"{PROCESSING_ROOT}/input/pretrained"  # the pretrained channel, in every job that reads it
 
 
 def bootstrap_command(failure_file: str) -> str:
