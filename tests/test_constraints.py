@@ -15,8 +15,9 @@ from pipeline.definition import load_contract
 from pipeline.parameters import OUT_OF_RANGE, ParameterError, parameter_values
 from pipeline.validate import parameter_landings
 from steps.processing import bootstrap_command
+from conftest import ROOT
 
-BOOTSTRAP = bootstrap_command(load_contract(Path(__file__).resolve().parents[1]).PROCESSING_FAILURE_FILE)
+BOOTSTRAP = bootstrap_command(load_contract(ROOT).PROCESSING_FAILURE_FILE)
 
 
 def findings(value, shape, parameters=None) -> list[str]:
