@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,11 @@ import torch  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
 import common  # noqa: E402
+from pipeline.local.jobs import free_port  # noqa: E402
 import train  # noqa: E402
 from real_images import write_digits  # noqa: E402
 
 TRAIN_SCRIPT = ROOT / "code" / "train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(data: Path, job: Path, processes: int, args: list[str]) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import common
 import contract
 import train
 from conftest import CODE_DIR, make_dataset
+from pipeline.local.jobs import free_port
 from pipeline.local.torchserve import HANDLER_SERVICE, ModelWorker
 
 CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C"]
@@ -237,12 +237,6 @@ def test_without_the_guard_the_toolkit_answers_a_non_utf8_json_body_with_a_trace
 
 
 # ---------------------------------------------------------------- the real TorchServe front end
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from conftest import make_dataset
+from pipeline.local.jobs import free_port
 from real_images import write_digits
 from test_train import SMALL, TRAIN_SCRIPT, clean_env, head_only, metric_lines, write_backbone_weights
 
@@ -20,12 +20,6 @@ import contract
 import train
 
 HOSTS = ["algo-1", "algo-2"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def finished_outputs(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
