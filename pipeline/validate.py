@@ -36,6 +36,7 @@ STEP_APIS = {
     "Tuning": ("CreateHyperParameterTuningJob", "DescribeHyperParameterTuningJob", "HyperParameterTuningJobName"),
     "RegisterModel": ("CreateModelPackage", "DescribeModelPackage", None),
 }
+_STEP_PROPERTY = re.compile(r"Steps\.([^.\[]+)\.?(.*)$")  # Steps.<name>.<property path>
 _PATH_TOKEN = re.compile(r"\.?([A-Za-z0-9_]+)|\[(?:'([^']*)'|\"([^\"]*)\"|([0-9]+))\]")
 
 
@@ -80,7 +81,7 @@ LAMBDA_OUTPUT_TYPES = {"String": "string", "Integer": "integer", "Float": "float
 def property_type(reference: str, nodes: dict[str, StepNode]) -> str | None:
     """The botocore type of a step property ``Steps.<name>.<path>``; None when it cannot be known here
     (a property file, an unknown step: the reference check reports those)."""
-    match = re.match(r"Steps\.([^.\[]+)\.?(.*)$", reference)
+    match = _STEP_PROPERTY.match(reference)
     node = nodes.get(match.group(1)) if match else None
     if node is None:
         return None
@@ -133,7 +134,7 @@ def check_reference(reference: str, parameters: set[str], nodes: dict[str, StepN
         if rest not in EXECUTION_VARIABLES:
             raise DefinitionError(f"{where}: unknown execution variable {rest!r}")
     elif kind == "Steps":
-        match = re.match(r"([^.\[]+)\.?(.*)$", rest)
+        match = _STEP_PROPERTY.match(reference)
         name, path = match.group(1), match.group(2)
         if name not in nodes:
             raise DefinitionError(f"{where}: unknown step {name!r}")
