@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ PARAMETER = {"Get": "Parameters.PretrainedWeightsS3Uri"}
 @pytest.fixture(scope="module")
 def built():
     result = synth(load_settings({}, environ={}))
-    return result, json.loads(result.definition)
+    return result, result.document
 
 
 def job_arguments(node) -> dict:

@@ -47,7 +47,6 @@ def step_hyperparameters() -> dict[str, Any]:
     from pipeline.settings import load_settings
 
     document = synth(load_settings({}, environ={})).document
-    document = json.loads(document) if isinstance(document, str) else document
     step = next(step for step in document["Steps"] if step["Name"] == "TrainSingleInstance")
     return step["Arguments"]["HyperParameters"]
 
