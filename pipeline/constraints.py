@@ -43,8 +43,8 @@ from pipeline.dag import is_expression
 NUMBER_TYPES = ("integer", "long", "float", "double")
 SHOWN = 60  # characters of a value shown in a finding
 
-# A parameter's type as the type of the value it becomes.
-PARAMETER_KINDS = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
+# A pipeline's type names (a parameter's Type, a Lambda step output's OutputType) as the botocore type of the value.
+PIPELINE_TYPES = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def check_parameter_landing(walk: Walk, name: str, shape, path: str) -> None:
     if parameter is None:
         return  # pipeline.validate reports unknown parameters
     walk.landings.setdefault(name, []).append(Landing(walk.where, path, shape, walk.empty_is_unset))
-    kind = PARAMETER_KINDS.get(parameter.get("Type", "String"), "string")
+    kind = PIPELINE_TYPES.get(parameter.get("Type", "String"), "string")
     check_type(walk, kind, shape, path, f"parameter {name}")
     for label, value in parameter_values_to_check(parameter):
         inner = Walk(walk.where, walk.parameters, empty_is_unset=walk.empty_is_unset)

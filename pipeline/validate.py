@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from botocore.validate import ParamValidator
 
-from pipeline.constraints import Finding, Landing, Walk, check_value, input_member, named_shape, service_model
+from pipeline.constraints import PIPELINE_TYPES, Finding, Landing, Walk, check_value, input_member, named_shape, service_model
 from pipeline.dag import DefinitionError, StepNode, is_expression, iter_references, render, steps_of, topological_order
 from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
@@ -74,10 +74,6 @@ def _walk_shape(shape, tokens: list[str | int], where: str) -> None:
     return shape
 
 
-# A Lambda step's OutputType as the botocore type of its value.
-LAMBDA_OUTPUT_TYPES = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
-
-
 def property_type(reference: str, nodes: dict[str, StepNode]) -> str | None:
     """The botocore type of a step property ``Steps.<name>.<path>``; None when it cannot be known here
     (a property file, an unknown step: the reference check reports those)."""
@@ -91,7 +87,7 @@ def property_type(reference: str, nodes: dict[str, StepNode]) -> str | None:
             return None
         if node.type == "Lambda":
             outputs = {o["OutputName"]: o.get("OutputType", "String") for o in node.document.get("OutputParameters", [])}
-            return LAMBDA_OUTPUT_TYPES.get(outputs.get(tokens[-1]))
+            return PIPELINE_TYPES.get(outputs.get(tokens[-1]))
         if node.type not in STEP_APIS:
             return None
         shape = service_model("sagemaker").operation_model(STEP_APIS[node.type][1]).output_shape
