@@ -805,8 +805,10 @@ def resumed_progress(checkpoint: dict[str, Any] | None, trainer: Trainer) -> Pro
 
 
 def checkpoint_of(trainer: Trainer, progress: Progress) -> dict[str, Any]:
+    # After an epoch that improved, the best state is this epoch's model: one copy serves as both (saved once).
+    improved = progress.best_epoch == progress.epoch and progress.best_state is not None
     return {"format": CHECKPOINT_FORMAT, "config": trainer.config, "epoch": progress.epoch,
-            "model": state_on_cpu(trainer.model), "optimizer": trainer.optimizer.state_dict(),
+            "model": progress.best_state if improved else state_on_cpu(trainer.model), "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict(), "history": progress.history, "stale_epochs": progress.stale_epochs,
             "stopped": progress.stopped, "best_epoch": progress.best_epoch, "best_metrics": progress.best_metrics,
             "best_model": progress.best_state}
