@@ -244,10 +244,15 @@ def parameter_values_to_check(parameter: dict) -> list[tuple[str, Any]]:
     return values
 
 
+def parameter_text(value: Any) -> str:
+    """A parameter value as text, as SageMaker Pipelines writes it (booleans as true/false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def as_shape_type(value: Any, shape) -> Any:
     """A parameter value as the service passes it where ``shape`` lands (numbers become text in a string)."""
     if shape.type_name == "string" and not isinstance(value, str):
-        return str(value).lower() if isinstance(value, bool) else str(value)
+        return parameter_text(value)
     return value
 
 
@@ -263,7 +268,7 @@ def joined_default(walk: Walk, body: Any) -> str | None:
             if parameter is None or "DefaultValue" not in parameter:
                 return None
             item = parameter["DefaultValue"]
-        parts.append(str(item).lower() if isinstance(item, bool) else str(item))
+        parts.append(parameter_text(item))
     return str(body.get("On", "")).join(parts)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from pipeline.constraints import parameter_value_findings
+from pipeline.constraints import parameter_text, parameter_value_findings
 from pipeline.validate import parameter_landings, range_problem
 from steps.parameters import PARAMETER_ORDER, PARAMETER_RANGES
 
@@ -85,7 +85,7 @@ def check_run_values(values: dict[str, Any], document: dict) -> None:
 
     landings = parameter_landings(document) if values else {}
     for name, value in values.items():
-        pair = f"{name}={_text(value)}"
+        pair = f"{name}={parameter_text(value)}"
         problem = range_problem(name, value, PARAMETER_RANGES)
         if problem:
             raise ParameterError(f"--param {pair}: {name} must be {problem[0]}", OUT_OF_RANGE, pair)
@@ -99,10 +99,6 @@ def check_run_values(values: dict[str, Any], document: dict) -> None:
         if (smaller in values or larger in values) and isinstance(low, (int, float)) and isinstance(high, (int, float)) \
                 and low > high:
             name = smaller if smaller in values else larger
-            pair = f"{name}={_text(effective[name])}"
-            raise ParameterError(f"--param {pair}: {smaller} ({_text(low)}) must not exceed {larger} ({_text(high)}): {why}",
+            pair = f"{name}={parameter_text(effective[name])}"
+            raise ParameterError(f"--param {pair}: {smaller} ({parameter_text(low)}) must not exceed {larger} ({parameter_text(high)}): {why}",
                                  OUT_OF_RANGE, pair)
-
-
-def _text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from pipeline.aws import AwsError, Clients, explained
 from pipeline.commands import parse_parameters
+from pipeline.constraints import parameter_text
 from pipeline.dag import steps_of, topological_order
 from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
 from pipeline.progress import PENDING, ProgressView, StepRow
@@ -27,7 +28,7 @@ NOT_RUN = "Not run"
 def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
     """``Name=Value`` pairs checked against the pipeline's parameters, as StartPipelineExecution's PipelineParameters."""
     values = parse_parameters(list(pairs), definition, refusal=_refusal)
-    return [{"Name": name, "Value": _request_value(value)} for name, value in values.items()]
+    return [{"Name": name, "Value": parameter_text(value)} for name, value in values.items()]
 
 
 def _refusal(error: ParameterError) -> str:
@@ -42,13 +43,6 @@ def _refusal(error: ParameterError) -> str:
     if error.problem == OUT_OF_RANGE:
         return str(error)
     return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
-
-
-def _request_value(value: Any) -> str:
-    """A typed value as the string a pipeline parameter's Value is (booleans as true/false)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None) -> str:
