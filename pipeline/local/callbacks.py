@@ -24,7 +24,6 @@ are deleted.
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import secrets
@@ -33,9 +32,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import botocore.session
 from botocore.validate import ParamValidator
 
+from pipeline.constraints import input_member
 from pipeline.local.moto_server import StartResponse, ThreadedMotoServer, WsgiApp
 
 TARGET_PREFIX = "SageMaker."
@@ -101,15 +100,9 @@ class CallbackApi:
         return "200 OK", {"PipelineExecutionArn": callback.execution_arn}
 
 
-@functools.cache
-def _input_shape(operation: str) -> Any:
-    """botocore's input shape of the SageMaker ``operation``, loaded once (the service model is a large file)."""
-    return botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
-
-
 def shape_problem(operation: str, request: Any) -> str:
     """Why ``request`` is not valid input of the SageMaker ``operation`` by botocore's model ('' when it is)."""
-    shape = _input_shape(operation)
+    shape = input_member("sagemaker", operation)
     if not isinstance(request, dict):
         return "the request body is not a JSON object"
     report = ParamValidator().validate(request, shape)
