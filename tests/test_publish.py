@@ -16,7 +16,6 @@ import io
 import json
 import re
 import shutil
-import socket
 import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -46,12 +45,6 @@ RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 2  # the two assets, the functions, the 
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def aws_environment(tmp_path_factory):
     """Fake credentials and no settings from the shell's environment."""
@@ -69,12 +62,12 @@ def aws_environment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(aws_environment):
-    server = Server(free_port())
+    server = Server(0)  # a free port of 127.0.0.1
     server.start()
     try:
         yield server
     finally:
-        urllib.request.urlopen(urllib.request.Request(f"{server.url}/moto-api/reset", method="POST"), timeout=10).close()
+        server.reset()
         server.stop()
 
 
