@@ -65,14 +65,20 @@ def build_model(backbone: str, num_classes: int) -> nn.Module:
     return model
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, list[str], dict[str, Any]]:
-    """Rebuild the trained model from a model directory: weights, classes, info."""
+def model_description(model_dir: str | os.PathLike, also_needed: Sequence[str] = ()) -> tuple[list[str], dict[str, Any]]:
+    """(classes, model info) of a model directory, which must also hold the files ``also_needed``."""
     model_dir = Path(model_dir)
-    for name in (MODEL_FILE, CLASSES_FILE, MODEL_INFO_FILE):
+    for name in (*also_needed, CLASSES_FILE, MODEL_INFO_FILE):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} is missing: is {model_dir} the output of train.py?")
     classes = json.loads((model_dir / CLASSES_FILE).read_text(encoding="utf-8"))
-    info = json.loads((model_dir / MODEL_INFO_FILE).read_text(encoding="utf-8"))
+    return classes, json.loads((model_dir / MODEL_INFO_FILE).read_text(encoding="utf-8"))
+
+
+def load_model_dir(model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, list[str], dict[str, Any]]:
+    """Rebuild the trained model from a model directory: weights, classes, info."""
+    model_dir = Path(model_dir)
+    classes, info = model_description(model_dir, (MODEL_FILE,))
     model = build_model(info["backbone"], len(classes))
     state = torch.load(model_dir / MODEL_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)

@@ -47,11 +47,20 @@ CLASSES_FILE = "classes.json"
 MODEL_INFO_FILE = "model_info.json"
 MODEL_CODE_DIR = "code"  # inference code packed beside the weights
 INFERENCE_SCRIPT = "inference.py"
+MODEL_ARCHIVE = "model.tar.gz"  # what SageMaker packs a model directory into
+
+# The serving artifact: the network the endpoint runs (fp32 traced and frozen, or int8), built once
+# by evaluate.py on the inference image's torch and measured there, saved with torch.jit.save in
+# the model archive the pipeline registers. model_info.json describes it under SERVING_INFO_KEY
+# (file, precision, torch version, device, sha256); model_fn loads it instead of building.
+SERVING_MODEL_FILE = "serving_model.pt"
+SERVING_INFO_KEY = "serving_artifact"
 
 # Files written by preprocess.py and evaluate.py.
 MANIFEST_FILE = "manifest.json"
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+TEST_PREDICTIONS_FILE = "test_predictions.json"  # {"<class>/<file>": "<top-1 class>"} of the served artifact
 
 # Where the endpoint check reads how many classes the prepared data has, in manifest.json.
 CLASS_COUNT_JSON_PATH = "class_count"

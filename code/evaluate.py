@@ -1,7 +1,18 @@
-"""Evaluate a trained model on the test split: evaluation.json and confusion_matrix.png.
+"""Build the serving artifact, evaluate exactly it on the test split, and write the model archive to register.
 
     python3 evaluate.py --model /opt/ml/processing/input/model --test /opt/ml/processing/input/test \
-        --output /opt/ml/processing/output/evaluation
+        --output /opt/ml/processing/output/evaluation --archive-output /opt/ml/processing/output/model
+
+It runs on the inference image, so the serving network is built once on the torch that
+serves it: fp32 traced and frozen, and int8 calibrated and converted (serving_model.py), each
+saved with ``torch.jit.save``, loaded back from the file and measured as loaded. The one that
+will be served goes into ``--archive-output``/``model.tar.gz``, the archive the pipeline
+registers and deploys: the training job's files (``model.pth``, ``classes.json``,
+``calibration/``, ``code/``), the serving artifact (``contract.SERVING_MODEL_FILE``) and
+``model_info.json`` with the artifact's record (precision, torch version, device, sha256) under
+``contract.SERVING_INFO_KEY``. An fp32 network that cannot be traced is measured eager and the
+archive has no artifact (the endpoint then builds at start-up). ``test_predictions.json`` maps
+each test image (``<class>/<file>``) to the served artifact's top-1 class.
 
 ``--model`` is the training job's artifact: a folder holding ``model.tar.gz`` (or the
 archive itself), or a folder with ``model.pth``, ``classes.json`` and ``model_info.json``.
@@ -33,35 +44,42 @@ package's environment. An int8 model that cannot be built is recorded as
 ``"int8": {"error": "..."}``.
 
 Weighted metrics are per-class values averaged with the class's share of the test images
-(scikit-learn's ``average="weighted"``; a class never predicted has precision 0).
-Both files are written under temporary names and renamed, the JSON last.
+(scikit-learn's ``average="weighted"``; a class never predicted has precision 0). The
+confusion matrix is drawn with Pillow (the inference image has no matplotlib).
+Every file is written under a temporary name and renamed: the archive first, evaluation.json last.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from common import DEFAULT_IMAGE_SIZE, atomic_write, atomic_write_json, eval_transform, load_model_dir, run_script
-from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_FILE,
-                      MODEL_INFO_FILE, NO_WEIGHTS_PLACEHOLDER, PRECISIONS, PROCESSING_FAILURE_FILE, TEST_CHANNEL)
+from contract import (CALIBRATION_DIR, CLASSES_FILE, CONFUSION_MATRIX_FILE, DEFAULT_PRECISION, EVALUATION_FILE, MODEL_ARCHIVE,
+                      MODEL_CODE_DIR, MODEL_FILE, MODEL_INFO_FILE, NO_WEIGHTS_PLACEHOLDER, PRECISIONS, PROCESSING_FAILURE_FILE,
+                      SERVING_INFO_KEY, SERVING_MODEL_FILE, TEST_CHANNEL, TEST_PREDICTIONS_FILE)
 from features import file_sha256
-from serving_model import QuantizationFailed, calibration_batch, precision_decision, quantized_int8
+from serving_model import (QuantizationFailed, ServedNetwork, calibration_batch, loaded_artifact, precision_decision,
+                           quantized_int8, saved_artifact, served_network)
 
 DEFAULT_MODEL = "/opt/ml/processing/input/model"
 DEFAULT_TEST = f"/opt/ml/processing/input/{TEST_CHANNEL}"
 DEFAULT_OUTPUT = "/opt/ml/processing/output/evaluation"
-MODEL_ARCHIVE = "model.tar.gz"
+DEFAULT_ARCHIVE_OUTPUT = "/opt/ml/processing/output/model"
+CPU = torch.device("cpu")  # the serving artifact is built and measured on the CPU, where it is served
 TOP_K = 5
 NOT_COMPUTED = "NaN"  # the format's standard_deviation when there is no bootstrap
 
@@ -82,18 +100,20 @@ def model_dir_from(model_path: Path, scratch: Path) -> Path:
             f"{model_path} holds neither {MODEL_ARCHIVE} nor {MODEL_FILE}: give the training job's model "
             "artifact (model.tar.gz, or the folder it unpacks to)"
         )
+    scratch.mkdir(parents=True, exist_ok=True)
     extract_model_files(archive, scratch)
     return scratch
 
 
-def is_calibration_image(name: str) -> bool:
-    """``calibration/<file>`` of the model directory (one level, no other path)."""
+def is_packed_folder_file(name: str) -> bool:
+    """``calibration/<file>`` or ``code/<file>`` of the model directory (one level, no other path)."""
     folder, _, file = name.partition("/")
-    return folder == CALIBRATION_DIR and bool(file) and "/" not in file and not file.startswith(".")
+    return folder in (CALIBRATION_DIR, MODEL_CODE_DIR) and bool(file) and "/" not in file and not file.startswith(".")
 
 
 def extract_model_files(archive: Path, destination: Path) -> None:
-    """Copy the three model files and the calibration images out of the archive by name, in one pass; nothing else is written."""
+    """Copy the three model files, the calibration images and the inference code out of the archive by name,
+    in one pass; nothing else is written."""
     needed = (MODEL_FILE, CLASSES_FILE, MODEL_INFO_FILE)
     seen: list[str] = []
     try:
@@ -101,7 +121,7 @@ def extract_model_files(archive: Path, destination: Path) -> None:
             for member in tar:
                 name = os.path.normpath(member.name)
                 seen.append(name)
-                wanted = name in needed or is_calibration_image(name)
+                wanted = name in needed or is_packed_folder_file(name)
                 if member.isfile() and wanted and not (destination / name).exists():
                     (destination / name).parent.mkdir(exist_ok=True)
                     with tar.extractfile(member) as source, open(destination / name, "wb") as target:
@@ -147,7 +167,8 @@ def test_loader(test_dir: Path, image_size: int, batch_size: int, workers: int) 
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def predictions(model: torch.nn.Module, loader: DataLoader, model_classes: list[str], device: torch.device, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predictions(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, model_classes: list[str], device: torch.device,
+                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(true class, predicted class, whether the true class is in the top k) per test image, as model indices."""
     folder_to_model = torch.tensor([model_classes.index(name) for name in loader.dataset.classes])
     true, predicted, in_top_k = [], [], []
@@ -203,31 +224,70 @@ def evaluation_document(true: np.ndarray, predicted: np.ndarray, in_top_k: np.nd
 
 # ---------------------------------------------------------------- output
 
-def plot_confusion_matrix(counts: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    """Row-normalised matrix with every class named; sized so 133 classes stay legible when zoomed in."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-    from matplotlib.colors import PowerNorm
+BLUES = ((247, 251, 255), (8, 48, 107))  # the colour of a share of 0 and of 1
 
+
+def label_font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def share_colour(share: float) -> tuple[int, int, int]:
+    """Blue for a row share; the square-root scale makes a single confusion among a class's few test images stand out."""
+    weight = share ** 0.5
+    return tuple(round(low + (high - low) * weight) for low, high in zip(*BLUES))
+
+
+def confusion_image(counts: np.ndarray, classes: list[str], title: str) -> Image.Image:
+    """Row-normalised matrix with every class named (predicted classes along the bottom, turned upright);
+    cells of at least 12 pixels, so 133 classes stay legible when zoomed in."""
     n = len(classes)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    side = max(6.0, 0.15 * n + 3)
-    font = max(3.5, min(10.0, 500 / n))
-    figure, axes = pyplot.subplots(figsize=(side, side), dpi=150)
-    # The square-root scale makes a single confusion among a class's few test images stand out.
-    image = axes.imshow(rows, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
-    axes.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    axes.set_yticks(range(n), classes, fontsize=font)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01, label="share of the true class's test images")
-    figure.tight_layout()
-    try:
-        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
-    finally:
-        pyplot.close(figure)
+    cell = max(12, 900 // n)
+    font, title_font = label_font(max(9, min(cell - 2, 18))), label_font(18)
+    widest = max(int(font.getlength(name)) for name in classes) + 8
+    top, left = 40, widest + 30
+    side = n * cell
+    picture = Image.new("RGB", (left + side + 20, top + side + widest + 30), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.text((10, 10), title, fill="black", font=title_font)
+    for t in range(n):
+        draw.text((left - 6, top + t * cell + cell / 2), classes[t], fill="black", font=font, anchor="rm")
+        for p in range(n):
+            x, y = left + p * cell, top + t * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=share_colour(float(rows[t, p])))
+    names = Image.new("RGB", (side, widest), "white")
+    names_draw = ImageDraw.Draw(names)
+    for p in range(n):
+        names_draw.text((p * cell + cell / 2, widest - 4), classes[p], fill="black", font=font, anchor="rm")
+    picture.paste(names.rotate(90, expand=True), (left, top + side + 4))
+    draw.text((6, top + side + widest + 8), "rows: true class; columns: predicted class; colour: share of the true "
+              "class's test images", fill="black", font=label_font(12))
+    return picture
+
+
+def plot_confusion_matrix(counts: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    picture = confusion_image(counts, classes, title)
+    atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
+
+
+def model_archive(model_dir: Path, info: dict[str, Any], artifact: Path | None, path: Path) -> None:
+    """The model archive the pipeline registers: the model files, model_info.json with the artifact's record, the artifact."""
+    def pack(temporary: Path) -> None:
+        with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:  # weights hardly compress
+            for name in (MODEL_FILE, CLASSES_FILE, CALIBRATION_DIR, MODEL_CODE_DIR):
+                if (model_dir / name).exists():
+                    tar.add(model_dir / name, arcname=name)
+            data = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+            member = tarfile.TarInfo(MODEL_INFO_FILE)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+            if artifact is not None:
+                tar.add(artifact, arcname=SERVING_MODEL_FILE)
+
+    atomic_write(path, pack)
 
 
 # ---------------------------------------------------------------- the run
@@ -235,14 +295,23 @@ def plot_confusion_matrix(counts: np.ndarray, classes: list[str], title: str, pa
 Outcome = tuple[np.ndarray, np.ndarray, np.ndarray]  # what predictions() returns
 
 
-def int8_outcome(model: torch.nn.Module, calibration: torch.Tensor | None, loader: DataLoader,
-                 classes: list[str], k: int) -> tuple[Outcome | None, str]:
-    """The int8 model's predictions on the test split (on the CPU, as it is served), or None and why not."""
+def stored_and_loaded(served: ServedNetwork, folder: Path) -> tuple[ServedNetwork, dict[str, Any] | None]:
+    """``served`` saved as a serving artifact in ``folder`` and loaded back from the file, with its record;
+    ``served`` itself and None when it is not TorchScript (an fp32 network that could not be traced)."""
+    if served.runtime != "torchscript":
+        return served, None
+    folder.mkdir(parents=True, exist_ok=True)
+    record = saved_artifact(served, folder)
+    return loaded_artifact(folder, record), record
+
+
+def int8_network(model: torch.nn.Module, calibration: torch.Tensor | None, folder: Path) -> tuple[tuple[ServedNetwork, dict] | None, str]:
+    """The stored int8 artifact as loaded back and its record, or None and why it cannot be built."""
     try:
-        quantized = quantized_int8(model, calibration)
+        served = ServedNetwork(quantized_int8(model, calibration), "int8", "torchscript")
     except QuantizationFailed as error:
         return None, str(error)
-    return predictions(quantized, loader, classes, torch.device("cpu"), k), ""
+    return stored_and_loaded(served, folder), ""
 
 
 def precision_record(requested: str, served: str, reason: str, fp32: Outcome, int8: Outcome | None, int8_problem: str) -> dict[str, Any]:
@@ -258,30 +327,44 @@ def precision_record(requested: str, served: str, reason: str, fp32: Outcome, in
     }
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate as ``args`` say; write both files and return the evaluation document.
+def test_image_names(loader: DataLoader) -> list[str]:
+    """``<class folder>/<file>`` of each test image, in the loader's order."""
+    return [f"{Path(path).parent.name}/{Path(path).name}" for path, _ in loader.dataset.samples]
 
-    Both precisions are measured; the model metrics (and so the accuracy gate) are those
-    of the precision that will be served (serving_model.precision_decision).
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate as ``args`` say; write the archive, the three evaluation files, and return the evaluation document.
+
+    Both precisions are built, stored, loaded back and measured; the model metrics (and so the accuracy
+    gate) are those of the precision that will be served (serving_model.precision_decision).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    output_dir = Path(args.output)
+    output_dir, archive_dir = Path(args.output), Path(args.archive_output)
     with tempfile.TemporaryDirectory(prefix="model-") as scratch:
-        model_dir = model_dir_from(Path(args.model), Path(scratch))
+        model_dir = model_dir_from(Path(args.model), Path(scratch) / "model")
         try:
-            model, classes, info = load_model_dir(model_dir, device)
+            model, classes, info = load_model_dir(model_dir, CPU)
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
             raise EvaluationError(f"cannot load the model from {args.model}: {error}") from None
         image_size = int(info.get("image_size", DEFAULT_IMAGE_SIZE))
         calibration = calibration_batch(model_dir, eval_transform(image_size))
-    check_classes(Path(args.test), classes)
-    loader = test_loader(Path(args.test), image_size, args.batch_size, args.num_workers)
-    k = min(TOP_K, len(classes))
-    fp32 = predictions(model, loader, classes, device, k)
-    int8, int8_problem = int8_outcome(model, calibration, loader, classes, k)
-    fp32_accuracy = float((fp32[0] == fp32[1]).mean())
-    int8_accuracy = float((int8[0] == int8[1]).mean()) if int8 is not None else None
-    served, reason = precision_decision(args.inference_precision, fp32_accuracy, int8_accuracy, int8_problem)
+        check_classes(Path(args.test), classes)
+        loader = test_loader(Path(args.test), image_size, args.batch_size, args.num_workers)
+        k = min(TOP_K, len(classes))
+        fp32_network, fp32_record = stored_and_loaded(
+            served_network(model, CPU, "fp32", calibration, image_size, optimize=False), Path(scratch) / "fp32")
+        built_int8, int8_problem = int8_network(model, calibration, Path(scratch) / "int8")
+        fp32 = predictions(fp32_network, loader, classes, CPU, k)
+        int8 = predictions(built_int8[0], loader, classes, CPU, k) if built_int8 is not None else None
+        fp32_accuracy = float((fp32[0] == fp32[1]).mean())
+        int8_accuracy = float((int8[0] == int8[1]).mean()) if int8 is not None else None
+        served, reason = precision_decision(args.inference_precision, fp32_accuracy, int8_accuracy, int8_problem)
+        record = built_int8[1] if served == "int8" else fp32_record
+        info = {key: value for key, value in info.items() if key != SERVING_INFO_KEY}
+        if record is not None:
+            info[SERVING_INFO_KEY] = record
+        artifact = Path(scratch) / served / SERVING_MODEL_FILE if record is not None else None
+        model_archive(model_dir, info, artifact, archive_dir / MODEL_ARCHIVE)
+
     true, predicted, in_top_k = int8 if served == "int8" else fp32
     document = evaluation_document(true, predicted, in_top_k, classes)
     document["additional_metrics"]["fp32_accuracy"] = metric(fp32_accuracy)
@@ -289,17 +372,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         document["additional_metrics"]["int8_accuracy"] = metric(int8_accuracy)
     document["pretrained_weights"] = pretrained_record(args.pretrained, info)
     document["inference_precision"] = precision_record(args.inference_precision, served, reason, fp32, int8, int8_problem)
+    document["serving_artifact"] = record or {"error": fp32_network.note or "no serving artifact could be saved"}
 
     accuracy = document["multiclass_classification_metrics"]["accuracy"]["value"]
     top_k = document["additional_metrics"][f"top_{TOP_K}_accuracy"]["value"]
     output_dir.mkdir(parents=True, exist_ok=True)
     title = f"Test confusion matrix ({served}): accuracy {accuracy:.1%}, top-{TOP_K} {top_k:.1%}, {len(true)} images"
     plot_confusion_matrix(confusion(true, predicted, len(classes)), classes, title, output_dir / CONFUSION_MATRIX_FILE)
+    atomic_write_json(output_dir / TEST_PREDICTIONS_FILE,
+                      {name: classes[index] for name, index in zip(test_image_names(loader), predicted.tolist())})
     atomic_write_json(output_dir / EVALUATION_FILE, document)
     int8_text = f"{int8_accuracy:.6f}" if int8_accuracy is not None else f"unavailable ({int8_problem})"
     print(f"test accuracy={accuracy:.6f} top_{TOP_K}_accuracy={top_k:.6f} images={len(true)} "
           f"classes={len(classes)}; fp32 accuracy={fp32_accuracy:.6f}, int8 accuracy={int8_text}; "
-          f"serving {served}: {reason}; wrote {EVALUATION_FILE} and {CONFUSION_MATRIX_FILE} to {output_dir}", flush=True)
+          f"serving {served}: {reason}; wrote {EVALUATION_FILE}, {CONFUSION_MATRIX_FILE} and {TEST_PREDICTIONS_FILE} "
+          f"to {output_dir} and {MODEL_ARCHIVE} ({'with its' if record else 'without a'} serving artifact) to {archive_dir}",
+          flush=True)
     return document
 
 
@@ -307,7 +395,10 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"folder with {MODEL_ARCHIVE} or the unpacked model files")
     parser.add_argument("--test", default=DEFAULT_TEST, help="test split: one folder per class")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"where {EVALUATION_FILE} and {CONFUSION_MATRIX_FILE} are written")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f"where {EVALUATION_FILE}, {CONFUSION_MATRIX_FILE} and {TEST_PREDICTIONS_FILE} are written")
+    parser.add_argument("--archive-output", default=DEFAULT_ARCHIVE_OUTPUT,
+                        help=f"where the model archive to register ({MODEL_ARCHIVE}, with the serving artifact) is written")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     parser.add_argument("--inference-precision", choices=PRECISIONS, default=DEFAULT_PRECISION,

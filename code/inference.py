@@ -72,8 +72,10 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from common import DEFAULT_IMAGE_SIZE, MAX_IMAGE_PIXELS, ImageRejected, eval_transform, image_from_bytes, load_model_dir, resize_size  # noqa: E402
-from serving_model import ServedNetwork, calibration_batch, requested_precision, served_network  # noqa: E402
+from common import (DEFAULT_IMAGE_SIZE, MAX_IMAGE_PIXELS, ImageRejected, eval_transform, image_from_bytes,  # noqa: E402
+                    load_model_dir, model_description, resize_size)
+from contract import MODEL_FILE  # noqa: E402
+from serving_model import ServedNetwork, calibration_batch, requested_precision, served_network, stored_network  # noqa: E402
 
 try:  # present only inside the SageMaker inference containers
     from sagemaker_inference import content_types as _toolkit_content_types
@@ -129,11 +131,12 @@ class RequestError(_ErrorBase):
 class Classifier:
     """What model_fn returns: the network and what is needed to feed it and name its outputs.
 
-    ``network`` is the trained eager network; ``served`` is what answers requests (see
-    serving_model.py: optimized fp32 or int8), the eager network itself when it is None.
+    ``served`` is what answers requests (see serving_model.py: the stored artifact, or fp32 or
+    int8 built at start-up); ``network`` is the trained eager network when it was loaded (None
+    when the stored artifact serves), and answers itself when ``served`` is None.
     """
 
-    network: nn.Module
+    network: nn.Module | None
     classes: list[str]
     info: dict[str, Any]
     device: torch.device
@@ -146,11 +149,7 @@ class Classifier:
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits of one batch, as one forward pass of the served network."""
-        if self.served is None:
-            return self.network(batch)
-        if self.served.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return self.served.forward(batch)
+        return self.network(batch) if self.served is None else self.served(batch)
 
 
 @dataclass(frozen=True)
@@ -178,23 +177,30 @@ class Prediction:
 # ---------------------------------------------------------------- the four container functions
 
 def model_fn(model_dir: str) -> Classifier:
-    """Rebuild the network from model_info.json and load model.pth, then prepare it for serving.
+    """The serving network: the model archive's stored serving artifact when this torch can load it,
+    else built from model.pth (one log line says why), as serving_model.py describes.
 
     Nothing is downloaded. The precision comes from ``DOGBREED_INFERENCE_PRECISION`` (the model
-    package's environment; fp32 when unset); see serving_model.py for what each one runs.
+    package's environment; fp32 when unset). A corrupt artifact raises ``ArtifactRefused``: the
+    endpoint does not start rather than serve it.
     """
     global _draft_side
     started = time.perf_counter()
     precision = requested_precision()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network, classes, info = load_model_dir(model_dir, device)
+    classes, info = model_description(model_dir)
     image_size = int(info.get("image_size", DEFAULT_IMAGE_SIZE))
     transform = eval_transform(image_size)
-    calibration = calibration_batch(model_dir, transform)
-    served = served_network(network, device, precision, calibration, image_size)
+    served, why = stored_network(model_dir, info, precision, device)
+    network = None
+    if served is None:
+        log.warning("building the serving network from %s: %s", MODEL_FILE, why)
+        network, classes, info = load_model_dir(model_dir, device)
+        served = served_network(network, device, precision, calibration_batch(model_dir, transform), image_size)
     _draft_side = DRAFT_FACTOR * resize_size(image_size)
-    log.info("loaded %s with %d classes on %s from %s; serving %s (%s) after %.1f s", info.get("backbone"), len(classes),
-             device, model_dir, served.precision, served.runtime, time.perf_counter() - started)
+    log.info("loaded %s with %d classes on %s from %s; serving %s (%s%s) after %.1f s", info.get("backbone"), len(classes),
+             device, model_dir, served.precision, served.runtime, ", stored artifact" if network is None else "",
+             time.perf_counter() - started)
     return Classifier(network, classes, info, device, transform, served)
 
 

@@ -1,27 +1,35 @@
-"""How the endpoint runs the trained network: optimized fp32, or static int8 for x86 CPUs.
+"""How the endpoint runs the trained network: fp32 TorchScript, or static int8 for x86 CPUs.
 
-Both are prepared by ``model_fn`` on the serving torch itself (the inference image runs
-another torch than training, so nothing compiled at training time is shipped):
+The serving network is built once, by evaluate.py on the inference image (the endpoint's torch),
+measured on the test split and saved as the **serving artifact** (``contract.SERVING_MODEL_FILE``,
+``torch.jit.save``) in the model archive the pipeline registers; ``model_info.json`` records it
+under ``contract.SERVING_INFO_KEY``. ``model_fn`` loads that file (``stored_network``) when the
+running torch can load it (``artifact_unusable``), and otherwise builds the network from the state
+dict on its own torch (``served_network``), saying why in one log line:
 
-* **fp32** (the default): the eager network traced with TorchScript, frozen (weights become
-  constants, batch norm folded into the convolutions) and passed through
-  ``torch.jit.optimize_for_inference`` (oneDNN convolutions on CPU). Before it is used, its
-  probabilities are compared with the eager network's on real images (the calibration
-  sample) or generated ones; any failure or a difference above ``FP32_TOLERANCE`` logs one
-  line and the eager network is served.
+* **fp32**: the eager network traced with TorchScript and frozen (weights become constants,
+  batch norm folded into the convolutions), channels-last. The artifact stops there:
+  ``torch.jit.optimize_for_inference``'s oneDNN graph cannot be loaded back from a file by
+  this torch (``torch.jit.load`` fails on its constants), so only a network built at start-up
+  gets that pass. Before it is used, its probabilities are compared with the eager
+  network's on real images (the calibration sample) or generated ones; any failure or a
+  difference above ``FP32_TOLERANCE`` logs one line and the eager network is served.
 * **int8**: static post-training quantization with PyTorch's FX graph mode and the x86
   backend (fbgemm/oneDNN kernels, VNNI where the CPU has it), calibrated on the validation
-  images ``train.py`` stores in ``calibration/`` of the model directory. Only CPUs run it; its
-  accuracy is verified by ``evaluate.py``, which decides what is served (``precision_decision``).
+  images ``train.py`` stores in ``calibration/`` of the model directory, traced and frozen.
+  Only CPUs run it; its accuracy is verified by ``evaluate.py``, which decides what is served
+  (``precision_decision``).
 
-Also used by evaluate.py (the same quantization, on the same calibration sample).
 torch, torchvision, Pillow and the standard library only.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +40,8 @@ from PIL import Image
 from torch import nn
 
 from common import rgb_image
-from contract import CALIBRATION_DIR, DEFAULT_PRECISION, INFERENCE_PRECISION_ENV, PRECISIONS
+from contract import (CALIBRATION_DIR, DEFAULT_PRECISION, INFERENCE_PRECISION_ENV, PRECISIONS, SERVING_INFO_KEY,
+                      SERVING_MODEL_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,10 @@ class QuantizationFailed(RuntimeError):
     """The int8 model cannot be built here; the message says why."""
 
 
+class ArtifactRefused(RuntimeError):
+    """The model archive's serving artifact is corrupt or unreadable: it must never be served."""
+
+
 @dataclass
 class ServedNetwork:
     """The callable that answers requests, and how it was made."""
@@ -55,6 +68,12 @@ class ServedNetwork:
     runtime: str  # "torchscript" or "eager"
     channels_last: bool = False
     note: str = ""  # why it is not what was asked for, if it is not
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of one batch (the network's own memory format)."""
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.forward(batch)
 
 
 # ---------------------------------------------------------------- settings and inputs
@@ -100,15 +119,16 @@ def probability_difference(first: Callable, first_batch: torch.Tensor, second: C
         return (first_probabilities - torch.softmax(second(second_batch).float(), 1)).abs().max().item()
 
 
-def traced_fp32(network: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """The network traced on ``example``, frozen and optimized for inference."""
+def traced_fp32(network: nn.Module, example: torch.Tensor, optimize: bool = True) -> torch.jit.ScriptModule:
+    """The network traced on ``example`` and frozen; optimized for inference unless ``optimize`` is False
+    (which a network to be saved needs: see the module's docstring)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the serving torch (2.6) supports it
-        traced = torch.jit.trace(network.eval(), example, check_trace=False)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        frozen = torch.jit.freeze(torch.jit.trace(network.eval(), example, check_trace=False).eval())
+        return torch.jit.optimize_for_inference(frozen) if optimize else frozen
 
 
-def optimized_fp32(network: nn.Module, batch: torch.Tensor, channels_last: bool = True) -> ServedNetwork:
+def optimized_fp32(network: nn.Module, batch: torch.Tensor, channels_last: bool = True, optimize: bool = True) -> ServedNetwork:
     """The traced network when it matches the eager one on ``batch``, else the eager network (one log line).
 
     ``batch`` holds at least two images: the network is traced on the first and checked
@@ -118,7 +138,7 @@ def optimized_fp32(network: nn.Module, batch: torch.Tensor, channels_last: bool 
         channels_last = channels_last and batch.device.type == "cpu"
         traced_input = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
         source = copy.deepcopy(network).to(memory_format=torch.channels_last) if channels_last else network
-        prepared = traced_fp32(source, traced_input[:1])
+        prepared = traced_fp32(source, traced_input[:1], optimize)
         difference = probability_difference(prepared, traced_input, network, batch)
         if not difference <= FP32_TOLERANCE:
             raise ValueError(f"its probabilities differ from the eager network's by {difference:.2e} "
@@ -173,8 +193,10 @@ def quantized_int8(network: nn.Module, calibration: torch.Tensor, batch_size: in
 # ---------------------------------------------------------------- what model_fn serves
 
 def served_network(network: nn.Module, device: torch.device, precision: str, calibration: torch.Tensor | None,
-                   image_size: int) -> ServedNetwork:
-    """What the endpoint runs for ``precision``; int8 that cannot be built here falls back to fp32, logged."""
+                   image_size: int, optimize: bool = True) -> ServedNetwork:
+    """What the endpoint runs for ``precision``; int8 that cannot be built here falls back to fp32, logged.
+
+    ``optimize=False`` builds the fp32 network that can be saved as the serving artifact."""
     note = ""
     if precision == "int8":
         try:
@@ -185,10 +207,85 @@ def served_network(network: nn.Module, device: torch.device, precision: str, cal
             note = f"int8 was asked for but cannot be served ({error}); serving fp32"
             log.warning(note)
     check = calibration[:VERIFICATION_IMAGES] if calibration is not None and len(calibration) >= 2 else generated_batch(image_size)
-    served = optimized_fp32(network, check.to(device))
+    served = optimized_fp32(network, check.to(device), optimize=optimize)
     if note:
         served.note = f"{note}. {served.note}".strip()
     return served
+
+
+# ---------------------------------------------------------------- the serving artifact
+
+def saved_artifact(served: ServedNetwork, model_dir: str | os.PathLike) -> dict:
+    """Save ``served`` (a TorchScript network) as the model directory's serving artifact; its model_info.json record."""
+    if served.runtime != "torchscript":
+        raise ValueError(f"only a TorchScript network can be saved as the serving artifact, not a {served.runtime} one")
+    path = Path(model_dir) / SERVING_MODEL_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
+        torch.jit.save(served.forward, str(path))
+    return {"file": SERVING_MODEL_FILE, "precision": served.precision, "channels_last": served.channels_last,
+            "device": "cpu", "torch_version": torch.__version__, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def artifact_unusable(record: Mapping | None, precision: str, device: torch.device) -> str:
+    """Why this process cannot serve the recorded artifact ("" when it can).
+
+    It can when model_info.json records one, for the precision asked for, saved by exactly the
+    running torch (``torch.__version__``, build label included: a TorchScript file holds
+    operator versions and prepacked quantized weights of the torch that wrote it) for the
+    device this process serves on.
+    """
+    if not record:
+        return "the model has no serving artifact (it is the training job's archive, not the evaluation's)"
+    if record.get("precision") != precision:
+        return f"its serving artifact is {record.get('precision')} and {precision} is asked for"
+    if record.get("torch_version") != torch.__version__:
+        return f"its serving artifact was built by torch {record.get('torch_version')} and this is torch {torch.__version__}"
+    if record.get("device") != device.type:
+        return f"its serving artifact runs on {record.get('device')} and this endpoint serves on {device.type}"
+    return ""
+
+
+def loaded_artifact(model_dir: str | os.PathLike, record: Mapping) -> ServedNetwork:
+    """The stored serving artifact, loaded from the bytes whose sha256 matched the record.
+
+    Raises ArtifactRefused when the file is missing, differs from the record or cannot be loaded.
+    The hash is computed while torch reads the same bytes (hashlib releases the GIL), so checking
+    costs little more than loading.
+    """
+    path = Path(model_dir) / str(record.get("file", SERVING_MODEL_FILE))
+    remedy = "the model archive is damaged; register and deploy the archive of the Evaluate step again"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ArtifactRefused(f"the serving artifact {path} recorded in model_info.json cannot be read "
+                              f"({error.strerror or error}): {remedy}") from None
+    digest: list[str] = []
+    hashing = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()))
+    hashing.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            network = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        problem = ""
+    except Exception as error:
+        network, problem = None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    hashing.join()
+    if digest[0] != record.get("sha256"):
+        raise ArtifactRefused(f"the serving artifact {path} has sha256 {digest[0]}, not the {record.get('sha256')} "
+                              f"recorded in model_info.json: {remedy}")
+    if network is None:
+        raise ArtifactRefused(f"the serving artifact {path} cannot be loaded by torch {torch.__version__} ({problem}): {remedy}")
+    return ServedNetwork(network.eval(), str(record["precision"]), "torchscript", channels_last=bool(record.get("channels_last")))
+
+
+def stored_network(model_dir: str | os.PathLike, info: Mapping, precision: str, device: torch.device) -> tuple[ServedNetwork | None, str]:
+    """(the stored serving artifact, "") when this process can serve it, else (None, why not).
+
+    Raises ArtifactRefused for an artifact that is recorded and usable here but corrupt."""
+    record = info.get(SERVING_INFO_KEY)
+    why = artifact_unusable(record, precision, device)
+    return (None, why) if why else (loaded_artifact(model_dir, record), "")
 
 
 def precision_decision(requested: str, fp32_accuracy: float, int8_accuracy: float | None,

@@ -151,7 +151,7 @@ def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, t
     decides where a model below the threshold fails the execution."""
     twin = twin_of(variant)
     evaluation, twin_evaluation = evaluations[variant], evaluations[twin]
-    register = register_step(ctx, variant, training, evaluation)
+    register = register_step(ctx, variant, evaluation)
     deploy = deploy_step(ctx, variant, register)
     wait = wait_step(ctx, variant, deploy)
     check = check_step(ctx, variant, wait, prepare)

@@ -1,4 +1,9 @@
-"""EvaluateSingleInstance / EvaluateMultiInstance: test-split metrics of a trained model."""
+"""EvaluateSingleInstance / EvaluateMultiInstance: the serving artifact, built and measured on the test split.
+
+The job runs on the inference image, so the network the endpoint serves is built once, on the
+endpoint's torch; besides the evaluation files it writes the model archive that the Register step
+registers (``ARCHIVE_OUTPUT_NAME``). The training job's model.tar.gz stays the training output.
+"""
 from __future__ import annotations
 
 from sagemaker.processing import ProcessingInput, ProcessingOutput
@@ -16,6 +21,8 @@ MODEL_DIR = f"{PROCESSING_ROOT}/input/model"
 TEST_DIR = f"{PROCESSING_ROOT}/input/test"
 OUTPUT_DIR = f"{PROCESSING_ROOT}/output/evaluation"
 OUTPUT_NAME = "evaluation"
+ARCHIVE_DIR = f"{PROCESSING_ROOT}/output/model"
+ARCHIVE_OUTPUT_NAME = "model"
 
 
 def evaluation_property_file(variant: Variant, contract) -> PropertyFile:
@@ -25,7 +32,8 @@ def evaluation_property_file(variant: Variant, contract) -> PropertyFile:
 def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, training: TrainingStep) -> ProcessingStep:
     names = variant.names("Evaluate", "Evaluate")
     test = ctx.contract.TEST_CHANNEL
-    processor = script_processor(ctx, "evaluate.py", base_job_name=f"{ctx.settings.project_name}-evaluate-{variant.slug}")
+    processor = script_processor(ctx, "evaluate.py", base_job_name=f"{ctx.settings.project_name}-evaluate-{variant.slug}",
+                                 image_uri=ctx.inference_image)
     step_args = processor.run(
         inputs=[
             ProcessingInput(source=training.properties.ModelArtifacts.S3ModelArtifacts, destination=MODEL_DIR, input_name="model"),
@@ -33,14 +41,17 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
             pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
-        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(names["name"]))],
-        arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR,
+        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(names["name"])),
+                 ProcessingOutput(output_name=ARCHIVE_OUTPUT_NAME, source=ARCHIVE_DIR,
+                                  destination=ctx.execution_path(names["name"], ARCHIVE_OUTPUT_NAME))],
+        arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR, "--archive-output", ARCHIVE_DIR,
                    "--inference-precision", ctx.parameters.inference_precision, "--pretrained", PRETRAINED_DIR],
     )
     return ProcessingStep(
         **names,
-        description=f"Measures the {variant.title} model on the held-out test split: accuracy, top-5 accuracy, "
-                    f"weighted precision/recall/F1 and a confusion matrix, written to {ctx.contract.EVALUATION_FILE}.",
+        description=f"Builds the {variant.title} model's serving network on the inference image and measures it on the "
+                    f"held-out test split: accuracy, top-5 accuracy, weighted precision/recall/F1 and a confusion matrix, "
+                    f"written to {ctx.contract.EVALUATION_FILE}; writes the model archive to register.",
         step_args=step_args,
         property_files=[evaluation_property_file(variant, ctx.contract)],
         **job_step_policies(),
@@ -50,6 +61,12 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
 def evaluation_uri(ctx: BuildContext, evaluation: ProcessingStep) -> Join:
     output = evaluation.properties.ProcessingOutputConfig.Outputs[OUTPUT_NAME].S3Output.S3Uri
     return Join(on="/", values=[output, ctx.contract.EVALUATION_FILE])
+
+
+def model_archive_uri(ctx: BuildContext, evaluation: ProcessingStep) -> Join:
+    """The model archive evaluate.py writes: the serving artifact, the model files and code/, to register and deploy."""
+    output = evaluation.properties.ProcessingOutputConfig.Outputs[ARCHIVE_OUTPUT_NAME].S3Output.S3Uri
+    return Join(on="/", values=[output, ctx.contract.MODEL_ARCHIVE])
 
 
 def evaluation_value(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep, json_path: str) -> JsonGet:

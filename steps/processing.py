@@ -39,12 +39,12 @@ def bootstrap_command(failure_file: str) -> str:
     )
 
 
-def script_processor(ctx: BuildContext, script: str, base_job_name: str) -> Processor:
-    """A processor on the training framework image that runs ``code/<script>``."""
+def script_processor(ctx: BuildContext, script: str, base_job_name: str, image_uri: str | None = None) -> Processor:
+    """A processor that runs ``code/<script>`` on ``image_uri``, the training framework image unless given."""
     settings = ctx.settings
     return Processor(
         role=settings.job_role_arn,
-        image_uri=ctx.training_image,
+        image_uri=image_uri or ctx.training_image,
         instance_count=1,
         instance_type=ctx.parameters.processing_instance_type,
         entrypoint=["/bin/bash", "-c", bootstrap_command(ctx.contract.PROCESSING_FAILURE_FILE), "bootstrap", script],

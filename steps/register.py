@@ -1,13 +1,13 @@
-"""RegisterSingleInstance / RegisterMultiInstance: a model package with its evaluation."""
+"""RegisterSingleInstance / RegisterMultiInstance: the evaluation's model archive, as a model package with its metrics."""
 from __future__ import annotations
 
 from sagemaker.model import Model
 from sagemaker.model_metrics import MetricsSource, ModelMetrics
 from sagemaker.workflow.step_collections import RegisterModel
-from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext, retry_policies
-from steps.evaluate import evaluation_uri, served_precision
+from steps.evaluate import evaluation_uri, model_archive_uri, served_precision
 from steps.variants import Variant
 
 CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
@@ -37,10 +37,10 @@ def inference_environment(ctx: BuildContext) -> dict[str, str]:
     }
 
 
-def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep) -> RegisterModel:
+def register_step(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep) -> RegisterModel:
     model = Model(
         image_uri=ctx.inference_image,
-        model_data=training.properties.ModelArtifacts.S3ModelArtifacts,
+        model_data=model_archive_uri(ctx, evaluation),  # what was measured, not the training job's archive
         role=ctx.settings.model_role_arn,
         # the endpoint's model_fn serves the precision the evaluation chose
         env={**inference_environment(ctx), ctx.contract.INFERENCE_PRECISION_ENV: served_precision(ctx, variant, evaluation)},

@@ -88,7 +88,8 @@ def independent_count(model_dir: Path, test_dir: Path) -> dict[str, tuple[int, i
 
 
 def run(model: Path, test: Path, output: Path) -> int:
-    return evaluate.main(["--model", str(model), "--test", str(test), "--output", str(output), "--num-workers", "0", "--batch-size", "4"])
+    return evaluate.main(["--model", str(model), "--test", str(test), "--output", str(output), "--num-workers", "0",
+                          "--batch-size", "4", "--archive-output", str(output.with_name(f"{output.name}-archive"))])
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,12 @@ def test_evaluation_of_the_training_artifact(evaluated, trained, prepared):
 
     with Image.open(evaluated / contract.CONFUSION_MATRIX_FILE) as picture:
         assert picture.format == "PNG" and min(picture.size) >= 600
-    assert sorted(p.name for p in evaluated.iterdir()) == sorted([contract.EVALUATION_FILE, contract.CONFUSION_MATRIX_FILE])
+    assert sorted(p.name for p in evaluated.iterdir()) == sorted([contract.EVALUATION_FILE, contract.CONFUSION_MATRIX_FILE,
+                                                                  contract.TEST_PREDICTIONS_FILE])
+    recorded = json.loads((evaluated / contract.TEST_PREDICTIONS_FILE).read_text())
+    assert len(recorded) == total and set(recorded.values()) <= set(classes)
+    assert {name: sum(path.split("/")[0] == name == label for path, label in recorded.items()) for name in counts} == {
+        name: correct for name, (correct, _) in counts.items()}
 
 
 def test_an_unpacked_model_folder_gives_the_same_evaluation(evaluated, trained, prepared, tmp_path):

@@ -7,8 +7,10 @@ model_fn builds the int8 network from the same sample.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import evaluate
 import inference
 import serving_model
 from models import json_get, trained_job
+from pipeline.local.torchserve import ModelWorker
 from real_images import write_digits
 
 IMAGE_SIZE = 32
@@ -39,15 +42,49 @@ def trained(digits, tmp_path_factory) -> Path:
                        "--learning-rate", "0.05", "--num-threads", "1")
 
 
+def archive_of(output: Path) -> Path:
+    """Where ``evaluated`` has evaluate.py write the model archive for the evaluation in ``output``."""
+    return output.with_name(f"{output.name}-archive") / contract.MODEL_ARCHIVE
+
+
 def evaluated(trained: Path, digits: Path, output: Path, precision: str) -> dict:
     assert evaluate.main(["--model", str(trained / "artifact"), "--test", str(digits / "test"), "--output", str(output),
-                          "--num-workers", "0", "--batch-size", "50", "--inference-precision", precision]) == 0
+                          "--num-workers", "0", "--batch-size", "50", "--inference-precision", precision,
+                          "--archive-output", str(archive_of(output).parent)]) == 0
     return json.loads((output / contract.EVALUATION_FILE).read_text())
 
 
 @pytest.fixture(scope="module")
-def int8_evaluation(trained, digits, tmp_path_factory) -> dict:
-    return evaluated(trained, digits, tmp_path_factory.mktemp("int8"), "int8")
+def int8_output(trained, digits, tmp_path_factory) -> Path:
+    """The evaluation of the digits model with int8 asked for: evaluation files here, the archive beside."""
+    output = tmp_path_factory.mktemp("int8")
+    evaluated(trained, digits, output, "int8")
+    return output
+
+
+@pytest.fixture(scope="module")
+def int8_evaluation(int8_output) -> dict:
+    return json.loads((int8_output / contract.EVALUATION_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def served_dir(int8_output, tmp_path_factory) -> Path:
+    """The evaluation's model archive, unpacked as the endpoint unpacks it into /opt/ml/model."""
+    folder = tmp_path_factory.mktemp("served") / "model"
+    with tarfile.open(archive_of(int8_output)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def copied_model(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def edited_info(model_dir: Path, **record_changes) -> None:
+    info = json.loads((model_dir / contract.MODEL_INFO_FILE).read_text())
+    info[contract.SERVING_INFO_KEY].update(record_changes)
+    (model_dir / contract.MODEL_INFO_FILE).write_text(json.dumps(info))
 
 
 def test_training_stores_a_calibration_sample_of_validation_images(trained, digits):
@@ -140,3 +177,93 @@ def test_the_definition_passes_the_precision_from_evaluation_to_the_endpoint():
         assert environment[contract.INFERENCE_PRECISION_ENV] == {"Std:JsonGet": {
             "PropertyFile": {"Get": f"Steps.Evaluate{suffix}.PropertyFiles.Evaluation{suffix}"},
             "Path": contract.SERVED_PRECISION_JSON_PATH}}
+
+
+# ---------------------------------------------------------------- the serving artifact
+
+
+def test_the_evaluation_archive_holds_the_artifact_it_measured(int8_evaluation, int8_output, served_dir, trained):
+    served = int8_evaluation["inference_precision"]["served"]
+    record = json.loads((served_dir / contract.MODEL_INFO_FILE).read_text())[contract.SERVING_INFO_KEY]
+    assert record == int8_evaluation["serving_artifact"]
+    assert (record["precision"], record["torch_version"], record["device"]) == (served, torch.__version__, "cpu")
+    assert hashlib.sha256((served_dir / contract.SERVING_MODEL_FILE).read_bytes()).hexdigest() == record["sha256"]
+    with tarfile.open(archive_of(int8_output)) as tar:
+        top = {name.split("/")[0] for name in tar.getnames()}
+    assert top == {contract.MODEL_FILE, contract.CLASSES_FILE, contract.MODEL_INFO_FILE, contract.SERVING_MODEL_FILE,
+                   contract.CALIBRATION_DIR, contract.MODEL_CODE_DIR}
+    assert (served_dir / contract.MODEL_FILE).read_bytes() == (trained / "model" / contract.MODEL_FILE).read_bytes()
+    assert sorted(p.name for p in (served_dir / contract.MODEL_CODE_DIR).iterdir()) == sorted(
+        p.name for p in (trained / "model" / contract.MODEL_CODE_DIR).iterdir())
+
+
+def test_the_handler_service_serves_the_archive_with_the_answers_the_evaluation_recorded(int8_evaluation, int8_output,
+                                                                                         served_dir, digits):
+    served = int8_evaluation["inference_precision"]["served"]
+    recorded = json.loads((int8_output / contract.TEST_PREDICTIONS_FILE).read_text())
+    worker = ModelWorker(served_dir, served_dir / contract.MODEL_CODE_DIR,
+                         {"SAGEMAKER_PROGRAM": contract.INFERENCE_SCRIPT, contract.INFERENCE_PRECISION_ENV: served})
+    answered = {}
+    for name in recorded:
+        status, payload, _ = worker.invoke((digits / "test" / name).read_bytes(), {"Content-Type": "image/png"})
+        assert status == 200, payload
+        answered[name] = json.loads(payload)["predictions"][0]["top_k"][0]["label"]
+    assert len(answered) == 200 and answered == recorded
+
+
+def test_model_fn_loads_the_stored_artifact_without_building(served_dir, int8_evaluation, monkeypatch, caplog):
+    served = int8_evaluation["inference_precision"]["served"]
+    monkeypatch.setenv(contract.INFERENCE_PRECISION_ENV, served)
+    with caplog.at_level(logging.INFO, logger=inference.log.name):
+        model = inference.model_fn(str(served_dir))
+    assert model.network is None and (model.served.precision, model.served.runtime) == (served, "torchscript")
+    assert any("stored artifact" in record.getMessage() for record in caplog.records)
+    assert not any(record.levelno >= logging.WARNING for record in caplog.records)
+
+
+def test_an_artifact_of_another_torch_is_rebuilt_from_the_state_dict_saying_why(served_dir, int8_evaluation, tmp_path,
+                                                                               monkeypatch, caplog):
+    served = int8_evaluation["inference_precision"]["served"]
+    model_dir = copied_model(served_dir, tmp_path / "model")
+    edited_info(model_dir, torch_version="2.6.0+cpu")
+    (model_dir / contract.SERVING_MODEL_FILE).write_bytes(b"never read")
+    monkeypatch.setenv(contract.INFERENCE_PRECISION_ENV, served)
+    with caplog.at_level(logging.INFO, logger=inference.log.name):
+        model = inference.model_fn(str(model_dir))
+    assert model.network is not None and model.served.precision == served
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == [f"building the serving network from {contract.MODEL_FILE}: its serving artifact was built by "
+                        f"torch 2.6.0+cpu and this is torch {torch.__version__}"]
+
+
+def test_a_precision_other_than_the_artifacts_is_built_saying_why(served_dir, int8_evaluation, monkeypatch, caplog):
+    other = next(p for p in contract.PRECISIONS if p != int8_evaluation["inference_precision"]["served"])
+    monkeypatch.setenv(contract.INFERENCE_PRECISION_ENV, other)
+    with caplog.at_level(logging.WARNING, logger=inference.log.name):
+        model = inference.model_fn(str(served_dir))
+    assert model.network is not None and model.served.precision == other
+    assert any(f"and {other} is asked for" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("flipped byte", "not the"),
+    ("missing", "cannot be read"),
+    ("not torchscript", "cannot be loaded by torch"),
+])
+def test_a_corrupt_artifact_is_refused_at_load(served_dir, int8_evaluation, tmp_path, monkeypatch, damage, words):
+    model_dir = copied_model(served_dir, tmp_path / "model")
+    artifact = model_dir / contract.SERVING_MODEL_FILE
+    if damage == "flipped byte":
+        data = bytearray(artifact.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        artifact.write_bytes(bytes(data))
+    elif damage == "missing":
+        artifact.unlink()
+    else:  # a file whose hash is recorded but that torch cannot read
+        artifact.write_bytes(b"PK\x03\x04 not a TorchScript archive")
+        edited_info(model_dir, sha256=hashlib.sha256(artifact.read_bytes()).hexdigest())
+    monkeypatch.setenv(contract.INFERENCE_PRECISION_ENV, int8_evaluation["inference_precision"]["served"])
+    with pytest.raises(serving_model.ArtifactRefused) as refused:
+        inference.model_fn(str(model_dir))
+    message = str(refused.value)
+    assert words in message and contract.SERVING_MODEL_FILE in message and "Evaluate step" in message

@@ -15,10 +15,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,10 +27,11 @@ from PIL import Image
 
 import common
 import contract
+import serving_model
 import train
 from conftest import CODE_DIR, make_dataset
-from pipeline.local.jobs import free_port
-from pipeline.local.torchserve import HANDLER_SERVICE, ModelWorker
+from pipeline.local.load_run import load_run, request_mix
+from pipeline.local.torchserve import ModelWorker, front_end
 
 CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C"]
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -148,15 +147,19 @@ B64 = base64.b64encode(JPEG).decode()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model folder as train.py writes it (random resnet18 weights), with the code train.py packs."""
+    """A model folder as evaluate.py archives it (random resnet18 weights): the files train.py writes, the code
+    it packs, and a stored fp32 serving artifact."""
     import torch
 
     folder = tmp_path_factory.mktemp("served") / "model"
     folder.mkdir()
     torch.manual_seed(0)
-    torch.save(common.build_model("resnet18", len(CLASSES)).state_dict(), folder / "model.pth")
+    network = common.build_model("resnet18", len(CLASSES)).eval()
+    torch.save(network.state_dict(), folder / "model.pth")
     (folder / "classes.json").write_text(json.dumps(CLASSES))
-    (folder / "model_info.json").write_text(json.dumps({"backbone": "resnet18", "image_size": 32}))
+    served = serving_model.served_network(network, torch.device("cpu"), "fp32", None, 32, optimize=False)
+    artifact = serving_model.saved_artifact(served, folder)
+    (folder / "model_info.json").write_text(json.dumps({"backbone": "resnet18", "image_size": 32, contract.SERVING_INFO_KEY: artifact}))
     train.copy_inference_code(folder / "code")
     return folder
 
@@ -248,59 +251,23 @@ def post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe's front end needs Java 11+")
-def test_torchserve_serves_the_model_over_http_on_loopback(model_dir, tmp_path):
-    """TorchServe started as the container's ``serve`` starts it, bound to 127.0.0.1 and with one worker."""
-    from sagemaker_pytorch_serving_container import torchserve
-
-    port, metrics = free_port(), free_port()
-    environment = {**os.environ, **THREADS, "SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_BIND_TO_PORT": str(port),
-                   "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "PYTHONPATH": str(model_dir / "code"),
-                   "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs"),
-                   "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    saved = dict(os.environ)
-    os.environ.update(environment)
-    try:
-        properties = torchserve._generate_ts_config_properties(HANDLER_SERVICE)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    properties = properties.replace(f"0.0.0.0:{port}", f"127.0.0.1:{port}")  # the container binds every interface
-    properties += f"metrics_address=http://127.0.0.1:{metrics}\n"
-    (tmp_path / "ts.properties").write_text(properties)
-    (tmp_path / "store").mkdir()
-    server = subprocess.Popen(
-        ["torchserve", "--start", "--foreground", "--ncs", "--model-store", str(tmp_path / "store"),
-         "--ts-config", str(tmp_path / "ts.properties"), "--log-config", torchserve.DEFAULT_TS_LOG_FILE,
-         "--models", f"model={model_dir}"],
-        env=environment, cwd=tmp_path, stdout=open(tmp_path / "torchserve.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "torchserve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                    if response.status == 200 and b"Healthy" in response.read():
-                        status, payload = post(f"{url}/invocations", JPEG, "image/jpeg")
-                        if status == 200:
-                            break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "torchserve.log").read_text()[-3000:]
-            time.sleep(1)
-        assert json.loads(payload)["predictions"][0]["top_k"][0]["label"] in CLASSES
-        status, payload = post(f"{url}/invocations", b'{"image_base64": "\xff"}', "application/json")
+def test_torchserve_answers_concurrent_good_and_bad_requests_over_http_on_loopback(model_dir, tmp_path):
+    """TorchServe started as the container's ``serve`` starts it, bound to 127.0.0.1, with one worker:
+    a few hundred requests from 8 clients at once, every valid body answered and every bad one refused
+    with its 4xx, none with a 5xx."""
+    with front_end(model_dir, tmp_path, (JPEG, "image/jpeg"), {**THREADS, "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}) as server:
+        status, payload = post(f"{server.url}/invocations", JPEG, "image/jpeg")
+        assert status == 200 and json.loads(payload)["predictions"][0]["top_k"][0]["label"] in CLASSES
+        status, payload = post(f"{server.url}/invocations", b'{"image_base64": "\xff"}', "application/json")
         assert status == 400 and json.loads(payload)["status"] == 400 and b"Traceback" not in payload
-        status, payload = post(f"{url}/invocations", b"a dog", "text/plain")
+        status, payload = post(f"{server.url}/invocations", b"a dog", "text/plain")
         assert status == 415 and b"Traceback" not in payload
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        mix = request_mix(JPEG, PNG)
+        result = load_run(server.url, mix, clients=8, requests_each=40)
+    assert len(result.answers) == 320 and result.server_errors == 0
+    assert [(a.name, a.status, a.expected) for a in result.wrong] == []
+    assert {answer.name for answer in result.answers} == {request.name for request in mix}
+    assert {request.expected for request in mix} == {200, 400, 413, 415}
 
 
 # ---------------------------------------------------------------- local-run's training jobs

@@ -12,17 +12,27 @@ script sees) and sends back what ``create_predict_response`` encodes.
 encodes each request in the front end's wire format, lets the real ``retrieve_msg`` and
 ``Service.predict`` handle it, and decodes the real response message into (status, body,
 Content-Type). Only the Java front end (HTTP, queues, worker processes) is left out;
-``tests/test_toolkits.py`` serves through it too where Java can run.
+``front_end`` starts it too (where Java 11+ is installed), for the tests and
+``benchmarks/serving_load.py``.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
+from pipeline.local.jobs import free_port
 from pipeline.local.modules import script_folder
 
 HANDLER_SERVICE = "sagemaker_pytorch_serving_container.handler_service"
@@ -117,3 +127,96 @@ class ModelWorker:
         _, batch = retrieve_msg(_Reader(predict_message(f"request-{next(self._ids)}", headers, body)))
         status, payload, content_type, _ = parsed_response(bytes(self.service.predict(batch)))
         return status, payload, content_type
+
+
+# ---------------------------------------------------------------- the real front end
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """A running TorchServe: its base URL on 127.0.0.1, its process group and its log."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def resident_mib(self) -> float:
+        """Resident memory of the whole server (the Java front end and its Python workers), in MiB."""
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self.process.pid:  # the process group
+                    total += int((status.parent / "statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def front_end_properties(environment: Mapping[str, str], port: int, metrics_port: int) -> str:
+    """The config.properties the container's ``serve`` writes for ``environment``, bound to 127.0.0.1."""
+    from sagemaker_pytorch_serving_container import torchserve
+
+    saved = dict(os.environ)
+    os.environ.update(environment)
+    try:
+        properties = torchserve._generate_ts_config_properties(HANDLER_SERVICE)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    properties = properties.replace(f"0.0.0.0:{port}", f"127.0.0.1:{port}")  # the container binds every interface
+    return properties + f"metrics_address=http://127.0.0.1:{metrics_port}\n"
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, probe: tuple[bytes, str], timeout: float) -> None:
+    """Until ``/ping`` is healthy and ``probe`` (body, Content-Type) gets a 200; raises RuntimeError with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with {process.returncode}: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                healthy = response.status == 200 and b"Healthy" in response.read()
+            request = urllib.request.Request(f"{url}/invocations", data=probe[0], method="POST", headers={"Content-Type": probe[1]})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if healthy and response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"TorchServe did not serve within {timeout:.0f} s: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+
+
+@contextmanager
+def front_end(model_dir: Path, work_dir: Path, probe: tuple[bytes, str], environment: Mapping[str, str] | None = None,
+              timeout: float = 180) -> Iterator[FrontEnd]:
+    """TorchServe started as the container's ``serve`` starts it, serving ``model_dir`` on 127.0.0.1 once
+    ``probe`` is answered; ``environment`` adds the model's environment (``SAGEMAKER_MODEL_SERVER_WORKERS``,
+    ``OMP_NUM_THREADS``, ...). Stopped (its whole process group) on exit."""
+    port, metrics_port = free_port(), free_port()
+    settings = {"SAGEMAKER_PROGRAM": "inference.py", **(environment or {}), "SAGEMAKER_BIND_TO_PORT": str(port),
+                "PYTHONPATH": str(model_dir / "code"), "LOG_LOCATION": str(work_dir / "logs"),
+                "METRICS_LOCATION": str(work_dir / "logs")}
+    full = {**os.environ, **settings, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    (work_dir / "ts.properties").write_text(front_end_properties(settings, port, metrics_port))
+    (work_dir / "store").mkdir(exist_ok=True)
+    from sagemaker_pytorch_serving_container.torchserve import DEFAULT_TS_LOG_FILE
+
+    log = work_dir / "torchserve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            ["torchserve", "--start", "--foreground", "--ncs", "--model-store", str(work_dir / "store"),
+             "--ts-config", str(work_dir / "ts.properties"), "--log-config", DEFAULT_TS_LOG_FILE,
+             "--models", f"{MODEL_NAME}={model_dir}"],
+            env=full, cwd=work_dir, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, process, log, probe, timeout)
+        yield FrontEnd(url, process, log)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
