@@ -311,15 +311,23 @@ def test_expensive_steps_are_cached_and_retried_on_throttling_and_capacity(nodes
         assert {"Step.THROTTLING", "SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT"} <= exceptions, name
 
 
-def test_processing_runs_on_the_training_framework_image_and_registration_on_the_inference_image(nodes):
+def test_evaluation_builds_on_the_inference_image_and_its_archive_is_registered(nodes):
+    """The Evaluate steps run on the image the endpoint runs (its torch builds the serving artifact), and the model
+    package points at the archive they write, not at the training job's."""
     training_image = nodes["TrainSingleInstance"].document["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
     assert training_image.endswith(":2.8-cpu-py312") and "pytorch-training" in training_image
-    for name in ("PrepareData", "EvaluateSingleInstance"):
-        assert nodes[name].document["Arguments"]["AppSpecification"]["ImageUri"] == training_image
-    (container,) = nodes["RegisterSingleInstance-RegisterModel"].document["Arguments"]["InferenceSpecification"]["Containers"]
-    assert container["Image"].endswith(":2.6-cpu-py312") and "pytorch-inference" in container["Image"]
-    assert container["Environment"]["SAGEMAKER_PROGRAM"] == CONTRACT.INFERENCE_SCRIPT
-    assert container["ModelDataUrl"] == {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifacts"}
+    assert nodes["PrepareData"].document["Arguments"]["AppSpecification"]["ImageUri"] == training_image
+    for suffix in ("SingleInstance", "MultiInstance"):
+        evaluation = nodes[f"Evaluate{suffix}"].document["Arguments"]
+        (container,) = nodes[f"Register{suffix}-RegisterModel"].document["Arguments"]["InferenceSpecification"]["Containers"]
+        assert container["Image"].endswith(":2.6-cpu-py312") and "pytorch-inference" in container["Image"]
+        assert evaluation["AppSpecification"]["ImageUri"] == container["Image"]
+        assert container["Environment"]["SAGEMAKER_PROGRAM"] == CONTRACT.INFERENCE_SCRIPT
+        assert container["ModelDataUrl"] == {"Std:Join": {"On": "/", "Values": [
+            {"Get": f"Steps.Evaluate{suffix}.ProcessingOutputConfig.Outputs['model'].S3Output.S3Uri"}, CONTRACT.MODEL_ARCHIVE]}}
+        (output,) = [o for o in evaluation["ProcessingOutputConfig"]["Outputs"] if o["OutputName"] == "model"]
+        arguments = evaluation["AppSpecification"]["ContainerArguments"]
+        assert arguments[arguments.index("--archive-output") + 1] == output["S3Output"]["LocalPath"]
 
 
 def test_registration_carries_the_evaluation_as_model_metrics(nodes, built_settings):

@@ -127,7 +127,10 @@ def test_evaluation_of_the_training_artifact(evaluated, trained, prepared):
 
 def test_an_unpacked_model_folder_gives_the_same_evaluation(evaluated, trained, prepared, tmp_path):
     assert run(trained / "model", prepared / "test", tmp_path / "from-folder") == 0
-    assert (tmp_path / "from-folder" / contract.EVALUATION_FILE).read_text() == (evaluated / contract.EVALUATION_FILE).read_text()
+    from_folder, from_archive = (json.loads((folder / contract.EVALUATION_FILE).read_text()) for folder in (tmp_path / "from-folder", evaluated))
+    # a second trace in one process names its TorchScript classes apart (torch's mangling counter): other bytes, other hash
+    assert from_folder["serving_artifact"].pop("sha256") != from_archive["serving_artifact"].pop("sha256")
+    assert from_folder == from_archive
 
 
 def test_test_classes_that_differ_from_the_model_are_refused(trained, tmp_path, capsys):
