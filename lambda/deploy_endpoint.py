@@ -1,6 +1,8 @@
 """Deploy an approved model package to a real-time endpoint (the Deploy... LambdaSteps).
 
-Creates a SageMaker model from the package and an endpoint config, both named
+Creates a SageMaker model from the package, with the model server's environment for the
+instance type (``serving_environment``: TorchServe workers and each worker's threads), and
+an endpoint config, both named
 after a hash of what they serve (image, model data URL, environment, role,
 instance settings; not the package version), then creates the endpoint or
 switches it to the new config with a blue/green update. It returns at once:
@@ -55,6 +57,10 @@ LOCAL_STORAGE_FAMILIES = frozenset({
     "p3dn", "p4d", "p4de", "p5",
 })
 
+# Sizes of SageMaker instance types by vCPUs (ml.<family>.<size>): medium and large have 2, xlarge 4, Nxlarge 4N.
+SIZE_VCPUS = {"medium": 2, "large": 2, "xlarge": 4}
+NXLARGE = re.compile(r"^([0-9]+)xlarge$")
+
 MODEL_PACKAGE_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[a-zA-Z0-9/-]+$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
@@ -77,6 +83,7 @@ class DeployRequest:
     kms_key_id: str
     rollback_alarm_names: tuple[str, ...]
     allow_update_without_rollback: bool = False
+    threads_per_worker: int = 0  # 0: the model server's own defaults
 
 
 def parse_event(event: Mapping[str, Any]) -> DeployRequest:
@@ -94,7 +101,26 @@ def parse_event(event: Mapping[str, Any]) -> DeployRequest:
         kms_key_id=read_str(event, "kms_key_id", default="", allow_empty=True),
         rollback_alarm_names=alarms,
         allow_update_without_rollback=read_bool(event, "allow_update_without_rollback", default=False),
+        threads_per_worker=read_int(event, "threads_per_worker", default=0, minimum=0, maximum=64),
     )
+
+
+def instance_vcpus(instance_type: str) -> int | None:
+    """vCPUs of ``ml.<family>.<size>`` from its size (None for a size outside the rule, e.g. metal)."""
+    size = instance_type.rsplit(".", 1)[-1]
+    nxlarge = NXLARGE.match(size)
+    return 4 * int(nxlarge.group(1)) if nxlarge else SIZE_VCPUS.get(size)
+
+
+def serving_environment(request: DeployRequest) -> dict[str, str]:
+    """The model server's workers and their threads: one TorchServe worker per ``threads_per_worker`` vCPUs,
+    each with that many intra-op threads (see benchmarks/README.md "Serving under load"); none when not asked for."""
+    vcpus = instance_vcpus(request.instance_type)
+    if not request.threads_per_worker or vcpus is None:
+        return {}
+    threads = str(request.threads_per_worker)
+    return {"SAGEMAKER_MODEL_SERVER_WORKERS": str(max(1, vcpus // request.threads_per_worker)),
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def default_rollback_alarms(endpoint_name: str) -> tuple[str, ...]:
@@ -163,15 +189,20 @@ def served_content(request: DeployRequest, package: Mapping[str, Any]) -> dict[s
         "ExecutionRoleArn": request.model_role_arn,
         "Containers": [{key: container.get(key) for key in ("Image", "ImageDigest", "ModelDataUrl", "Environment")}
                        for container in containers],
+        "ServingEnvironment": serving_environment(request),
     }
 
 
 def model_spec(request: DeployRequest, package: Mapping[str, Any]) -> dict[str, Any]:
     """CreateModel arguments, ModelName included: named by what it serves, created from the package."""
+    container: dict[str, Any] = {"ModelPackageName": request.model_package_arn}
+    environment = serving_environment(request)
+    if environment:
+        container["Environment"] = environment  # added to the package's own
     return {
         "ModelName": content_name(request.endpoint_name, served_content(request, package)),
         "ExecutionRoleArn": request.model_role_arn,
-        "Containers": [{"ModelPackageName": request.model_package_arn}],
+        "Containers": [container],
     }
 
 

@@ -14,6 +14,9 @@ from steps.lambda_step import lambda_step
 from steps.variants import Variant
 
 DEPLOY_OUTPUTS = ("endpoint_name", "endpoint_config_name", "model_name", "action")
+# Intra-op threads of each TorchServe worker; the function gives the model one worker per this many vCPUs
+# (ml.m5.large: 2 workers). Chosen from benchmarks/serving_load.py (benchmarks/README.md "Serving under load").
+THREADS_PER_WORKER = 1
 
 
 def endpoint_name(ctx: BuildContext, variant: Variant) -> str:
@@ -35,5 +38,6 @@ def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) ->
             "model_role_arn": ctx.settings.model_role_arn,
             "data_capture_s3_uri": params.data_capture_s3_uri,
             "kms_key_id": ctx.settings.kms_key_id,
+            "threads_per_worker": THREADS_PER_WORKER,
         },
     )

@@ -332,6 +332,20 @@ def test_an_unknown_package_is_refused_with_its_arn(aws):
         deploy.handler(deploy_event(arn), None)
 
 
+@pytest.mark.parametrize("instance_type, workers", [("ml.m5.large", "2"), ("ml.c5.2xlarge", "8"), ("ml.g4dn.xlarge", "4")])
+def test_the_model_gets_one_server_worker_per_threads_per_worker_vcpus(aws, instance_type, workers):
+    deploy = load_handler("deploy_endpoint")
+    arn = model_package()
+    result = deploy.handler(deploy_event(arn, instance_type=instance_type, threads_per_worker=1), None)
+    model = sagemaker().describe_model(ModelName=result["model_name"])
+    assert model["Containers"] == [{"ModelPackageName": arn, "Environment": {
+        "SAGEMAKER_MODEL_SERVER_WORKERS": workers, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}]
+    other = deploy.handler(deploy_event(arn, instance_type=instance_type, threads_per_worker=2,
+                                        endpoint_name="dogbreed-multi-instance"), None)
+    # another serving environment is another model: the hash of what it serves differs
+    assert other["model_name"].rsplit("-", 1)[1] != result["model_name"].rsplit("-", 1)[1]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -347,6 +361,7 @@ def test_an_unknown_package_is_refused_with_its_arn(aws):
         ({"model_package_arn": "arn:aws:sagemaker:us-east-1:123456789012:model/x"}, r"'model_package_arn' .* is not a SageMaker model package ARN"),
         ({"data_capture_s3_uri": "bucket/prefix"}, r"'data_capture_s3_uri' = 'bucket/prefix' is not an s3://"),
         ({"data_capture_percentage": "150"}, r"'data_capture_percentage' = 150 is above the maximum 100"),
+        ({"threads_per_worker": -1}, r"'threads_per_worker' = -1 is below the minimum 0"),
     ],
 )
 def test_a_bad_event_names_the_field(aws, change, message):
