@@ -17,6 +17,10 @@ origins for CORS; none by default), TOP_K (default 5), MAX_IMAGE_BYTES
 (default 4 MiB), URL_TIMEOUT_SECONDS (default 5, one deadline over the whole
 download). The URL fetcher trusts the system's CA store; OpenSSL's
 SSL_CERT_FILE replaces it (the tests point it at their own CA).
+
+This module holds the handler, the settings, the image intake, the endpoint
+call and the answer; ``proxy_events`` reads each integration's event and
+shapes its response, ``url_fetch`` holds the URL rules and the download.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Any, Mapping
 from botocore.exceptions import BotoCoreError, ClientError
 
 from events import NAME_PATTERN, annotate, client, error_code, error_message, request_handler
-from proxy_events import HttpError, Request, base64_length, decoded_base64, parse_request, response, short_repr
+from proxy_events import HttpError, Request, base64_length, decoded_base64, parse_request, proxy_response, short_repr
 from url_fetch import IMAGE_SIGNATURES, UNTYPED, fetch_image, image_too_large, media_type, parse_image_url
 
 JSON_TYPES = ("application/json", "text/json")
@@ -299,7 +303,7 @@ def cors_headers(settings: Settings | None, request: Request | None, preflight: 
 def answer(status: int, body: Mapping[str, Any] | None, extra_headers: Mapping[str, str], request: Request | None) -> dict[str, Any]:
     """The function's answer, JSON and never cached, in the shape the request's integration reads."""
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **extra_headers}
-    return response(status, json.dumps(body) if body is not None else "", headers, request)
+    return proxy_response(status, json.dumps(body) if body is not None else "", headers, request)
 
 
 @request_handler("invoke-endpoint")

@@ -145,7 +145,7 @@ def parse_request(event: Any, max_body_bytes: int) -> Request:
     return integration_of(event).request(event, max_body_bytes)
 
 
-def response(status: int, body: str, headers: Mapping[str, str], request: Request | None) -> dict[str, Any]:
+def proxy_response(status: int, body: str, headers: Mapping[str, str], request: Request | None) -> dict[str, Any]:
     """The answer in the shape ``request``'s integration reads; an event that could not be parsed gets payload 1.0's."""
     integration = request.integration if request is not None else RestApi()
     return integration.response(status, body, headers)

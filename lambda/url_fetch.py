@@ -348,11 +348,14 @@ class _DeadlineSocket:
 
 
 class _FinalResponse(http.client.HTTPResponse):
-    """http.client's response, past every interim (1xx) one: http.client itself skips only 100 Continue."""
+    """http.client's response, past every interim (1xx) one (http.client itself skips only 100 Continue),
+    and with a status from 200 to 599 (http.client takes any three digits)."""
 
     def _read_status(self) -> tuple[str, int, str]:
         while True:
             version, status, reason = super()._read_status()
+            if status >= 600:
+                raise http.client.BadStatusLine(f"{version} {status} {reason.strip()}")
             if status >= 200:
                 return version, status, reason
             http.client.parse_headers(self.fp)  # the interim response's headers, dropped
@@ -449,9 +452,18 @@ def _get(target: Target, addresses: Sequence[Address], context: ssl.SSLContext, 
             raise HttpError(415, URL_NOT_AN_IMAGE, f"content type {content_type!r}")
         return _Answer(200, content_type, "", _body(response, max_bytes))
     except http.client.HTTPException as error:
-        raise HttpError(400, URL_UNFETCHABLE, f"the answer is not HTTP/1.x: {error.__class__.__name__} {str(error)[:80]!r}") from None
+        raise HttpError(400, URL_UNFETCHABLE, _refused_by_http_client(error)) from None
     finally:
         connection.disconnect()
+
+
+def _refused_by_http_client(error: http.client.HTTPException) -> str:
+    """What went wrong, for the log, when http.client gave up on the answer."""
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "the connection closed before the status line"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the body is incomplete or its chunks are malformed ({len(error.partial)} bytes read)"
+    return f"the answer is not valid HTTP/1.x ({error.__class__.__name__}: {str(error)[:80]})"
 
 
 @functools.lru_cache(maxsize=None)

@@ -301,6 +301,43 @@ def test_what_a_server_sends_is_capped(invoke, names, network, sites, certificat
     assert took < DEADLINE, name
 
 
+def then_silence(behaviour: Behaviour) -> Behaviour:
+    """``behaviour``, then the connection held open: a read until close would wait for the deadline."""
+    def send(connection, head):
+        behaviour(connection, head)
+        time.sleep(3)
+    return send
+
+
+CHUNKED_JPEG = {"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"}
+
+
+@pytest.mark.parametrize(("name", "behaviour", "detail"), [
+    ("65 headers", answer(200, {f"X-{i}": "y" for i in range(65)}), "more than 64 headers"),
+    ("a header line without a colon", lambda c, h: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nBad line\r\nContent-Length: 3\r\n\r\nabc"), "malformed"),
+    ("a transfer encoding besides chunked", answer(200, {**CHUNKED_JPEG, "Transfer-Encoding": "gzip, chunked"}, b"3\r\nabc\r\n0\r\n\r\n"), "Transfer-Encoding 'gzip, chunked'"),
+    ("a signed Content-Length", answer(200, {"Content-Type": "image/jpeg", "Content-Length": "+3"}, b"abc"), "Content-Length '+3'"),
+    ("a negative chunk size", then_silence(answer(200, CHUNKED_JPEG, b"-5\r\n" + JPEG)), "without a bound"),
+    ("a body shorter than declared", answer(200, {"Content-Type": "image/jpeg", "Content-Length": str(len(JPEG) + 10)}, JPEG), "incomplete"),
+    ("chunks cut off", answer(200, CHUNKED_JPEG, b"%x\r\n%s" % (len(JPEG), JPEG[:100])), "incomplete"),
+    ("a status past 599", answer(600), "not valid HTTP/1.x"),
+])
+def test_what_http_client_would_take_is_refused(invoke, names, network, sites, certificates, name, behaviour, detail):
+    site(sites, certificates, network, behaviour)
+    names.set("dogs.test", [PUBLIC])
+    error, took = refusal(invoke, "https://dogs.test/dog.jpg")
+    assert (error.status, error.message) == (400, "the URL could not be fetched"), (name, error.detail)
+    assert detail in error.detail, name
+    assert took < DEADLINE, name
+
+
+def test_interim_responses_before_the_answer_are_skipped(invoke, names, network, sites, certificates):
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </dog.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+    site(sites, certificates, network, lambda connection, head: (connection.sendall(early_hints), IMAGE(connection, head)))
+    names.set("dogs.test", [PUBLIC])
+    assert fetch(invoke, "https://dogs.test/dog.jpg") == (JPEG, "image/jpeg")
+
+
 # --- what the caller learns: one message per kind, whatever the port does ------
 
 def test_closed_plain_and_untrusted_ports_look_the_same_to_the_caller(invoke, names, network, sites, certificates, capsys, tmp_path):
