@@ -87,7 +87,11 @@ def test_model_fn_rebuilds_the_network_from_model_info(model):
     assert next(model.network.parameters()).device == model.device
 
 
-def test_model_fn_names_a_missing_file(tmp_path):
+def test_model_fn_names_a_missing_file(tmp_path, model_dir):
+    with pytest.raises(FileNotFoundError, match="classes.json is missing: is .* the output of train.py"):
+        inference.model_fn(str(tmp_path))
+    for name in ("classes.json", "model_info.json"):  # no serving artifact either: the weights are needed
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="model.pth is missing"):
         inference.model_fn(str(tmp_path))
 

@@ -209,6 +209,9 @@ def test_evaluations_registry_and_endpoint_checks(full_run):
         assert 0.7 <= accuracy <= 1.0
         outputs = steps[f"Evaluate{variant}"]["details"]["outputs"]["evaluation"]
         assert (Path(outputs) / "evaluation.json").is_file() and (Path(outputs) / "confusion_matrix.png").is_file()
+        archive = Path(steps[f"Evaluate{variant}"]["details"]["outputs"]["model"]) / "model.tar.gz"
+        with tarfile.open(archive) as tar:
+            assert "serving_model.pt" in tar.getnames()
         assert steps[f"Register{variant}-RegisterModel"]["status"] == "Succeeded"
         deploy = steps[f"Deploy{variant}"]["details"]["outputs"]
         check = steps[f"Check{variant}"]["details"]["outputs"]
@@ -217,6 +220,9 @@ def test_evaluations_registry_and_endpoint_checks(full_run):
         assert check["status"] == "InService" and check["top_label"] in classes
     answered = {(item["endpoint"], item["status"]) for item in summary["endpoint_invocations"]}
     assert answered == {("dogbreed-single-instance", 200), ("dogbreed-multi-instance", 200)}
+    # the endpoints serve the archive the evaluations wrote: its stored artifact, loaded without building
+    logs = sorted((full_run["workdir"] / "endpoints").glob("*/*/container.log"))
+    assert len(logs) == 2 and all("(torchscript, stored artifact)" in log.read_text() for log in logs)
     assert "Test accuracy" in full_run["out"] and "model.tar.gz" in full_run["out"]
 
 
