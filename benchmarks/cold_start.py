@@ -124,7 +124,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, (folder, precision) in CASES.items():
                 rows[name].append(measured_in_new_process(scratch / folder, precision, jpeg))
-            print(f"round {round_ + 1} of {args.rounds} done; load average {load_average()}")
+                print(f"  {name}: {json.dumps(rows[name][-1])}", flush=True)
+            print(f"round {round_ + 1} of {args.rounds} done; load average {load_average()}", flush=True)
         artifact_mib = {name: path.stat().st_size / 2**20 if path.is_file() else None for name, path in sizes.items()}
 
     plain = np.median([row["seconds"] for row in rows["plain load"]])

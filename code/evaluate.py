@@ -45,7 +45,8 @@ package's environment. An int8 model that cannot be built is recorded as
 
 Weighted metrics are per-class values averaged with the class's share of the test images
 (scikit-learn's ``average="weighted"``; a class never predicted has precision 0). The
-confusion matrix is drawn with Pillow (the inference image has no matplotlib).
+confusion matrix is drawn with Pillow, which every PyTorch image has (torchvision needs it),
+not matplotlib, which the inference image need not have.
 Every file is written under a temporary name and renamed: the archive first, evaluation.json last.
 """
 from __future__ import annotations
@@ -240,6 +241,12 @@ def share_colour(share: float) -> tuple[int, int, int]:
     return tuple(round(low + (high - low) * weight) for low, high in zip(*BLUES))
 
 
+def right_aligned(draw: ImageDraw.ImageDraw, right: int, middle: int, text: str, font: ImageFont.ImageFont) -> None:
+    """``text`` ending at x ``right``, centred on y ``middle`` (without anchors, which bitmap fonts lack)."""
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    draw.text((right - x1, middle - (y0 + y1) // 2), text, fill="black", font=font)
+
+
 def confusion_image(counts: np.ndarray, classes: list[str], title: str) -> Image.Image:
     """Row-normalised matrix with every class named (predicted classes along the bottom, turned upright);
     cells of at least 12 pixels, so 133 classes stay legible when zoomed in."""
@@ -254,14 +261,14 @@ def confusion_image(counts: np.ndarray, classes: list[str], title: str) -> Image
     draw = ImageDraw.Draw(picture)
     draw.text((10, 10), title, fill="black", font=title_font)
     for t in range(n):
-        draw.text((left - 6, top + t * cell + cell / 2), classes[t], fill="black", font=font, anchor="rm")
+        right_aligned(draw, left - 6, top + t * cell + cell // 2, classes[t], font)
         for p in range(n):
             x, y = left + p * cell, top + t * cell
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=share_colour(float(rows[t, p])))
-    names = Image.new("RGB", (side, widest), "white")
+    names = Image.new("RGB", (widest, side), "white")
     names_draw = ImageDraw.Draw(names)
     for p in range(n):
-        names_draw.text((p * cell + cell / 2, widest - 4), classes[p], fill="black", font=font, anchor="rm")
+        right_aligned(names_draw, widest - 4, p * cell + cell // 2, classes[p], font)
     picture.paste(names.rotate(90, expand=True), (left, top + side + 4))
     draw.text((6, top + side + widest + 8), "rows: true class; columns: predicted class; colour: share of the true "
               "class's test images", fill="black", font=label_font(12))
