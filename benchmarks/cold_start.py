@@ -1,7 +1,7 @@
 """Endpoint cold start: model_fn's time for the seed's plain load, building at start-up, and the stored artifact.
 
-resnet50 at 224 px with 10 classes (random backbone, head fitted on digit scans, as
-``inference_latency.py`` makes it), one thread. Five cases, each in a fresh Python process as an
+resnet50 at 224 px with 10 classes and random weights (start-up does not depend on their
+values), 32 digit scans as the calibration sample train.py stores, one thread. Five cases, each in a fresh Python process as an
 endpoint worker starts (imports are not timed, they are the same for all):
 
 * **plain load**: the seed's ``model_fn``: build resnet50 and load ``model.pth`` (eager network);
@@ -31,15 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import datasets
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from inference_latency import PHOTO_SIZE, jpeg_bytes, load_average, machine, write_model_dir  # noqa: E402
+from inference_latency import PHOTO_SIZE, jpeg_bytes, load_average, machine  # noqa: E402
 
 import common  # noqa: E402  (inference_latency puts code/ and tests/ on the path)
 import contract  # noqa: E402
 import serving_model  # noqa: E402
+import train  # noqa: E402
 from real_images import sample_photo, write_digits  # noqa: E402
 
 CASES = {  # name: (model folder, precision; None: the seed's plain load)
@@ -50,6 +52,18 @@ CASES = {  # name: (model folder, precision; None: the seed's plain load)
     "stored int8": ("stored-int8", "int8"),
 }
 FOLLOWING_REQUESTS = 5
+
+
+def training_model_dir(folder: Path, digits: Path) -> None:
+    """model.pth (random resnet50 weights), classes, info and calibration/, as train.py writes them."""
+    torch.manual_seed(0)
+    classes = sorted(p.name for p in (digits / "valid").iterdir())
+    folder.mkdir()
+    torch.save(common.build_model("resnet50", len(classes)).state_dict(), folder / contract.MODEL_FILE)
+    (folder / contract.CLASSES_FILE).write_text(json.dumps(classes))
+    (folder / contract.MODEL_INFO_FILE).write_text(json.dumps({"backbone": "resnet50", "image_size": 224}))
+    train.write_calibration_sample(folder / contract.CALIBRATION_DIR,
+                                   train.calibration_sample(datasets.ImageFolder(str(digits / "valid"))))
 
 
 def stored_model_dir(training: Path, folder: Path, precision: str) -> None:
@@ -112,9 +126,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average at the start {load_average()}")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        digits = write_digits(scratch / "digits", per_class={"train": 30, "valid": 10, "test": 1}, size=224)
-        (scratch / "training").mkdir()
-        write_model_dir(scratch / "training", digits)
+        training_model_dir(scratch / "training", write_digits(scratch / "digits", per_class={"valid": 4}, size=224))
         for precision in ("fp32", "int8"):
             stored_model_dir(scratch / "training", scratch / f"stored-{precision}", precision)
         jpeg = scratch / "photo.jpg"

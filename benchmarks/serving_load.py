@@ -2,8 +2,8 @@
 
 TorchServe is started as the PyTorch inference container's ``serve`` starts it
 (``pipeline/local/torchserve.py``: the same config.properties, bound to 127.0.0.1), serving the
-model archive the Evaluate step writes: resnet50 at 224 px with its stored fp32 serving artifact
-(the default InferencePrecision), built as ``cold_start.py`` builds it. For each server setting
+model archive the Evaluate step writes: resnet50 at 224 px (random weights, 10 classes) with its
+stored fp32 serving artifact (the default InferencePrecision), built as ``cold_start.py`` builds it. For each server setting
 (model server workers x threads per worker, set through the model's environment:
 ``SAGEMAKER_MODEL_SERVER_WORKERS`` and ``OMP_NUM_THREADS``), 1, 4 and 16 concurrent clients
 each send the same number of requests, walking a mix of valid JPEG, PNG and JSON bodies and bad
@@ -28,8 +28,8 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from cold_start import stored_model_dir  # noqa: E402
-from inference_latency import PHOTO_SIZE, jpeg_bytes, load_average, machine, write_model_dir  # noqa: E402
+from cold_start import stored_model_dir, training_model_dir  # noqa: E402
+from inference_latency import PHOTO_SIZE, jpeg_bytes, load_average, machine  # noqa: E402
 
 from pipeline.local.load_run import load_run, request_mix  # noqa: E402
 from pipeline.local.torchserve import front_end  # noqa: E402
@@ -69,9 +69,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        digits = write_digits(scratch / "digits", per_class={"train": 30, "valid": 10, "test": 1}, size=224)
-        (scratch / "training").mkdir()
-        write_model_dir(scratch / "training", digits)
+        training_model_dir(scratch / "training", write_digits(scratch / "digits", per_class={"valid": 4}, size=224))
         stored_model_dir(scratch / "training", scratch / "model", "fp32")
         for workers, threads in args.settings:
             work = scratch / f"server-{workers}x{threads}"
@@ -86,7 +84,8 @@ def main() -> None:
                                  result.latency_ms(50), result.latency_ms(95), result.latency_ms(99), result.server_errors,
                                  len(result.wrong) - result.server_errors, resident, server.resident_mib()))
                     resident = rows[-1][-1]
-                    print(f"{workers} worker(s) x {threads} thread(s), {clients} client(s) done; load average {load_average()}")
+                    print(f"{workers} worker(s) x {threads} thread(s), {clients} client(s) done; load average {load_average()}",
+                          flush=True)
 
     header = (f"{'workers x threads':>17} {'clients':>7} {'requests':>8} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
               f"{'p99 ms':>7} {'5xx':>4} {'wrong 4xx':>9} {'RSS before MiB':>14} {'RSS after MiB':>13}")
