@@ -180,7 +180,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, probe: tu
             with urllib.request.urlopen(request, timeout=60) as response:
                 if healthy and response.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # not listening yet, or the worker still loading: the probe timed out
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"TorchServe did not serve within {timeout:.0f} s: {log.read_text(errors='replace')[-3000:]}")
