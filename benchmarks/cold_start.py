@@ -55,7 +55,7 @@ FOLLOWING_REQUESTS = 5
 
 
 def training_model_dir(folder: Path, digits: Path) -> None:
-    """model.pth (random resnet50 weights), classes, info and calibration/, as train.py writes them."""
+    """model.pth (random resnet50 weights), classes, info, calibration/ and code/, as train.py writes them."""
     torch.manual_seed(0)
     classes = sorted(p.name for p in (digits / "valid").iterdir())
     folder.mkdir()
@@ -64,6 +64,7 @@ def training_model_dir(folder: Path, digits: Path) -> None:
     (folder / contract.MODEL_INFO_FILE).write_text(json.dumps({"backbone": "resnet50", "image_size": 224}))
     train.write_calibration_sample(folder / contract.CALIBRATION_DIR,
                                    train.calibration_sample(datasets.ImageFolder(str(digits / "valid"))))
+    train.copy_inference_code(folder / contract.MODEL_CODE_DIR)
 
 
 def stored_model_dir(training: Path, folder: Path, precision: str) -> None:
