@@ -38,6 +38,16 @@ from real_images import sample_photo, write_digits  # noqa: E402
 CLIENTS = (1, 4, 16)
 
 
+HEADER = (f"{'workers x threads':>17} {'clients':>7} {'requests':>8} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
+          f"{'p99 ms':>7} {'5xx':>4} {'wrong 4xx':>9} {'RSS before MiB':>14} {'RSS after MiB':>13}")
+
+
+def row_text(row: tuple) -> str:
+    name, clients, count, rate, p50, p95, p99, errors, wrong, before, after = row
+    return (f"{name:>17} {clients:>7} {count:>8} {rate:>6.2f} {p50:>7.0f} {p95:>7.0f} {p99:>7.0f} {errors:>4} {wrong:>9} "
+            f"{before:>14.0f} {after:>13.0f}")
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -84,15 +94,11 @@ def main() -> None:
                                  result.latency_ms(50), result.latency_ms(95), result.latency_ms(99), result.server_errors,
                                  len(result.wrong) - result.server_errors, resident, server.resident_mib()))
                     resident = rows[-1][-1]
-                    print(f"{workers} worker(s) x {threads} thread(s), {clients} client(s) done; load average {load_average()}",
-                          flush=True)
+                    print(f"{row_text(rows[-1])}   (load average {load_average()})", flush=True)
 
-    header = (f"{'workers x threads':>17} {'clients':>7} {'requests':>8} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
-              f"{'p99 ms':>7} {'5xx':>4} {'wrong 4xx':>9} {'RSS before MiB':>14} {'RSS after MiB':>13}")
-    print(f"\n{header}\n{'-' * len(header)}")
-    for name, clients, count, rate, p50, p95, p99, errors, wrong, before, after in rows:
-        print(f"{name:>17} {clients:>7} {count:>8} {rate:>6.1f} {p50:>7.0f} {p95:>7.0f} {p99:>7.0f} {errors:>4} {wrong:>9} "
-              f"{before:>14.0f} {after:>13.0f}")
+    print(f"\n{HEADER}\n{'-' * len(HEADER)}")
+    for row in rows:
+        print(row_text(row))
     print(f"\nload average at the end: {load_average()}")
 
 
