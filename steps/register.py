@@ -50,8 +50,10 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
         dependencies=None,
     )
     metrics = ModelMetrics(model_statistics=MetricsSource(s3_uri=evaluation_uri(ctx, evaluation), content_type="application/json"))
+    description = f"Registers the {variant.title} model in the model package group with its test metrics."
     step_args = builder.register(
         model_package_group_name=ctx.settings.model_package_group,
+        description=description,
         content_types=CONTENT_TYPES,
         response_types=RESPONSE_TYPES,
         inference_instances=supported_inference_instances(ctx),
@@ -61,7 +63,7 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
     )
     return ModelStep(
         **variant.names("Register", "Register"),
-        description=f"Registers the {variant.title} model in the model package group with its test metrics.",
+        description=description,
         step_args=step_args,
         retry_policies=retry_policies()[:1],
     )
