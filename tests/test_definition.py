@@ -276,7 +276,7 @@ def test_tuning_is_bayesian_over_log_learning_rate_batch_size_and_epochs(nodes):
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 8, "MaxParallelTrainingJobs": 2}
 
 
-def test_tuning_limits_are_settings_from_flags_or_environment_within_the_service_limits():
+def test_tuning_limits_are_settings_from_flags_or_environment_within_the_tuning_quotas():
     """ResourceLimits is typed int in sagemaker-core's shapes: the limits are fixed when the definition is built."""
     from pipeline.cli import build_parser
     from pipeline.commands import settings_from_args
