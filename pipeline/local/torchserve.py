@@ -213,9 +213,16 @@ def front_end(model_dir: Path, work_dir: Path, probe: tuple[bytes, str], environ
         wait_until_serving(url, process, log, probe, timeout)
         yield FrontEnd(url, process, log)
     finally:
+        stopped(process)
+
+
+def stopped(process: subprocess.Popen) -> None:
+    """Stop the server's process group (its workers too), which may have ended already."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
