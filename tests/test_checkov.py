@@ -189,11 +189,11 @@ def test_the_key_policy_statement_lets_cloudwatch_logs_use_the_key_for_the_proje
     statement = json.loads(resolver.value(template["Outputs"]["KmsKeyPolicyStatementForLogs"]["Value"]))
     assert statement["Principal"] == {"Service": f"logs.{resolver.pseudo['AWS::Region']}.amazonaws.com"}
     assert set(statement["Action"]) == {"kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"}
-    pattern = statement["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
+    patterns = statement["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
     names = [resolver.value(body["Properties"]["LogGroupName"]) for body in template["Resources"].values() if body["Type"] == "AWS::Logs::LogGroup"]
-    prefix = pattern.removesuffix("*")
     arn_prefix = f"arn:aws:logs:{resolver.pseudo['AWS::Region']}:{resolver.pseudo['AWS::AccountId']}:log-group:"
-    assert names and all((arn_prefix + name).startswith(prefix) for name in names)
+    assert names and all(any(fnmatch.fnmatchcase(arn_prefix + name, pattern) for pattern in patterns) for name in names)
+    assert not any(fnmatch.fnmatchcase(f"{arn_prefix}/aws/lambda/other-function", pattern) for pattern in patterns)
     for body in template["Resources"].values():
         if body["Type"] == "AWS::Logs::LogGroup":
             assert body["Properties"]["KmsKeyId"] == {"Fn::If": ["HasKmsKey", {"Ref": "KmsKeyArn"}, {"Ref": "AWS::NoValue"}]}

@@ -27,7 +27,7 @@ import pytest
 from pipeline.assets import zipball
 from pipeline.cli import main
 from pipeline.dag import steps_of
-from pipeline.settings import ENVIRONMENT, LAMBDA_FUNCTIONS
+from pipeline.settings import LAMBDA_FUNCTIONS
 
 moto_server = pytest.importorskip("moto.server")
 from moto_provisioned_concurrency import ProvisionedConcurrency, Server  # noqa: E402  (needs moto)
@@ -43,21 +43,6 @@ UPSERT = ("--tag", "team=vision", "--max-parallel-steps", "3")  # what every ups
 INVOKE = f"{PROJECT}-invoke-endpoint"
 RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 3  # the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the pipeline
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
-
-
-@pytest.fixture(scope="module")
-def aws_environment(tmp_path_factory):
-    """Fake credentials and no settings from the shell's environment."""
-    home = tmp_path_factory.mktemp("aws-home")
-    with pytest.MonkeyPatch.context() as patch:
-        for variable in [*ENVIRONMENT.values(), "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN",
-                         "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN"]:
-            patch.delenv(variable, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        yield
 
 
 @pytest.fixture(scope="module")
