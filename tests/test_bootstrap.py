@@ -209,3 +209,56 @@ def test_bad_parameters_are_refused_before_any_call(endpoint, moto_template):
     assert code == 2 and "--parameter Nope: the template has no such parameter; it has ProjectName" in err
     code, _, err = bootstrap(endpoint, "--delete-data")
     assert code == 2 and "--delete-data goes with --delete" in err
+
+
+def test_a_change_that_removes_a_bucket_is_refused_and_nothing_is_applied(created, endpoint, moto_template, aws, tmp_path):
+    document = json.loads(moto_template.read_text())
+    del document["Resources"]["AccessLogBucket"], document["Outputs"]["AccessLogBucketName"]
+    del document["Resources"]["ArtifactBucket"]["Properties"]["LoggingConfiguration"]
+    shrunk = tmp_path / "without-log-bucket.json"
+    shrunk.write_text(json.dumps(document))
+    code, out, err = bootstrap(endpoint, "--template", str(shrunk), "--yes")
+    assert code == 2
+    assert "  - Remove AccessLogBucket (AWS::S3::Bucket)" in out
+    assert err.splitlines() == ["dogbreed bootstrap: will not remove AccessLogBucket (AWS::S3::Bucket): its data would be lost. "
+                                "Nothing was applied; change the template or parameters back (ProjectName names the buckets and "
+                                "the model group)"]
+    assert pending_change_sets(aws) == []
+    account = aws("sts").get_caller_identity()["Account"]
+    aws("s3").head_bucket(Bucket=f"dogbreed-access-logs-{account}-{REGION}")
+
+
+def test_a_stack_that_fails_is_one_readable_line(created, endpoint, moto_template, aws):
+    """A second stack of the same project collides with the first one's named roles."""
+    code, out, err = bootstrap(endpoint, "--template", str(moto_template), "--stack-name", "dogbreed-again", "--yes")
+    assert code == 2, out
+    (line,) = err.splitlines()
+    assert line.startswith("dogbreed bootstrap: applying the change set of stack dogbreed-again failed: ")
+    assert "BucketAlreadyExists" in line and "Traceback" not in err
+
+
+def test_delete_refuses_while_an_endpoint_exists_then_keeps_the_buckets_data(created, endpoint, aws):
+    account = aws("sts").get_caller_identity()["Account"]
+    bucket = f"dogbreed-artifacts-{account}-{REGION}"
+    aws("s3").put_object(Bucket=bucket, Key="dogbreed/data/dogImages/train/001.Affenpinscher/a.jpg", Body=b"\xff\xd8 jpeg")
+    sagemaker = aws("sagemaker")
+    role = f"arn:aws:iam::{account}:role/dogbreed-sagemaker-model"
+    sagemaker.create_model(ModelName="m", ExecutionRoleArn=role, PrimaryContainer={"Image": "123.dkr.ecr.us-east-1.amazonaws.com/x:1"})
+    sagemaker.create_endpoint_config(EndpointConfigName="c", ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": "m", "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}])
+    sagemaker.create_endpoint(EndpointName="dogbreed-single-instance", EndpointConfigName="c")
+
+    code, out, err = bootstrap(endpoint, "--delete", "--yes")
+    assert code == 2 and "endpoints dogbreed-single-instance still exist" in err and "--delete-endpoints" in err
+    assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
+
+    code, out, err = bootstrap(endpoint, "--delete", "--delete-endpoints", "--yes")
+    assert code == 0, err
+    assert "deleted endpoint dogbreed-single-instance" in out and f"stack {STACK}: DELETE_COMPLETE" in out
+    assert f"kept bucket {bucket} and its data" in out
+    assert aws("s3").get_object(Bucket=bucket, Key="dogbreed/data/dogImages/train/001.Affenpinscher/a.jpg")["Body"].read() == b"\xff\xd8 jpeg"
+    stacks = aws("cloudformation").list_stacks(StackStatusFilter=["DELETE_COMPLETE"])["StackSummaries"]
+    assert STACK in {summary["StackName"] for summary in stacks}
+
+    code, out, err = bootstrap(endpoint, "--delete", "--yes")
+    assert code == 0 and out.startswith(f"stack {STACK} does not exist in {REGION}: nothing to delete")

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable, TextIO
 import yaml
 from botocore.exceptions import ClientError
 
-from pipeline.aws import AwsError, Clients, Target, error_message, explained
+from pipeline.aws import AwsError, Clients, Target, error_message, explained, is_not_found
 from pipeline.commands import UsageError, settings_from_args
 from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
@@ -323,18 +324,23 @@ def live_endpoints(clients: Clients, settings: Settings) -> list[str]:
             clients.sagemaker.describe_endpoint(EndpointName=name)
             found.append(name)
         except ClientError as error:
-            if "Could not find" not in error_message(error) and "ValidationException" not in str(error):
+            if not _missing(error):
                 raise
     return found
+
+
+def _missing(error: ClientError) -> bool:
+    """Whether the error says the resource is not there (SageMaker answers ValidationException for that)."""
+    return is_not_found(error) or any(text in error_message(error).lower() for text in ("could not find", "does not exist", "not found"))
 
 
 def delete_published(clients: Clients, settings: Settings, out: TextIO) -> None:
     """What upsert published outside the stack: the pipeline and the functions (with their mappings)."""
     try:
-        clients.sagemaker.delete_pipeline(PipelineName=settings.pipeline_name, ClientRequestToken=f"bootstrap-{int(time.time())}")
+        clients.sagemaker.delete_pipeline(PipelineName=settings.pipeline_name, ClientRequestToken=str(uuid.uuid4()))
         print(f"deleted pipeline {settings.pipeline_name}", file=out)
     except ClientError as error:
-        if "does not exist" not in error_message(error) and "not found" not in error_message(error).lower():
+        if not _missing(error):
             raise
     for function in LAMBDA_FUNCTIONS:
         name = settings.lambda_function_name(function)
@@ -342,7 +348,7 @@ def delete_published(clients: Clients, settings: Settings, out: TextIO) -> None:
             clients.lambda_.delete_function(FunctionName=name)
             print(f"deleted Lambda function {name}", file=out)
         except ClientError as error:
-            if "ResourceNotFound" not in str(error) and "not found" not in error_message(error).lower():
+            if not _missing(error):
                 raise
 
 
