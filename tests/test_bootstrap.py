@@ -117,7 +117,7 @@ def test_the_types_moto_lacks_are_exactly_those_the_copy_leaves_out(document):
 
 
 def test_the_template_body_fits_cloudformations_limit(document):
-    body = template_body(document, TEMPLATE)
+    body = template_body(document)
     assert json.loads(body) == load_template()  # the short forms read as cfn-lint reads them
     assert len(body.encode()) < TEMPLATE_BODY_LIMIT
 
@@ -153,6 +153,8 @@ def test_bootstrap_creates_the_stack_and_prints_its_outputs_and_the_build_enviro
     assert aws("sqs").get_queue_url(QueueName="dogbreed-endpoint-wait")["QueueUrl"].endswith("/dogbreed-endpoint-wait")
     assert f"stack {STACK} ({REGION}): create, " in out
     assert "  + Add    ArtifactBucket (AWS::S3::Bucket)" in out
+    assert f"  {STACK} (AWS::CloudFormation::Stack): CREATE_IN_PROGRESS - User Initiated" in out
+    assert f"  {STACK} (AWS::CloudFormation::Stack): CREATE_COMPLETE\nstack {STACK}: CREATE_COMPLETE\noutputs:" in out
     assert f"  ArtifactBucketName = {bucket}" in out and f"  BuildProjectName = {build_project}" in out
     environment = aws("codebuild").batch_get_projects(names=[build_project])["projects"][0]["environment"]["environmentVariables"]
     printed = out.split(f"environment of CodeBuild project {build_project}:\n", 1)[1].splitlines()
@@ -237,6 +239,41 @@ def test_a_stack_that_fails_is_one_readable_line(created, endpoint, moto_templat
     assert "BucketAlreadyExists" in line and "Traceback" not in err
 
 
+def test_a_creation_not_applied_leaves_no_stack(created, endpoint, moto_template, aws):
+    code, out, err = bootstrap(endpoint, "--template", str(moto_template), "--stack-name", "preview")
+    assert code == 1, err
+    assert "stack preview (us-east-1): create, " in out and out.rstrip().endswith("run again with --yes to apply these changes")
+    live = {s["StackName"] for s in aws("cloudformation").list_stacks()["StackSummaries"] if s["StackStatus"] != "DELETE_COMPLETE"}
+    assert "preview" not in live
+
+
+def padded(moto_template: Path, target: Path) -> Path:
+    """The template with 60,000 bytes of Metadata: over CloudFormation's TemplateBody limit."""
+    document = json.loads(moto_template.read_text())
+    document["Metadata"]["Notes"] = ["a note of one hundred characters " * 3 for _ in range(600)]
+    target.write_text(json.dumps(document))
+    assert len(template_body(document).encode()) > TEMPLATE_BODY_LIMIT
+    return target
+
+
+def test_a_template_over_the_body_limit_goes_through_the_bucket(created, endpoint, moto_template, aws, tmp_path):
+    big = padded(moto_template, tmp_path / "big.json")
+    code, out, err = bootstrap(endpoint, "--template", str(big), "--stack-name", "elsewhere", "--yes")
+    assert code == 2 and "over CloudFormation's 51200-byte TemplateBody limit, and the stack has no bucket yet: pass --template-bucket" in err
+    with pytest.raises(aws("cloudformation").exceptions.ClientError):
+        aws("cloudformation").describe_stacks(StackName="elsewhere")
+
+    code, out, err = bootstrap(endpoint, "--template", str(big), "--parameter", "LogRetentionDays=14", "--yes")
+    assert code == 0, err
+    assert f"stack {STACK} ({REGION}): update" in out and f"stack {STACK}: UPDATE_COMPLETE" in out
+    account = aws("sts").get_caller_identity()["Account"]
+    listing = aws("s3").list_objects_v2(Bucket=f"dogbreed-artifacts-{account}-{REGION}", Prefix="dogbreed/bootstrap/")["Contents"]
+    (uploaded,) = [item["Key"] for item in listing]
+    body = aws("s3").get_object(Bucket=f"dogbreed-artifacts-{account}-{REGION}", Key=uploaded)["Body"].read()
+    assert json.loads(body) == json.loads(big.read_text())
+    assert aws("cloudformation").get_template(StackName=STACK)["TemplateBody"] == json.loads(body)  # botocore parses JSON bodies
+
+
 def test_delete_refuses_while_an_endpoint_exists_then_keeps_the_buckets_data(created, endpoint, aws):
     account = aws("sts").get_caller_identity()["Account"]
     bucket = f"dogbreed-artifacts-{account}-{REGION}"
@@ -250,7 +287,7 @@ def test_delete_refuses_while_an_endpoint_exists_then_keeps_the_buckets_data(cre
 
     code, out, err = bootstrap(endpoint, "--delete", "--yes")
     assert code == 2 and "endpoints dogbreed-single-instance still exist" in err and "--delete-endpoints" in err
-    assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
+    assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] in ("CREATE_COMPLETE", "UPDATE_COMPLETE")
 
     code, out, err = bootstrap(endpoint, "--delete", "--delete-endpoints", "--yes")
     assert code == 0, err

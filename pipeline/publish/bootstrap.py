@@ -7,11 +7,12 @@ each, and its outputs and the build project's environment at the end. ``--print`
 would use; ``--delete`` removes what upsert published and the stack, keeping the buckets' data unless told.
 
 The template goes as compact JSON (CloudFormation takes at most 51,200 bytes as a body, and the YAML's
-comments and indentation count).
+comments and indentation count); a larger one is uploaded to S3 first and passed by URL.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -76,13 +77,25 @@ def template_document(path: Path) -> dict[str, Any]:
     return document
 
 
-def template_body(document: dict[str, Any], path: Path) -> str:
-    body = json.dumps(document, separators=(",", ":"), sort_keys=False, default=str)
-    if len(body.encode()) > TEMPLATE_BODY_LIMIT:
-        raise UsageError(f"{path} is {len(body.encode())} bytes as compact JSON, over CloudFormation's {TEMPLATE_BODY_LIMIT}-byte "
-                         "TemplateBody limit: upload it to S3 and deploy it with your own tooling (dogbreed bootstrap --print "
-                         "writes the parameters)")
-    return body
+def template_body(document: dict[str, Any]) -> str:
+    """The template as compact JSON: what CloudFormation parses, without the YAML's comments and indentation."""
+    return json.dumps(document, separators=(",", ":"), default=str)
+
+
+def template_source(clients: Clients, settings: Settings, body: str, bucket: str | None) -> dict[str, str]:
+    """CreateChangeSet's TemplateBody, or for a body over CloudFormation's limit a TemplateURL of a copy uploaded to
+    ``bucket`` under the project prefix (content-addressed, so an unchanged template is uploaded once)."""
+    size = len(body.encode())
+    if size <= TEMPLATE_BODY_LIMIT:
+        return {"TemplateBody": body}
+    if not bucket:
+        raise UsageError(f"the template is {size} bytes as compact JSON, over CloudFormation's {TEMPLATE_BODY_LIMIT}-byte "
+                         "TemplateBody limit, and the stack has no bucket yet: pass --template-bucket BUCKET (any bucket "
+                         "in this region you may write to) for the first deployment")
+    key = f"{settings.prefix}/bootstrap/template-{hashlib.sha256(body.encode()).hexdigest()[:16]}.json"
+    with explained(f"uploading the template to s3://{bucket}/{key}", bucket=bucket):
+        clients.s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json")
+    return {"TemplateURL": f"https://{bucket}.s3.{settings.region}.amazonaws.com/{key}"}
 
 
 def parameter_overrides(pairs: Iterable[str], document: dict[str, Any]) -> dict[str, str]:
@@ -205,13 +218,13 @@ def refused_changes(changes: list[dict[str, Any]]) -> list[str]:
     return refused
 
 
-def create_change_set(clients: Clients, stack_name: str, body: str, parameters: list[dict[str, str]],
+def create_change_set(clients: Clients, stack_name: str, template: dict[str, str], parameters: list[dict[str, str]],
                       change_set_type: str) -> dict[str, Any] | None:
     """Create a change set and wait until CloudFormation has computed it; None when it holds no change."""
     cfn = cloudformation(clients)
     name = f"dogbreed-bootstrap-{int(time.time())}"
     try:
-        created = cfn.create_change_set(StackName=stack_name, ChangeSetName=name, TemplateBody=body, Parameters=parameters,
+        created = cfn.create_change_set(StackName=stack_name, ChangeSetName=name, **template, Parameters=parameters,
                                         Capabilities=CAPABILITIES, ChangeSetType=change_set_type,
                                         Description="dogbreed bootstrap")
     except ClientError as error:
@@ -253,8 +266,8 @@ def confirmed(assume_yes: bool, out: TextIO) -> bool:
     return input("apply these changes? [y/N] ").strip().lower() in ("y", "yes")
 
 
-def deploy(clients: Clients, settings: Settings, stack_name: str, document: dict[str, Any], body: str,
-           parameters: list[dict[str, str]], *, assume_yes: bool, out: TextIO) -> int:
+def deploy(clients: Clients, settings: Settings, stack_name: str, document: dict[str, Any], parameters: list[dict[str, str]],
+           *, template_bucket: str | None, assume_yes: bool, out: TextIO) -> int:
     stack = current_stack(clients, stack_name)
     status = (stack or {}).get("StackStatus", "")
     if status in ("ROLLBACK_COMPLETE", "ROLLBACK_FAILED", "DELETE_FAILED"):
@@ -263,8 +276,10 @@ def deploy(clients: Clients, settings: Settings, stack_name: str, document: dict
     if status.endswith("_IN_PROGRESS") and status != "REVIEW_IN_PROGRESS":
         raise UsageError(f"stack {stack_name} is {status}: wait until it has finished, then run bootstrap again")
     change_set_type = "UPDATE" if stack and status != "REVIEW_IN_PROGRESS" else "CREATE"
+    bucket = template_bucket or stack_values(stack, "Outputs", "OutputKey", "OutputValue").get("ArtifactBucketName")
+    template = template_source(clients, settings, template_body(document), bucket)
     with explained(f"preparing the change set of stack {stack_name}"):
-        change_set = create_change_set(clients, stack_name, body, parameters, change_set_type)
+        change_set = create_change_set(clients, stack_name, template, parameters, change_set_type)
     if change_set is None:
         print(f"no changes: stack {stack_name} already matches {len(document['Resources'])} resources of the template "
               "and these parameters", file=out)
@@ -428,7 +443,7 @@ def bootstrap_command(args: argparse.Namespace) -> int:
     if args.print:
         print(json.dumps(parameters, indent=2), file=out)
         return 0
-    return deploy(clients, settings, stack_name, document, template_body(document, path), parameters,
+    return deploy(clients, settings, stack_name, document, parameters, template_bucket=args.template_bucket,
                   assume_yes=args.yes, out=out)
 
 
@@ -436,6 +451,9 @@ def add_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack-name", default=None, help="CloudFormation stack (default: the project name)")
     parser.add_argument("--template", type=Path, default=None, metavar="FILE",
                         help="template to deploy (default: infra/template.yaml of the source directory)")
+    parser.add_argument("--template-bucket", default=None, metavar="BUCKET",
+                        help="where to upload a template over CloudFormation's 51,200-byte body limit (default: the "
+                             "stack's artifact bucket, once it exists)")
     parser.add_argument("--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
                         help="template parameter, e.g. ConnectionArn=arn:aws:codeconnections:...; repeatable; others keep "
                              "the stack's current value, else the settings' or the template's default")
