@@ -127,9 +127,9 @@ def stack_parameters(document: dict[str, Any], settings: Settings, overrides: di
                      previous: dict[str, str]) -> list[dict[str, str]]:
     """Every template parameter with its value: --parameter, else the settings, else the stack's current value,
     else the template's default."""
-    chosen = []
+    chosen, decided = [], settings_parameters(settings, document)
     for key, spec in document.get("Parameters", {}).items():
-        value = overrides.get(key, settings_parameters(settings, document).get(key, previous.get(key, spec.get("Default"))))
+        value = overrides.get(key, decided.get(key, previous.get(key, spec.get("Default"))))
         if value is None:
             raise UsageError(f"template parameter {key} has no default: pass --parameter {key}=VALUE")
         chosen.append({"ParameterKey": key, "ParameterValue": str(value)})
@@ -257,13 +257,14 @@ def discard_change_set(clients: Clients, change_set: dict[str, Any], change_set_
         cfn.delete_stack(StackName=change_set["StackId"])
 
 
-def confirmed(assume_yes: bool, out: TextIO) -> bool:
+def confirmed(assume_yes: bool, out: TextIO, what: str = "apply these changes") -> bool:
+    """--yes, or a "y" typed on a terminal; without a terminal, no."""
     if assume_yes:
         return True
     if not sys.stdin.isatty():
-        print("nothing applied: run again with --yes to apply these changes", file=out)
+        print(f"nothing applied: run again with --yes to {what}", file=out)
         return False
-    return input("apply these changes? [y/N] ").strip().lower() in ("y", "yes")
+    return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
 
 
 def deploy(clients: Clients, settings: Settings, stack_name: str, document: dict[str, Any], parameters: list[dict[str, str]],
@@ -394,7 +395,7 @@ def delete(clients: Clients, settings: Settings, stack_name: str, *, delete_endp
           f"{len(LAMBDA_FUNCTIONS)} functions{', the endpoints ' + ', '.join(endpoints) if endpoints else ''}; buckets "
           f"{', '.join(buckets)} are {'emptied and deleted' if delete_data else 'kept with their data'}, the model package "
           f"group {settings.model_package_group} is kept with its versions", file=out)
-    if not confirmed(assume_yes, out):
+    if not confirmed(assume_yes, out, "delete them"):
         return 1
     with explained(f"deleting stack {stack_name} and what upsert published"):
         for endpoint in endpoints:
@@ -455,8 +456,9 @@ def add_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to upload a template over CloudFormation's 51,200-byte body limit (default: the "
                              "stack's artifact bucket, once it exists)")
     parser.add_argument("--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
-                        help="template parameter, e.g. ConnectionArn=arn:aws:codeconnections:...; repeatable; others keep "
-                             "the stack's current value, else the settings' or the template's default")
+                        help="template parameter, e.g. ConnectionArn=arn:aws:codeconnections:...; repeatable. ProjectName, "
+                             "ArtifactPrefix, KmsKeyArn and PublicEndpoint follow the settings; others keep the stack's "
+                             "current value, else the template's default")
     parser.add_argument("--yes", action="store_true", help="apply the change set (or the deletion) without asking")
     parser.add_argument("--print", action="store_true",
                         help="write the parameters as JSON (ParameterKey/ParameterValue) and change nothing")
