@@ -726,9 +726,15 @@ def test_the_dashboard_shows_the_two_endpoints_and_the_pipeline(template):
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
     body = json.loads(Resolver(template).resources()["Dashboard"]["Properties"]["DashboardBody"])
-    rows = [row for widget in body["widgets"] for row in widget["properties"]["metrics"]]
-    named = {value for row in rows for value in row if isinstance(value, str)}
-    assert {"dogbreed-single-instance", "dogbreed-multi-instance", settings.pipeline_name} <= named
-    assert {"Invocations", "Invocation4XXErrors", "Invocation5XXErrors", "ModelLatency", "CPUUtilization", "MemoryUtilization",
-            "ExecutionStarted", "ExecutionFailed"} <= named
+    rows = [[value for value in row if isinstance(value, str)] for widget in body["widgets"] for row in widget["properties"]["metrics"]]
+    endpoint_rows = {(namespace, metric, dict(zip(dimensions[::2], dimensions[1::2]))["EndpointName"])
+                     for namespace, metric, *dimensions in rows if "EndpointName" in dimensions}
+    for endpoint in ("dogbreed-single-instance", "dogbreed-multi-instance"):
+        for metric in ("Invocations", "Invocation4XXErrors", "Invocation5XXErrors", "ModelLatency"):
+            assert ("AWS/SageMaker", metric, endpoint) in endpoint_rows
+        for metric in ("CPUUtilization", "MemoryUtilization"):  # per instance: SageMaker's endpoint instance metrics
+            assert ("/aws/sagemaker/Endpoints", metric, endpoint) in endpoint_rows
+    executions = {metric for namespace, metric, *dimensions in rows if dimensions == ["PipelineName", settings.pipeline_name]}
+    assert executions == {"ExecutionStarted", "ExecutionSucceeded", "ExecutionFailed", "ExecutionStopped"}
+    assert all(len(row) in (4, 6) for row in rows)  # every row names its namespace, metric and dimensions in full
     assert all(widget["properties"]["region"] == REGION for widget in body["widgets"])
