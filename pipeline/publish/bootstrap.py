@@ -267,9 +267,9 @@ def confirmed(assume_yes: bool, out: TextIO, what: str = "apply these changes") 
     return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
 
 
-def deploy(clients: Clients, settings: Settings, stack_name: str, document: dict[str, Any], parameters: list[dict[str, str]],
-           *, template_bucket: str | None, assume_yes: bool, out: TextIO) -> int:
-    stack = current_stack(clients, stack_name)
+def deploy(clients: Clients, settings: Settings, stack: dict[str, Any] | None, stack_name: str, document: dict[str, Any],
+           parameters: list[dict[str, str]], *, template_bucket: str | None, assume_yes: bool, out: TextIO) -> int:
+    """Create or update the stack through one change set; ``stack`` is its DescribeStacks, None when there is none."""
     status = (stack or {}).get("StackStatus", "")
     if status in ("ROLLBACK_COMPLETE", "ROLLBACK_FAILED", "DELETE_FAILED"):
         raise UsageError(f"stack {stack_name} is {status} after a failed creation or deletion: remove it with "
@@ -439,12 +439,12 @@ def bootstrap_command(args: argparse.Namespace) -> int:
     document = template_document(path)
     overrides = parameter_overrides(args.parameters, document)
     with explained(f"reading stack {stack_name}"):
-        previous = stack_values(current_stack(clients, stack_name), "Parameters", "ParameterKey", "ParameterValue")
-    parameters = stack_parameters(document, settings, overrides, previous)
+        stack = current_stack(clients, stack_name)
+    parameters = stack_parameters(document, settings, overrides, stack_values(stack, "Parameters", "ParameterKey", "ParameterValue"))
     if args.print:
         print(json.dumps(parameters, indent=2), file=out)
         return 0
-    return deploy(clients, settings, stack_name, document, parameters, template_bucket=args.template_bucket,
+    return deploy(clients, settings, stack, stack_name, document, parameters, template_bucket=args.template_bucket,
                   assume_yes=args.yes, out=out)
 
 
