@@ -264,7 +264,10 @@ def confirmed(assume_yes: bool, out: TextIO, what: str = "apply these changes") 
     if not sys.stdin.isatty():
         print(f"nothing applied: run again with --yes to {what}", file=out)
         return False
-    return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
+    try:
+        return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def deploy(clients: Clients, settings: Settings, stack: dict[str, Any] | None, stack_name: str, document: dict[str, Any],
