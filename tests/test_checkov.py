@@ -1,10 +1,12 @@
-"""checkov on infra/template.yaml: as written, and on copies with its conditions resolved both ways.
+"""checkov on infra/template.yaml: as written, and on copies with its conditions resolved (without and with a KMS
+key, and with a repository connection).
 
 checkov evaluates a condition's ``!If`` only partly: on the raw template it
 silently skips its IAM checks for a role whose statements use one. So besides
-the template itself it scans two copies in which every Condition is decided
-(no KMS key; a KMS key) and every ``!If`` replaced by its branch; Ref, Sub and
-GetAtt stay for checkov to follow. All three go to one checkov run with
+the template itself it scans three copies in which every Condition is decided
+(no KMS key; a KMS key; a repository connection for the build) and every ``!If``
+replaced by its branch; Ref, Sub and GetAtt stay for checkov to follow. All four
+go to one checkov run with
 ``--skip-download`` (no platform call) and no update check, behind a proxy
 setting that points at a closed loopback port, so nothing leaves the machine.
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from test_infra import KMS_KEY, NO_VALUE, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
+from test_infra import KMS_KEY, NO_VALUE, PARAMETER_SETS, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
 
 CHECKOV = ROOT / ".venv" / "tools-checkov" / "bin" / "checkov"
 
@@ -41,6 +43,8 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("CKV_AWS_158", "AWS::Logs::LogGroup.*", "without-kms-key"):
         "with no KmsKeyArn the stack has no customer managed key; CloudWatch Logs encrypts with its own key, and a "
         "customer key is the KmsKeyArn parameter's choice (every log group takes it when given, pinned by a test below)",
+    ("CKV_AWS_158", "AWS::Logs::LogGroup.*", "with-connection"):
+        "as without-kms-key: the build from a repository connection, without a KmsKeyArn",
 }
 
 
@@ -76,7 +80,8 @@ def without_conditions(template: dict, parameters: dict[str, str]) -> dict:
     return resolved
 
 
-VARIANTS = {"without-kms-key": {"KmsKeyArn": ""}, "with-kms-key": {"KmsKeyArn": KMS_KEY}}
+VARIANTS = {"without-kms-key": {"KmsKeyArn": ""}, "with-kms-key": {"KmsKeyArn": KMS_KEY},
+            "with-connection": {"KmsKeyArn": "", **PARAMETER_SETS["connection"]}}
 
 
 def test_the_resolver_decides_every_condition_and_leaves_no_if():
