@@ -299,3 +299,22 @@ def test_delete_refuses_while_an_endpoint_exists_then_keeps_the_buckets_data(cre
 
     code, out, err = bootstrap(endpoint, "--delete", "--yes")
     assert code == 0 and out.startswith(f"stack {STACK} does not exist in {REGION}: nothing to delete")
+
+
+def test_delete_data_empties_every_version_and_deletes_the_buckets(endpoint, moto_template, aws):
+    code, out, err = bootstrap(endpoint, "--template", str(moto_template), "--project-name", "spare", "--yes")
+    assert code == 0, err
+    account = aws("sts").get_caller_identity()["Account"]
+    bucket = f"spare-artifacts-{account}-{REGION}"
+    s3 = aws("s3")
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for body in (b"first", b"second"):
+        s3.put_object(Bucket=bucket, Key="spare/data/a.jpg", Body=body)
+    s3.delete_object(Bucket=bucket, Key="spare/data/a.jpg")  # a delete marker on top of two versions
+
+    code, out, err = bootstrap(endpoint, "--project-name", "spare", "--delete", "--delete-data", "--yes")
+    assert code == 0, err
+    assert f"deleted bucket {bucket} (3 object versions)" in out
+    assert f"deleted bucket spare-access-logs-{account}-{REGION} (0 object versions)" in out
+    names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert not {bucket, f"spare-access-logs-{account}-{REGION}"} & names

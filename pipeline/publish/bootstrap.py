@@ -289,7 +289,9 @@ def deploy(clients: Clients, settings: Settings, stack: dict[str, Any] | None, s
               "and these parameters", file=out)
         return 0
     verb = "create" if change_set_type == "CREATE" else "update"
-    print(f"stack {stack_name} ({settings.region}): {verb}, {len(change_set['Changes'])} changes", file=out)
+    count = len(change_set["Changes"])
+    print(f"stack {stack_name} ({settings.region}): {verb}, {count or 'no resource'} change{'' if count == 1 else 's'}"
+          f"{'' if count else ' (parameter values or outputs only)'}", file=out)
     for line in change_lines(change_set["Changes"]):
         print(line, file=out)
     refused = refused_changes(change_set["Changes"])
@@ -382,22 +384,28 @@ def empty_bucket(clients: Clients, bucket: str) -> int:
     return deleted
 
 
+def stack_buckets(clients: Clients, stack_id: str) -> list[str]:
+    """The names of the stack's buckets (kept when the stack goes: DeletionPolicy Retain)."""
+    resources = cloudformation(clients).describe_stack_resources(StackName=stack_id)["StackResources"]
+    return [r["PhysicalResourceId"] for r in resources if r.get("ResourceType") == "AWS::S3::Bucket" and r.get("PhysicalResourceId")]
+
+
 def delete(clients: Clients, settings: Settings, stack_name: str, *, delete_endpoints: bool, delete_data: bool,
            assume_yes: bool, out: TextIO) -> int:
     with explained(f"reading stack {stack_name}"):
         stack = current_stack(clients, stack_name)
         endpoints = live_endpoints(clients, settings)
-    if stack is None:
-        print(f"stack {stack_name} does not exist in {settings.region}: nothing to delete", file=out)
-        return 0
-    if endpoints and not delete_endpoints:
-        raise UsageError(f"endpoints {', '.join(endpoints)} still exist and use the stack's roles: delete them first, or "
-                         "pass --delete-endpoints to delete them with the stack")
-    buckets = [value for key, value in stack_values(stack, "Outputs", "OutputKey", "OutputValue").items() if key.endswith("BucketName")]
+        if stack is None:
+            print(f"stack {stack_name} does not exist in {settings.region}: nothing to delete", file=out)
+            return 0
+        if endpoints and not delete_endpoints:
+            raise UsageError(f"endpoints {', '.join(endpoints)} still exist and use the stack's roles: delete them first, "
+                             "or pass --delete-endpoints to delete them with the stack")
+        buckets = stack_buckets(clients, stack["StackId"])
+    kept = f"buckets {', '.join(buckets)} are {'emptied and deleted' if delete_data else 'kept with their data'}, " if buckets else ""
     print(f"stack {stack_name} ({settings.region}) will be deleted with the pipeline {settings.pipeline_name}, the "
-          f"{len(LAMBDA_FUNCTIONS)} functions{', the endpoints ' + ', '.join(endpoints) if endpoints else ''}; buckets "
-          f"{', '.join(buckets)} are {'emptied and deleted' if delete_data else 'kept with their data'}, the model package "
-          f"group {settings.model_package_group} is kept with its versions", file=out)
+          f"{len(LAMBDA_FUNCTIONS)} functions{', the endpoints ' + ', '.join(endpoints) if endpoints else ''}; {kept}the "
+          f"model package group {settings.model_package_group} is kept with its versions", file=out)
     if not confirmed(assume_yes, out, "delete them"):
         return 1
     with explained(f"deleting stack {stack_name} and what upsert published"):
