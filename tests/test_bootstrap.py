@@ -162,9 +162,9 @@ def test_bootstrap_creates_the_stack_and_prints_its_outputs_and_the_build_enviro
 
 
 def pending_change_sets(aws) -> list[str]:
-    """Change sets of the stack not executed (moto also lists the executed one, which CloudFormation drops)."""
+    """Change sets of the stack not executed (moto lists every stack's, and keeps executed ones, which CloudFormation drops)."""
     summaries = aws("cloudformation").list_change_sets(StackName=STACK)["Summaries"]
-    return [s["ChangeSetName"] for s in summaries if s.get("ExecutionStatus") != "EXECUTE_COMPLETE"]
+    return [s["ChangeSetName"] for s in summaries if s["StackName"] == STACK and s.get("ExecutionStatus") != "EXECUTE_COMPLETE"]
 
 
 def test_a_second_run_changes_nothing_and_says_so(created, endpoint, moto_template, aws):
@@ -204,6 +204,17 @@ def test_a_template_error_is_one_readable_line(created, endpoint, moto_template,
     assert code == 2
     (line,) = err.splitlines()
     assert line.startswith(f"dogbreed bootstrap: {broken} line ") and "Traceback" not in err
+
+
+def test_a_reference_cloudformation_cannot_resolve_is_one_readable_line(created, endpoint, moto_template, tmp_path):
+    document = json.loads(moto_template.read_text())
+    document["Resources"]["EndpointWaitQueue"]["Properties"]["RedrivePolicy"]["deadLetterTargetArn"] = {"Fn::GetAtt": ["Missing", "Arn"]}
+    broken = tmp_path / "unresolved.json"
+    broken.write_text(json.dumps(document))
+    code, out, err = bootstrap(endpoint, "--template", str(broken), "--project-name", "unresolved", "--yes")
+    assert code == 2
+    assert err.splitlines() == ["dogbreed bootstrap: applying the change set of stack unresolved failed: ValidationError: "
+                                "Template error: instance of Fn::GetAtt references undefined resource Missing"]
 
 
 def test_bad_parameters_are_refused_before_any_call(endpoint, moto_template):

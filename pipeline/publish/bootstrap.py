@@ -222,7 +222,7 @@ def create_change_set(clients: Clients, stack_name: str, template: dict[str, str
                       change_set_type: str) -> dict[str, Any] | None:
     """Create a change set and wait until CloudFormation has computed it; None when it holds no change."""
     cfn = cloudformation(clients)
-    name = f"dogbreed-bootstrap-{int(time.time())}"
+    name = f"dogbreed-bootstrap-{uuid.uuid4().hex[:12]}"
     try:
         created = cfn.create_change_set(StackName=stack_name, ChangeSetName=name, **template, Parameters=parameters,
                                         Capabilities=CAPABILITIES, ChangeSetType=change_set_type,
