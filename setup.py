@@ -44,6 +44,7 @@ setup(
         "boto3",
         "rich>=13",
         "regex",  # pipeline/constraints.py: botocore's Java patterns use \p{...} classes, which re lacks
+        "PyYAML",  # pipeline/publish/bootstrap.py reads infra/template.yaml
     ],
     extras_require={"dev": DEV},
     entry_points={"console_scripts": ["dogbreed=pipeline.cli:main"]},
