@@ -72,7 +72,7 @@ def test_local_run_defaults_without_weights_train_a_small_whole_network(built) -
                                                    "ImageSize": 64, "TuningMaxJobs": 2}
     assert all(reason for _, reason in real.values())
     sample = command.local_overrides(document, {"ImageSize": 48}, sample=True)
-    assert sample == {"PretrainedWeights": "none", "Backbone": "resnet18", "TuningMaxJobs": 4}
+    assert sample == {"PretrainedWeights": "none", "Backbone": "resnet18", "TuningMaxJobs": 2}
     with_weights = command.local_overrides(document, {"PretrainedWeightsS3Uri": "s3://b/w.pth"}, sample=False)
     assert with_weights == {}  # PretrainedWeights=imagenet then reads the file from the pretrained channel
 

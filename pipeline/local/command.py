@@ -37,7 +37,7 @@ REAL_DATA_DEFAULTS = {
 SAMPLE_DEFAULTS = {
     "Backbone": ("resnet18", "the generated sample is tiny"),
     "ImageSize": (32, "the sample's shapes need no more"),
-    "TuningMaxJobs": (4, "trials on features take seconds"),
+    "TuningMaxJobs": (2, "without weights each trial trains the whole network"),
 }
 
 
