@@ -11,8 +11,10 @@ shape), once per seed for each process count; an N-process job is N processes jo
 loopback, as SageMaker starts N instances (benchmarks/train_distributed.py). The table gives, per set and
 process count, the mean, lowest and highest test accuracy over the seeds, the 1-vs-7 gap (the mean over
 seeds of |accuracy(7) - accuracy(1)| and its largest value) and the wall time. Then ``dogbreed local-run
---data`` runs once per set (PretrainedWeights=none, ImageSize 32) and the table gives both models' test
-accuracy as the pipeline's Evaluate steps measured it.
+--data`` runs once per set (PretrainedWeights=none, resnet18, ImageSize 32, HorizontalFlip false for the
+digits; 2 tuning trials, which then train the whole network) and the table gives both models' test
+accuracy as the pipeline's Evaluate steps measured it. The sets are sized for a 2-core machine: a
+7-process job there costs several times a 1-process one (every step waits for all 7 ranks).
 
     .venv/bin/python benchmarks/model_quality.py [--sets digits photos] [--seeds 1 2 3] [--processes 1 7]
 """
