@@ -11,6 +11,7 @@ DEV = [
     "torchvision==0.29.1",
     "numpy",
     "scikit-learn",  # tests/real_images.py: the load_digits scans ship in its wheel
+    "scikit-image",  # tests/real_images.py: the photos of skimage.data ship in its wheel (benchmarks/model_quality.py)
     "Pillow",
     "matplotlib",
     "pytest",
