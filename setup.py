@@ -11,6 +11,7 @@ DEV = [
     "torchvision==0.29.1",
     "numpy",
     "scikit-learn",  # tests/real_images.py: the load_digits scans ship in its wheel
+    "scikit-image",  # tests/real_images.py: the photos of skimage.data ship in its wheel (benchmarks/model_quality.py)
     "Pillow",
     "matplotlib",
     "pytest",
@@ -44,6 +45,7 @@ setup(
         "boto3",
         "rich>=13",
         "regex",  # pipeline/constraints.py: botocore's Java patterns use \p{...} classes, which re lacks
+        "PyYAML",  # pipeline/publish/bootstrap.py reads infra/template.yaml
     ],
     extras_require={"dev": DEV},
     entry_points={"console_scripts": ["dogbreed=pipeline.cli:main"]},

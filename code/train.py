@@ -49,7 +49,7 @@ import distributed
 import features
 
 LOG = logging.getLogger("train")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 CHECKPOINT_FILE = "checkpoint.pth"
 METRICS_HISTORY_FILE = "metrics_history.json"
 INFERENCE_FILES = (contract.INFERENCE_SCRIPT, "common.py", "contract.py", "serving_model.py", "requirements.txt")
@@ -62,9 +62,13 @@ PRECISE_BN_BATCHES = 50
 PRETRAINED_URI_PARAMETER = "PretrainedWeightsS3Uri"
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 # Settings that change the trained weights: a checkpoint is only resumed by a
-# run whose settings are the same. Epochs, patience and the speed settings may change.
-RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment", "learning_rate",
-               "momentum", "weight_decay", "batch_size", "seed", "world_size")
+# run whose settings are the same (epochs too: they set the schedule's length). Patience and the speed settings may change.
+RESUME_KEYS = ("backbone", "image_size", "classes", "freeze_backbone", "augment", "crop_scale", "flip", "learning_rate",
+               "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "epochs", "batch_size", "seed",
+               "world_size")
+# The warm-up's first learning rate, as a fraction of --learning-rate (torchvision's lr_warmup_decay).
+WARMUP_START_FACTOR = 0.01
+DEFAULT_WARMUP_EPOCHS = 1
 
 
 class TrainingInputError(ValueError):
@@ -110,6 +114,22 @@ def non_negative_int(value: str) -> int:
 
 def non_negative_float(value: str) -> float:
     return _number(float, 0.0, value)
+
+
+def fraction_below_one(value: str) -> float:
+    """A number in [0, 1): label smoothing of 1 would leave nothing of the true class."""
+    number = _number(float, 0.0, value)
+    if number >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {value!r}")
+    return number
+
+
+def area_fraction(value: str) -> float:
+    """A number in (0, 1]: the smallest share of an image's area a random crop keeps."""
+    number = _number(float, 0.0, value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (a share of the image's area), got {value!r}")
+    return number
 
 
 def cache_mode(value: str | bool) -> bool | str:
@@ -181,15 +201,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where the per-epoch metrics history is written (default $SM_OUTPUT_DATA_DIR; none to skip)")
     add("checkpoint-dir", type=optional_path, default=default_checkpoint_dir(),
         help=f"where a checkpoint is written every epoch and resumed from (default {SAGEMAKER_CHECKPOINT_DIR} when it exists; none to skip)")
-    add("learning-rate", type=non_negative_float, default=0.01, help="SGD learning rate")
+    add("learning-rate", type=non_negative_float, default=0.01,
+        help="SGD learning rate after the warm-up; it then falls along a cosine to 0 at the last step of --epochs")
     add("momentum", type=non_negative_float, default=0.9, help="SGD momentum")
-    add("weight-decay", type=non_negative_float, default=1e-4, help="SGD weight decay")
+    add("weight-decay", type=non_negative_float, default=1e-4,
+        help="SGD weight decay of the convolution and linear weights (batch-norm parameters and biases get none)")
+    add("label-smoothing", type=fraction_below_one, default=0.1,
+        help="training targets give the true class 1 - s + s/classes and every other class s/classes; the "
+             "training loss is this smoothed cross-entropy, the validation loss stays the plain one")
+    add("warmup-epochs", type=non_negative_int, default=None,
+        help="epochs over which the learning rate rises linearly from 1%% of --learning-rate; they do not count "
+             "towards --patience; fewer than --epochs (default: 1, or 0 for a one-epoch run)")
     add("batch-size", type=positive_int, default=32,
         help="images per optimizer step over all processes (the global batch): N processes split it, so every "
              "process count makes the same steps per epoch on the same batches")
     add("epochs", type=positive_int, default=10, help="most epochs to train")
     add("patience", type=non_negative_int, default=3,
-        help="stop after this many epochs without a lower validation loss (0: never stop early)")
+        help="stop after this many epochs after the warm-up without a lower validation loss (0: never stop early)")
     add("backbone", type=text, choices=common.BACKBONES, default="resnet50", help="torchvision ResNet")
     add("freeze-backbone", type=boolean, nargs="?", const=True, default=None,
         help="train only the new head; the backbone, batch-norm statistics included, stays as loaded "
@@ -202,14 +230,21 @@ def get_args_parser() -> argparse.ArgumentParser:
              "(default: imagenet)")
     add("image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="side of the square input, at least 32")
     add("augment", type=boolean, nargs="?", const=True, default=True,
-        help="random resized crop and horizontal flip on training images")
+        help="random resized crop (and horizontal flip, see --flip) on training images; false: the evaluation transform")
+    add("crop-scale", type=area_fraction, default=common.DEFAULT_CROP_SCALE,
+        help="smallest share of an image's area a random training crop keeps (1: crops differ only in aspect)")
+    add("flip", type=boolean, nargs="?", const=True, default=True,
+        help="mirror training images left-right half the time; false for images whose meaning a mirror changes "
+             "(digits, text)")
     add("cache-features", type=cache_mode, nargs="?", const=True, default=False,
         help="compute the frozen backbone's features once and train the head on them "
              "(true needs a frozen backbone and --augment false; auto caches when both hold, "
              "else trains on the images)")
-    add("features", type=optional_path, default=env.get(common.channel_variable(contract.FEATURES_CHANNEL)),
+    add("features", type=optional_path, default=None,
         help="train the head on the backbone features extract_features.py wrote to this folder instead of on images "
-             f"(default ${common.channel_variable(contract.FEATURES_CHANNEL)}; needs --freeze-backbone true and --augment false)")
+             "(needs --freeze-backbone true and --augment false). Without it, the folder of "
+             f"${common.channel_variable(contract.FEATURES_CHANNEL)} is used when the backbone is frozen, augmentation "
+             "then off; when the backbone trains, that channel is ignored and the images are trained on")
     add("num-workers", type=non_negative_int, default=default_num_workers(), help="data-loading processes")
     add("num-threads", type=positive_int, default=default_num_threads(),
         help="torch CPU threads of this process (default $OMP_NUM_THREADS, else the cores divided by the processes on this machine)")
@@ -263,8 +298,22 @@ def resolve_freeze(args: argparse.Namespace) -> bool:
     return not random_weights if args.freeze_backbone is None else args.freeze_backbone
 
 
+def channel_features(args: argparse.Namespace) -> str | None:
+    """The features channel's folder, when this run trains only a head: the tuning trials' mode follows the weights.
+
+    A tuning job is given the features channel and the image channels. With a frozen backbone the
+    features are exactly what the backbone computes on the unaugmented images, so the trial trains the
+    head on them; when the backbone trains (random weights, or --freeze-backbone false) the trial trains
+    the whole network on the images, as the final trainings do.
+    """
+    channel = optional_path(os.environ.get(common.channel_variable(contract.FEATURES_CHANNEL), ""))
+    return channel if channel and args.freeze_backbone else None
+
+
 def check_args(args: argparse.Namespace) -> None:
     args.freeze_backbone = resolve_freeze(args)
+    if not args.features and channel_features(args):
+        args.features, args.augment = channel_features(args), False
     if args.cache_features == "auto":
         args.cache_features = args.freeze_backbone and not args.augment and not args.features
     if args.cache_features and (not args.freeze_backbone or args.augment):
@@ -280,6 +329,12 @@ def check_args(args: argparse.Namespace) -> None:
             f"--features {args.features} trains the head on features computed once, so it needs --freeze-backbone true, "
             f"--augment false and no --cache-features; got --freeze-backbone {str(args.freeze_backbone).lower()} "
             f"--augment {str(args.augment).lower()} --cache-features {str(args.cache_features).lower()}")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(DEFAULT_WARMUP_EPOCHS, args.epochs - 1)
+    if args.warmup_epochs >= args.epochs:
+        raise TrainingInputError(
+            f"--warmup-epochs {args.warmup_epochs} leaves no epoch of the --epochs {args.epochs} for the cosine "
+            "schedule: use fewer warm-up epochs (0 for none) or more epochs")
     if args.image_size < 32:
         raise TrainingInputError(f"--image-size must be at least 32 pixels for a ResNet, got {args.image_size}")
     if str(args.model_dir).startswith("s3://"):
@@ -329,10 +384,11 @@ def image_folder(folder: Path, split: str, transform: Any) -> datasets.ImageFold
     return dataset
 
 
-def load_data(train_dir: Path, valid_dir: Path, image_size: int, augment: bool) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+def load_data(train_dir: Path, valid_dir: Path, image_size: int, augment: bool, crop_scale: float = common.DEFAULT_CROP_SCALE,
+              flip: bool = True) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
     """The training and validation ImageFolders; the test split is never read here."""
     check_splits(train_dir, valid_dir)
-    train_set = image_folder(train_dir, contract.TRAIN_CHANNEL, common.train_transform(image_size, augment))
+    train_set = image_folder(train_dir, contract.TRAIN_CHANNEL, common.train_transform(image_size, augment, crop_scale, flip))
     valid_set = image_folder(valid_dir, contract.VALID_CHANNEL, common.eval_transform(image_size))
     return train_set, valid_set
 
@@ -357,7 +413,7 @@ def load_splits(args: argparse.Namespace, dist_info: distributed.DistInfo) -> Sp
         splits = Splits(feature_set.train, feature_set.valid, feature_set.classes, folder, folder, feature_set.feature_dim)
     else:
         train_dir, valid_dir = split_dirs(args)
-        train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment)
+        train_set, valid_set = load_data(train_dir, valid_dir, args.image_size, args.augment, args.crop_scale, args.flip)
         splits = Splits(train_set, valid_set, train_set.classes, train_dir, valid_dir)
     if len(splits.train) < dist_info.world_size:
         raise TrainingInputError(f"the train split at {splits.train_dir} has {len(splits.train)} images, "
@@ -622,18 +678,20 @@ def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return inputs
 
 
-def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    device: torch.device, dist_info: distributed.DistInfo) -> dict[str, float]:
-    """One pass over this rank's share of every global batch; one optimizer step per global batch.
+def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, device: torch.device,
+                    dist_info: distributed.DistInfo, label_smoothing: float = 0.0) -> dict[str, float]:
+    """One pass over this rank's share of every global batch; one optimizer step, and one scheduler step, per global batch.
 
     Each rank's loss is its images' summed loss times N over the global batch's
     size, so DDP's gradient average is the gradient of the global batch's mean
-    loss: exactly what one process computes on that batch.
+    loss: exactly what one process computes on that batch. The loss is the
+    cross-entropy against targets smoothed by ``label_smoothing``.
     """
     parts.trainable.train()
     if parts.frozen is not None:
         parts.frozen.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     loss_sum, count, steps = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     global_sizes = loader.batch_sampler.global_sizes()
     started = time.perf_counter()
@@ -648,6 +706,7 @@ def train_one_epoch(parts: Parts, loader: DataLoader, optimizer: torch.optim.Opt
         scaler.scale(summed * (dist_info.world_size / global_size)).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         loss_sum += summed.detach().double()
         count += len(targets)
         steps += 1
@@ -779,6 +838,7 @@ class Trainer:
     model: nn.Module
     parts: Parts
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     train_loader: DataLoader
     valid_loader: DataLoader
@@ -786,9 +846,35 @@ class Trainer:
     checkpoint_file: Path | None
 
 
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trained parameters in two groups, as torchvision's ``set_weight_decay`` with ``norm_weight_decay=0``:
+    convolution and linear weights decay; batch-norm weights and biases and every bias do not (decaying them
+    only shrinks the normalised activations' scale and offset, which regularises nothing)."""
+    decayed, plain = [], []
+    for owner in module.modules():
+        is_norm = isinstance(owner, nn.modules.batchnorm._BatchNorm)
+        for name, parameter in owner.named_parameters(recurse=False):
+            if parameter.requires_grad:
+                (plain if is_norm or name == "bias" else decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def make_optimizer(parts: Parts, args: argparse.Namespace) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in parts.trainable.parameters() if p.requires_grad], lr=args.learning_rate,
-                           momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.SGD(parameter_groups(parts.trainable, args.weight_decay), lr=args.learning_rate,
+                           momentum=args.momentum)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
+                   warmup_epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped after every optimizer step: a linear warm-up from ``WARMUP_START_FACTOR`` times the learning rate
+    over ``warmup_epochs``, then a cosine from the learning rate to 0 at the last step of ``epochs``; torchvision's
+    classification recipe (LinearLR, then CosineAnnealingLR, in a SequentialLR), by steps instead of epochs."""
+    warmup_steps, total_steps = warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
+    if warmup_steps == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def resumed_progress(checkpoint: dict[str, Any] | None, trainer: Trainer) -> Progress:
@@ -796,6 +882,7 @@ def resumed_progress(checkpoint: dict[str, Any] | None, trainer: Trainer) -> Pro
     if checkpoint is None:
         return Progress()
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.scheduler.load_state_dict(checkpoint["scheduler"])
     trainer.scaler.load_state_dict(checkpoint["scaler"])
     progress = Progress(epoch=checkpoint["epoch"], history=checkpoint["history"], best_epoch=checkpoint["best_epoch"],
                         best_metrics=checkpoint["best_metrics"], best_state=checkpoint["best_model"],
@@ -809,7 +896,7 @@ def checkpoint_of(trainer: Trainer, progress: Progress) -> dict[str, Any]:
     improved = progress.best_epoch == progress.epoch and progress.best_state is not None
     return {"format": CHECKPOINT_FORMAT, "config": trainer.config, "epoch": progress.epoch,
             "model": progress.best_state if improved else state_on_cpu(trainer.model), "optimizer": trainer.optimizer.state_dict(),
-            "scaler": trainer.scaler.state_dict(), "history": progress.history, "stale_epochs": progress.stale_epochs,
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "history": progress.history, "stale_epochs": progress.stale_epochs,
             "stopped": progress.stopped, "best_epoch": progress.best_epoch, "best_metrics": progress.best_metrics,
             "best_model": progress.best_state}
 
@@ -843,7 +930,8 @@ def epoch_metrics(trainer: Trainer, epoch: int) -> tuple[dict[str, float], dict[
     args, dist_info, device = trainer.args, trainer.dist_info, trainer.device
     distributed.seed_everything(distributed.derived_seed(args.seed, epoch, dist_info.rank))
     trainer.train_loader.batch_sampler.set_epoch(epoch)
-    stats = train_one_epoch(trainer.parts, trainer.train_loader, trainer.optimizer, trainer.scaler, device, dist_info)
+    stats = train_one_epoch(trainer.parts, trainer.train_loader, trainer.optimizer, trainer.scheduler, trainer.scaler,
+                            device, dist_info, args.label_smoothing)
     recompute_batch_norm_statistics(trainer.parts, trainer.train_loader, device)
     metrics = {"train_loss": stats["train_loss"], **evaluate(trainer.parts, trainer.valid_loader, device, dist_info)}
     return metrics, stats
@@ -863,12 +951,15 @@ def log_epoch(trainer: Trainer, row: dict[str, Any], stats: dict[str, float]) ->
 
 
 def record_epoch(trainer: Trainer, progress: Progress, metrics: dict[str, float], improved: bool) -> None:
-    """Advance ``progress`` by one epoch: the best model when the validation loss fell, and early stopping."""
+    """Advance ``progress`` by one epoch: the best model when the validation loss fell, and early stopping.
+
+    Warm-up epochs never count towards the patience: the learning rate is still rising, so a validation
+    loss that stalls then says nothing about the epochs to come."""
     progress.epoch += 1
     if improved:
         progress.best_epoch, progress.best_metrics, progress.stale_epochs = progress.epoch, metrics, 0
         progress.best_state = state_on_cpu(trainer.model) if trainer.dist_info.is_main else None
-    else:
+    elif progress.epoch > trainer.args.warmup_epochs:
         progress.stale_epochs += 1
     progress.stopped = trainer.args.patience > 0 and progress.stale_epochs >= trainer.args.patience
     if progress.stopped:
@@ -939,6 +1030,8 @@ def model_info(args: argparse.Namespace, classes: list[str], summary: dict[str, 
         "stopped_early": summary["stopped_early"],
         "world_size": summary["world_size"],
         "pretrained_weights": pretrained_source(args.pretrained_weights),
+        # What the run trained on: "features" (the head only, on --features or the features channel) or "images".
+        "trained_on": "features" if args.features else "images",
         "hyperparameters": dict(vars(args)),
         "torch_version": torch.__version__,
     }
@@ -1015,7 +1108,9 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> dict[str, 
     setup = clock.elapsed()
 
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    trainer = Trainer(args, dist_info, device, model, parts, make_optimizer(parts, args), scaler,
+    optimizer = make_optimizer(parts, args)
+    scheduler = make_scheduler(optimizer, len(train_loader.batch_sampler), args.epochs, args.warmup_epochs)
+    trainer = Trainer(args, dist_info, device, model, parts, optimizer, scheduler, scaler,
                       train_loader, valid_loader, config, checkpoint_file)
     progress = resumed_progress(checkpoint, trainer)
     del checkpoint

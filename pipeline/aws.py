@@ -38,7 +38,8 @@ IAM_ACTIONS = {
     ("s3", "HeadBucket"): "s3:ListBucket",
     ("s3", "ListObjectsV2"): "s3:ListBucket",
 }
-SERVICE_PREFIX = {"lambda": "lambda", "s3": "s3", "sagemaker": "sagemaker", "iam": "iam", "sts": "sts"}
+SERVICE_PREFIX = {"lambda": "lambda", "s3": "s3", "sagemaker": "sagemaker", "iam": "iam", "sts": "sts",
+                  "cloudformation": "cloudformation", "codebuild": "codebuild"}
 _PERFORM = re.compile(r"perform:? ([a-z0-9-]+:[A-Za-z0-9]+)")
 _XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")

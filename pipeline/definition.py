@@ -116,7 +116,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, c
     )
     prepare = prepare_data_step(ctx)
     extraction = extract_features_step(ctx, prepare)
-    tuning = tune_step(ctx, extraction)
+    tuning = tune_step(ctx, prepare, extraction)
     trainings = {variant: train_step(ctx, variant, prepare, tuning) for variant in VARIANTS}
     evaluations = {variant: evaluate_step(ctx, variant, prepare, trainings[variant]) for variant in VARIANTS}
     gates = [gated_branch(ctx, variant, prepare, trainings[variant], evaluations) for variant in VARIANTS]

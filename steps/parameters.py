@@ -38,6 +38,7 @@ class Parameters:
     multi_instance_count: ParameterInteger
     backbone: ParameterString
     image_size: ParameterInteger
+    horizontal_flip: ParameterString
     pretrained_weights: ParameterString
     pretrained_weights_s3_uri: ParameterString
     accuracy_threshold: ParameterFloat
@@ -65,6 +66,8 @@ def define_parameters(settings, no_weights_uri: str) -> Parameters:
         multi_instance_count=ParameterInteger("MultiInstanceCount", default_value=7),
         backbone=ParameterString("Backbone", default_value="resnet50", enum_values=["resnet18", "resnet34", "resnet50"]),
         image_size=ParameterInteger("ImageSize", default_value=224),
+        # train.py's --flip: mirrored training images suit photos of dogs; false for images a mirror changes (digits, text).
+        horizontal_flip=ParameterString("HorizontalFlip", default_value="true", enum_values=["true", "false"]),
         pretrained_weights=ParameterString("PretrainedWeights", default_value="imagenet"),
         # The pretrained channel of tuning, both trainings and evaluation: a .pth state dict of the backbone (or a
         # prefix holding one) for PretrainedWeights=imagenet without internet. SageMaker refuses an empty S3 URI

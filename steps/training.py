@@ -41,13 +41,15 @@ MAX_RUNTIME_SECONDS = 8 * 3600
 def static_hyperparameters(ctx: BuildContext, *, augment: bool, cache_features: bool) -> dict:
     """No freeze_backbone: train.py's default follows the weights (frozen when loaded, trained when random),
     which a static value could not do for every PretrainedWeights. ``cache_features`` asks for caching where
-    it applies (auto: a frozen backbone without augmentation)."""
+    it applies (auto: a frozen backbone without augmentation). The rest of the recipe (schedule, label
+    smoothing, crop scale) is train.py's defaults."""
     params = ctx.parameters
     return {
         "backbone": params.backbone,
         "image_size": params.image_size,
         "pretrained_weights": params.pretrained_weights,
         "augment": "true" if augment else "false",
+        "flip": params.horizontal_flip,
         "cache_features": "auto" if cache_features else "false",
         "seed": "42",
         "patience": "3",

@@ -1,4 +1,12 @@
-"""TuneHyperparameters: Bayesian search that minimizes the validation loss."""
+"""TuneHyperparameters: Bayesian search that minimizes the validation loss, on what the final trainings train.
+
+Every trial is given the features ExtractFeatures computed and the prepared images, with the final
+trainings' hyperparameters. train.py's frozen-backbone rule picks what a trial trains: with loaded
+(frozen) weights, only the head on the features, which is exact and cheap; with random weights
+(PretrainedWeights=none), the whole network on the images, with the same augmentation and schedule as
+the final trainings, so the winning learning rate is one for training the whole network. One tuning
+step either way, chosen at run time from the parameters.
+"""
 from __future__ import annotations
 
 from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
@@ -8,7 +16,7 @@ from sagemaker.train.tuner import HyperparameterTuner
 
 from steps.context import BuildContext, job_step_policies
 from steps.features import features_uri
-from steps.training import model_trainer, pretrained_channel, s3_channel, static_hyperparameters
+from steps.training import model_trainer, pretrained_channel, s3_channel, static_hyperparameters, training_channels
 
 STEP_NAME = "TuneHyperparameters"
 TUNED = ("learning_rate", "batch_size", "epochs")
@@ -16,24 +24,26 @@ TUNED = ("learning_rate", "batch_size", "epochs")
 
 def hyperparameter_ranges() -> dict:
     return {
-        "learning_rate": ContinuousParameter(1e-4, 1e-1, scaling_type="Logarithmic"),
+        # The peak of train.py's warm-up and cosine schedule: SGD with momentum at these batch sizes.
+        "learning_rate": ContinuousParameter(1e-3, 5e-2, scaling_type="Logarithmic"),
         "batch_size": CategoricalParameter([16, 32, 64]),
-        "epochs": IntegerParameter(3, 15),
+        # At least a warm-up epoch and three along the cosine.
+        "epochs": IntegerParameter(4, 15),
     }
 
 
 def features_channel(ctx: BuildContext, extraction: ProcessingStep) -> list[Channel]:
-    """The trials' only channel: the features ExtractFeatures wrote (train.py reads SM_CHANNEL_FEATURES), never the images."""
+    """The features ExtractFeatures wrote (SM_CHANNEL_FEATURES), which train.py reads when the backbone is frozen."""
     return [s3_channel(ctx.contract.FEATURES_CHANNEL, features_uri(extraction, ctx.contract), "application/x-pytorch")]
 
 
-def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
-    """Trials train only the head on the backbone features ExtractFeatures computed once (no augmentation:
-    ranking them needs none), on their own, small TuningInstanceType. The final training steps reuse the winner."""
+def tune_step(ctx: BuildContext, prepare: ProcessingStep, extraction: ProcessingStep) -> TuningStep:
+    """Trials with the final trainings' hyperparameters and both the features and the images (see the module
+    docstring), on TuningInstanceType. The final training steps reuse the winner."""
     trainer = model_trainer(
         ctx,
         instance_count=1,
-        hyperparameters=static_hyperparameters(ctx, augment=False, cache_features=False),
+        hyperparameters=static_hyperparameters(ctx, augment=True, cache_features=False),
         output_path=ctx.settings.s3_uri("jobs", STEP_NAME),
         base_job_name=f"{ctx.settings.project_name}-tune",
         instance_type=ctx.parameters.tuning_instance_type,
@@ -52,14 +62,16 @@ def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
         base_tuning_job_name=f"{ctx.settings.project_name}-tune",
     )
     step_args = tuner.tune(
-        inputs=[*features_channel(ctx, extraction), *pretrained_channel(ctx)],
+        inputs=[*features_channel(ctx, extraction), *training_channels(ctx, prepare), *pretrained_channel(ctx)],
         job_name=f"{ctx.settings.project_name}-tune",
     )
     return TuningStep(
         name=STEP_NAME,
         display_name="Tune hyperparameters",
         description="Bayesian search over learning rate (log scale), batch size and epochs; "
-                    f"the objective is {ctx.contract.OBJECTIVE_METRIC}, minimized, on the validation split.",
+                    f"the objective is {ctx.contract.OBJECTIVE_METRIC}, minimized, on the validation split. "
+                    "Trials train the head on ExtractFeatures' features when the backbone is frozen (pretrained "
+                    "weights), else the whole network on the images, as the final trainings do.",
         step_args=step_args,
         **job_step_policies(),
     )

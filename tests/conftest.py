@@ -60,3 +60,20 @@ def real_image_dataset(tmp_path: Path) -> Path:
     from real_images import write_digits
 
     return write_digits(tmp_path / "real")
+
+
+@pytest.fixture(scope="module")
+def aws_environment(tmp_path_factory):
+    """Fake credentials and no settings from the shell's environment, for tests against moto's server."""
+    from pipeline.settings import ENVIRONMENT
+
+    home = tmp_path_factory.mktemp("aws-home")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in [*ENVIRONMENT.values(), "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN",
+                         "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN"]:
+            patch.delenv(variable, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        yield

@@ -23,6 +23,14 @@ the same arguments always write the same files. The pytest fixture
 
 ``sample_photo("china.jpg")`` (or ``"flower.jpg"``) is one of the two real colour
 photos the wheel ships too (427x640 JPEGs), as an RGB image.
+
+``write_photo_crops(root)`` writes a second real set, of photographs: square crops of
+the photos scikit-image ships in its wheel (``skimage.data``: the astronaut, the
+cat, the coffee cup, the rocket...), one class per photo. Each photo is cut into
+vertical bands, the left 60% for train, the next 15% for valid, the right 25% for
+test, and every crop lies inside its split's band, so a test crop shows a part of
+the scene that no training crop shows: the model must learn what the scene looks
+like, not remember pixels.
 """
 from __future__ import annotations
 
@@ -95,3 +103,38 @@ def sample_photo(name: str):
 
     with Image.open(Path(sklearn.__file__).parent / "datasets" / "images" / name) as image:
         return image.convert("RGB")
+
+
+PHOTO_NAMES = ("astronaut", "camera", "cat", "coffee", "coins", "hubble_deep_field", "moon", "rocket")
+_PHOTO_BANDS = {"train": (0.0, 0.6), "valid": (0.6, 0.75), "test": (0.75, 1.0)}
+
+
+def _photo(name: str):
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
+
+
+def write_photo_crops(root: Path, per_class: Mapping[str, int] | None = None, size: int = 32, seed: int = 0) -> Path:
+    """Write ``root/{split}/NNN.name/crop_IIII.png``: random square crops of each photo in ``PHOTO_NAMES`` (one
+    class each), a fifth to a quarter of the photo's shorter side, inside the split's band, resized to ``size``."""
+    from PIL import Image
+
+    per_class = dict(DEFAULT_PER_CLASS if per_class is None else per_class)
+    root = Path(root)
+    for label, name in enumerate(PHOTO_NAMES):
+        photo = _photo(name)
+        width, height = photo.size
+        draw = random.Random(seed * 1000 + label)
+        for split, count in per_class.items():
+            left, right = (int(width * edge) for edge in _PHOTO_BANDS.get(split, (0.0, 1.0)))
+            folder = root / split / f"{label + 1:03d}.{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                side = min(right - left, int(min(width, height) * draw.uniform(0.2, 0.25)))
+                x, y = draw.randint(left, right - side), draw.randint(0, height - side)
+                crop = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BILINEAR)
+                crop.save(folder / f"crop_{i:04d}.png", "PNG")
+    return root

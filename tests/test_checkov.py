@@ -1,10 +1,12 @@
-"""checkov on infra/template.yaml: as written, and on copies with its conditions resolved both ways.
+"""checkov on infra/template.yaml: as written, and on copies with its conditions resolved (without and with a KMS
+key, and with a repository connection).
 
 checkov evaluates a condition's ``!If`` only partly: on the raw template it
 silently skips its IAM checks for a role whose statements use one. So besides
-the template itself it scans two copies in which every Condition is decided
-(no KMS key; a KMS key) and every ``!If`` replaced by its branch; Ref, Sub and
-GetAtt stay for checkov to follow. All three go to one checkov run with
+the template itself it scans three copies in which every Condition is decided
+(no KMS key; a KMS key; a repository connection for the build) and every ``!If``
+replaced by its branch; Ref, Sub and GetAtt stay for checkov to follow. All four
+go to one checkov run with
 ``--skip-download`` (no platform call) and no update check, behind a proxy
 setting that points at a closed loopback port, so nothing leaves the machine.
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from test_infra import KMS_KEY, NO_VALUE, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
+from test_infra import KMS_KEY, NO_VALUE, PARAMETER_SETS, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
 
 CHECKOV = ROOT / ".venv" / "tools-checkov" / "bin" / "checkov"
 
@@ -41,6 +43,8 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("CKV_AWS_158", "AWS::Logs::LogGroup.*", "without-kms-key"):
         "with no KmsKeyArn the stack has no customer managed key; CloudWatch Logs encrypts with its own key, and a "
         "customer key is the KmsKeyArn parameter's choice (every log group takes it when given, pinned by a test below)",
+    ("CKV_AWS_158", "AWS::Logs::LogGroup.*", "with-connection"):
+        "as without-kms-key: the build from a repository connection, without a KmsKeyArn",
 }
 
 
@@ -76,7 +80,8 @@ def without_conditions(template: dict, parameters: dict[str, str]) -> dict:
     return resolved
 
 
-VARIANTS = {"without-kms-key": {"KmsKeyArn": ""}, "with-kms-key": {"KmsKeyArn": KMS_KEY}}
+VARIANTS = {"without-kms-key": {"KmsKeyArn": ""}, "with-kms-key": {"KmsKeyArn": KMS_KEY},
+            "with-connection": {"KmsKeyArn": "", **PARAMETER_SETS["connection"]}}
 
 
 def test_the_resolver_decides_every_condition_and_leaves_no_if():
@@ -189,11 +194,11 @@ def test_the_key_policy_statement_lets_cloudwatch_logs_use_the_key_for_the_proje
     statement = json.loads(resolver.value(template["Outputs"]["KmsKeyPolicyStatementForLogs"]["Value"]))
     assert statement["Principal"] == {"Service": f"logs.{resolver.pseudo['AWS::Region']}.amazonaws.com"}
     assert set(statement["Action"]) == {"kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"}
-    pattern = statement["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
+    patterns = statement["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
     names = [resolver.value(body["Properties"]["LogGroupName"]) for body in template["Resources"].values() if body["Type"] == "AWS::Logs::LogGroup"]
-    prefix = pattern.removesuffix("*")
     arn_prefix = f"arn:aws:logs:{resolver.pseudo['AWS::Region']}:{resolver.pseudo['AWS::AccountId']}:log-group:"
-    assert names and all((arn_prefix + name).startswith(prefix) for name in names)
+    assert names and all(any(fnmatch.fnmatchcase(arn_prefix + name, pattern) for pattern in patterns) for name in names)
+    assert not any(fnmatch.fnmatchcase(f"{arn_prefix}/aws/lambda/other-function", pattern) for pattern in patterns)
     for body in template["Resources"].values():
         if body["Type"] == "AWS::Logs::LogGroup":
             assert body["Properties"]["KmsKeyId"] == {"Fn::If": ["HasKmsKey", {"Ref": "KmsKeyArn"}, {"Ref": "AWS::NoValue"}]}

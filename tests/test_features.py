@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,18 +206,29 @@ def steps() -> dict[str, dict]:
     return {step["Name"]: step for step in document["Steps"]} | {"Parameters": document["Parameters"]}
 
 
-def test_tuning_trials_read_the_features_step_output_and_no_images(steps: dict) -> None:
+def test_tuning_trials_get_the_features_and_the_images_with_the_final_trainings_settings(steps: dict) -> None:
+    """train.py picks from them: the features with a frozen backbone, the images when the backbone trains."""
     tuning = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]
     channels = {item["ChannelName"]: item["DataSource"]["S3DataSource"]["S3Uri"] for item in tuning["InputDataConfig"]}
-    assert set(channels) == {contract.FEATURES_CHANNEL, contract.PRETRAINED_CHANNEL}
+    assert set(channels) == {contract.FEATURES_CHANNEL, contract.TRAIN_CHANNEL, contract.VALID_CHANNEL,
+                             contract.PRETRAINED_CHANNEL}
     assert channels[contract.FEATURES_CHANNEL] == {
         "Get": f"Steps.ExtractFeatures.ProcessingOutputConfig.Outputs['{contract.FEATURES_CHANNEL}'].S3Output.S3Uri"}
-    assert "PrepareData" not in json.dumps(tuning)
+    training = steps["TrainSingleInstance"]["Arguments"]
+    final = {item["ChannelName"]: item["DataSource"]["S3DataSource"]["S3Uri"] for item in training["InputDataConfig"]}
+    assert {name: channels[name] for name in final} == final
     extraction_inputs = {item["InputName"]: item["S3Input"]["S3Uri"] for item in steps["ExtractFeatures"]["Arguments"]["ProcessingInputs"]}
     assert extraction_inputs[contract.PRETRAINED_CHANNEL] == channels[contract.PRETRAINED_CHANNEL]
-    static = {name: json.loads(value) if isinstance(value, str) else value
-              for name, value in tuning["StaticHyperParameters"].items()}
-    assert (static["augment"], static["cache_features"]) == ("false", "false")
+    ranges = steps["TuneHyperparameters"]["Arguments"]["HyperParameterTuningJobConfig"]["ParameterRanges"]
+    tuned = {item["Name"] for kind in ranges.values() for item in kind}
+    static = tuning["StaticHyperParameters"]
+
+    def ours(hyperparameters: dict) -> dict:
+        return {name: value for name, value in hyperparameters.items()
+                if name not in tuned and not name.startswith(("_", "sagemaker_"))}
+
+    assert ours(training["HyperParameters"]) == ours(static)
+    assert json.loads(static["augment"]) == "true" and static["flip"] == {"Get": "Parameters.HorizontalFlip"}
 
 
 def test_the_features_step_extracts_prepared_train_and_valid_with_the_trials_settings(steps: dict) -> None:
@@ -260,7 +272,11 @@ def test_trials_run_on_their_own_instance_type_and_the_final_trainings_on_images
 
 # ---------------------------------------------------------------- local-run
 
-def test_local_run_extracts_once_and_the_trials_train_the_head_on_the_features(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pretrained, trained_on", [("file", "features"), ("none", "images")])
+def test_local_run_trials_train_the_head_on_the_features_or_the_whole_network_on_the_images(
+        tmp_path: Path, weights: Path, pretrained: str, trained_on: str) -> None:
+    """With a weights file the backbone is frozen and every trial trains the head on the features extracted
+    once; with PretrainedWeights=none (local-run's default) it trains the whole network on the images."""
     from pipeline import cli
     from pipeline.local.sample import make_sample
 
@@ -275,20 +291,24 @@ def test_local_run_extracts_once_and_the_trials_train_the_head_on_the_features(t
     with redirect_stdout(out), redirect_stderr(err):
         status = cli.main(["local-run", "--no-progress", "--source-dir", str(ROOT), "--definition", str(tmp_path / "cut.json"),
                            "--data", str(sample.root), "--workdir", str(workdir), "--max-tuning-jobs", "2",
-                           "--param", "Backbone=resnet18", "--param", "ImageSize=32"])
+                           "--param", "Backbone=resnet18", "--param", "ImageSize=32",
+                           *(["--pretrained-weights", str(weights)] if pretrained == "file" else [])])
     assert status == 0, out.getvalue()[-3000:] + err.getvalue()
     summary = json.loads((workdir / "summary.json").read_text())
     (extraction,) = summary["feature_extraction"].values()
     assert extraction["images"] == {"train": 12, "valid": 6} and extraction["backbone"] == "resnet18"
     tuning = summary["tuning"]["TuneHyperparameters"]
-    assert contract.FEATURES_CHANNEL in tuning["channels"] and contract.TRAIN_CHANNEL not in tuning["channels"]
+    assert {contract.FEATURES_CHANNEL, contract.TRAIN_CHANNEL, contract.VALID_CHANNEL} <= set(tuning["channels"])
     assert tuning["channels"][contract.FEATURES_CHANNEL] == str(Path(extraction["path"]).parent)
     assert len(tuning["trials"]) == 2 and all(t["seconds"] is not None and t["objective"] is not None for t in tuning["trials"])
+    assert [t["trained_on"] for t in tuning["trials"]] == [trained_on] * 2
     steps = {step["name"]: step for step in summary["steps"]}
     for log in steps["TuneHyperparameters"]["logs"]:
         text = Path(log).read_text()
-        assert "training images in" in text and "/input/data/features" in text
+        read = "/input/data/features" if trained_on == "features" else "/input/data/train"
+        assert re.search(rf"training images in \S*{read}\b", text), text[-2000:]
         assert "computed backbone features" not in text
     printed = out.getvalue()
     assert "Features (ExtractFeatures, once for all trials): 12 train + 6 valid images, resnet18 at 32 px" in printed
-    assert "trials, each training only the head on the features above:" in printed
+    assert ("trials, each training only the head on the features above" if trained_on == "features" else
+            "trials, each training the whole network on the images") in printed

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "template.yaml"
 ACCOUNT, REGION, PARTITION = "111122223333", "eu-west-1", "aws"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+CONNECTION = f"arn:aws:codeconnections:{REGION}:{ACCOUNT}:connection/8f2a6e1c-3b4d-4e5f-9a0b-1c2d3e4f5a6b"
 NO_VALUE = object()  # what Ref AWS::NoValue resolves to: the field or list item is left out
 UNRESOLVED = object()  # an intrinsic handler's answer for a one-key mapping that is not a function it evaluates
 
@@ -162,6 +163,7 @@ PARAMETER_SETS = {
     "defaults": {},
     "kms-key": {"KmsKeyArn": KMS_KEY},
     "multi-instance-public": {"PublicEndpoint": "multi-instance", "ProjectName": "dogs-eu"},
+    "connection": {"ConnectionArn": CONNECTION, "RepositoryUrl": "https://github.com/example/dogbreed", "Branch": "release"},
 }
 
 
@@ -240,6 +242,14 @@ SUPPRESSED = {
     ("PRIVILEGE_ESCALATION", "lambda:updatefunctioncode"):
         "upsert publishes the project's four functions by design, so the build can act as their roles; those roles reach "
         "only this project's endpoints, models and logs, and UpdateFunctionCode is limited to the four functions",
+    # PassRole + CreateFunction + CreateEventSourceMapping: upsert publishes the functions with their roles and
+    # connects the wait queue to the wait function; the mapping is limited to that function's live alias
+    # (test_the_codebuild_role_maps_only_the_wait_queue_to_the_wait_function), the roles to the four function roles.
+    ("PRIVILEGE_ESCALATION", "iam:passrole"): "see lambda:createeventsourcemapping",
+    ("PRIVILEGE_ESCALATION", "lambda:createfunction"): "see lambda:createeventsourcemapping",
+    ("PRIVILEGE_ESCALATION", "lambda:createeventsourcemapping"):
+        "the build creates the wait queue's event source mapping for the wait function's live alias only (a condition "
+        "on lambda:FunctionArn), and passes only the four function roles to Lambda",
     ("RESOURCE_STAR", "application-autoscaling:registerscalabletarget"):
         "scalable-target ARNs carry an ID made at registration, so they cannot be named in advance; conditions pin the namespace and dimension",
     ("RESOURCE_STAR", "application-autoscaling:putscalingpolicy"): "as RegisterScalableTarget",
@@ -414,7 +424,8 @@ def test_names_match_the_pipeline_settings(template):
     called = {r for s in role_statements(stack, "PipelineRole") if s.get("Sid") == "CallDeployAndCheck" for r in s["Resource"]}
     assert called == {settings.lambda_arn("deploy-endpoint"), settings.lambda_arn("check-endpoint")}
     logs = {r["Properties"]["LogGroupName"] for r in stack.values() if r["Type"] == "AWS::Logs::LogGroup"}
-    assert logs == {f"/aws/lambda/{settings.lambda_function_name(function)}" for function in LAMBDA_FUNCTIONS}
+    assert logs == {f"/aws/lambda/{settings.lambda_function_name(function)}" for function in LAMBDA_FUNCTIONS} | {
+        f"/aws/codebuild/{settings.project_name}-build"}
 
 
 def test_the_handlers_upsert_publishes_exist_in_lambda():
@@ -466,12 +477,14 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
     from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
-    source = "\n".join(path.read_text() for path in sorted((ROOT / "pipeline" / "publish").glob("*.py")))
+    # bootstrap runs as whoever deploys the stack, not in CodeBuild
+    source = "\n".join(path.read_text() for path in sorted((ROOT / "pipeline" / "publish").glob("*.py")) if path.stem != "bootstrap")
     calls = set(re.findall(r"clients\.(lambda_|sagemaker|s3)\.([a-z_]+)\(", source))
     granted = role_statements(Resolver(template).resources(), "CodeBuildRole")
     prefix = f"arn:aws:s3:::{settings.bucket}/{settings.prefix}/assets/code/sourcedir.tar.gz"
     resources = {
-        "lambda": [f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.lambda_function_name(f)}{q}" for f in LAMBDA_FUNCTIONS for q in ("", ":live", ":7")],
+        "lambda": [f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.lambda_function_name(f)}{q}" for f in LAMBDA_FUNCTIONS for q in ("", ":live", ":7")]
+        + [f"arn:aws:lambda:{REGION}:{ACCOUNT}:event-source-mapping:a1b2c3d4-5678-90ab-cdef-11111EXAMPLE"],
         "sagemaker": [f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.pipeline_name}", f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.pipeline_name}/execution/abc123"],
         "s3": [prefix],
     }
@@ -486,6 +499,7 @@ def test_the_codebuild_role_allows_every_call_upsert_makes(template):
         operations.add((service, api_names(service)[method]))
     assert ("lambda", "PublishVersion") in operations and ("sagemaker", "UpdatePipeline") in operations
     assert {("lambda", f"{verb}ProvisionedConcurrencyConfig") for verb in ("Get", "Put", "Delete")} <= operations
+    assert {("lambda", f"{verb}EventSourceMapping") for verb in ("Create", "Update")} <= operations
     for service, api in sorted(operations):
         action = renamed.get(f"{service}:{api}", f"{service}:{api}")
         if not any(allowed(granted, action, resource) for resource in resources[service]):
@@ -600,9 +614,7 @@ def test_the_endpoint_wait_queue_is_encrypted_has_a_dead_letter_queue_and_only_t
     senders = {logical for logical, name, document in policies(stack) if name != "trust" for st in statements(document)
                if st["Effect"] == "Allow" and "sqs:SendMessage" in as_list(st["Action"])}
     assert senders == {"PipelineRole"}
-    mapping = template["Resources"]["EndpointWaitMapping"]  # made once upsert has published the function
-    assert mapping["Condition"] == "ConnectWaitFunction"
-    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert not [r for r in stack.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]  # upsert makes it
 
 
 def test_the_target_tracking_alarm_grants_reach_only_the_project_endpoints(stack):
@@ -612,3 +624,117 @@ def test_the_target_tracking_alarm_grants_reach_only_the_project_endpoints(stack
         assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:TargetTracking-endpoint/other-endpoint/variant/AllTraffic-{ALARM_ID}")
         assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
         assert not allowed(granted, "cloudwatch:PutMetricAlarm", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
+
+
+# --- the build: the CodeBuild project, its source and trigger, its environment, the dashboard ---------
+
+def test_the_codebuild_role_maps_only_the_wait_queue_to_the_wait_function(stack):
+    """Upsert connects the wait queue itself; IAM lets the build create, read and update mappings of the wait
+    function's live alias only, and delete none."""
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    alias = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{project}-wait-endpoint:live"
+    granted = {}
+    for logical, name, document in policies(stack):
+        for statement in statements(document):
+            for action in as_list(statement["Action"]):
+                if statement["Effect"] == "Allow" and "EventSourceMapping" in action:
+                    granted[action] = (logical, statement)
+    assert set(granted) == {f"lambda:{verb}EventSourceMapping" for verb in ("Create", "Get", "Update")} | {"lambda:ListEventSourceMappings"}
+    for action, (logical, statement) in granted.items():
+        assert logical == "CodeBuildRole", action
+        if action != "lambda:ListEventSourceMappings":  # List has no resource and no condition key in IAM
+            assert statement["Condition"] == {"ArnEquals": {"lambda:FunctionArn": alias}}, action
+
+
+def buildspec() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "buildspec.yml").read_text())
+
+
+def buildspec_variables() -> set[str]:
+    """The variables buildspec.yml's commands read that it also declares as its own overridable defaults."""
+    spec = buildspec()
+    commands = json.dumps(spec["phases"])
+    read = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", commands))
+    return read & set(spec["env"]["variables"])
+
+
+# Settings variables the project leaves out, each with the reason.
+NOT_IN_THE_PROJECT = {
+    "AWS_REGION": "CodeBuild sets it in every build",
+    "AWS_ACCOUNT_ID": "the account comes from CODEBUILD_BUILD_ARN",
+    "SAGEMAKER_PROJECT_ID": "only SageMaker Projects have a project id",
+    "SPOT_TRAINING": "a choice per team; the setting's default applies",
+    "ALLOWED_ORIGIN": "the invoke function's CORS origins are a choice per site; none by default",
+    "INVOKE_PROVISIONED_CONCURRENCY": "the setting's default applies (one source of truth for the number)",
+}
+
+
+def test_the_build_project_environment_names_exactly_what_buildspec_and_settings_read(stack):
+    from pipeline.settings import ENVIRONMENT
+
+    environment = {v["Name"]: v["Value"] for v in stack["BuildProject"]["Properties"]["Environment"]["EnvironmentVariables"]}
+    assert set(NOT_IN_THE_PROJECT) <= set(ENVIRONMENT.values())
+    assert buildspec_variables() == {"START_PIPELINE", "WAIT_FOR_PIPELINE"}
+    assert set(environment) == (set(ENVIRONMENT.values()) - set(NOT_IN_THE_PROJECT)) | buildspec_variables()
+    documented = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", (ROOT / "buildspec.yml").read_text().split("version:")[0]))
+    assert documented - {"CODEBUILD_BUILD_ARN"} <= set(environment) | set(NOT_IN_THE_PROJECT)
+    assert environment["WAIT_FOR_PIPELINE"] == "false" and environment["START_PIPELINE"] == "true"
+
+
+def test_the_build_project_settings_are_the_stacks_own_resources(template):
+    from pipeline.settings import Settings, load_settings
+
+    stack = Resolver(template).resources()
+    environment = {v["Name"]: v["Value"] for v in stack["BuildProject"]["Properties"]["Environment"]["EnvironmentVariables"]}
+    settings = load_settings({"source_dir": str(ROOT)}, {**environment, "CODEBUILD_BUILD_ARN": f"arn:aws:codebuild:{REGION}:{ACCOUNT}:build/dogbreed-build:1"})
+    assert settings == Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
+
+
+def test_the_build_runs_buildspec_from_the_connected_branch_or_the_source_object(template):
+    from pipeline.settings import Settings
+
+    settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
+    connected = Resolver(template, PARAMETER_SETS["connection"]).resources()["BuildProject"]["Properties"]
+    assert connected["Source"] == {"Type": "GITHUB", "Location": "https://github.com/example/dogbreed", "BuildSpec": "buildspec.yml",
+                                   "Auth": {"Type": "CODECONNECTIONS", "Resource": CONNECTION}, "GitCloneDepth": 1, "ReportBuildStatus": True}
+    assert connected["SourceVersion"] == "refs/heads/release"
+    assert connected["Triggers"] == {"Webhook": True, "FilterGroups": [[{"Type": "EVENT", "Pattern": "PUSH"},
+                                                                        {"Type": "HEAD_REF", "Pattern": "^refs/heads/release$"}]]}
+    stack = Resolver(template).resources()
+    from_s3 = stack["BuildProject"]["Properties"]
+    assert "Triggers" not in from_s3 and "SourceVersion" not in from_s3
+    assert from_s3["Source"]["Type"] == "S3"
+    source_object = f"arn:aws:s3:::{from_s3['Source']['Location']}"
+    granted = role_statements(stack, "CodeBuildRole")
+    assert allowed(granted, "s3:GetObject", source_object) and allowed(granted, "s3:GetObjectVersion", source_object)
+    assert not allowed(role_statements(Resolver(template, PARAMETER_SETS["connection"]).resources(), "CodeBuildRole"), "s3:GetObjectVersion", source_object)
+    assert allowed(role_statements(Resolver(template, PARAMETER_SETS["connection"]).resources(), "CodeBuildRole"), "codeconnections:UseConnection", CONNECTION)
+    for properties in (connected, from_s3):
+        assert properties["Name"] == f"{settings.project_name}-build"
+        assert properties["ServiceRole"] == f"arn:aws:iam::{ACCOUNT}:role/{settings.project_name}-codebuild"
+        assert properties["LogsConfig"]["CloudWatchLogs"] == {"Status": "ENABLED", "GroupName": f"/aws/codebuild/{settings.project_name}-build"}
+        assert properties["Environment"]["PrivilegedMode"] is False
+    assert buildspec()["phases"]["install"]["runtime-versions"]["python"] == 3.12
+    artifacts = from_s3["Artifacts"]
+    assert artifacts["Location"] == settings.bucket and artifacts["Path"].startswith(f"{settings.prefix}/")
+
+
+def test_the_dashboard_shows_the_two_endpoints_and_the_pipeline(template):
+    from pipeline.settings import Settings
+
+    settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
+    body = json.loads(Resolver(template).resources()["Dashboard"]["Properties"]["DashboardBody"])
+    rows = [[value for value in row if isinstance(value, str)] for widget in body["widgets"] for row in widget["properties"]["metrics"]]
+    endpoint_rows = {(namespace, metric, dict(zip(dimensions[::2], dimensions[1::2]))["EndpointName"])
+                     for namespace, metric, *dimensions in rows if "EndpointName" in dimensions}
+    for endpoint in ("dogbreed-single-instance", "dogbreed-multi-instance"):
+        for metric in ("Invocations", "Invocation4XXErrors", "Invocation5XXErrors", "ModelLatency"):
+            assert ("AWS/SageMaker", metric, endpoint) in endpoint_rows
+        for metric in ("CPUUtilization", "MemoryUtilization"):  # per instance: SageMaker's endpoint instance metrics
+            assert ("/aws/sagemaker/Endpoints", metric, endpoint) in endpoint_rows
+    executions = {metric for namespace, metric, *dimensions in rows if dimensions == ["PipelineName", settings.pipeline_name]}
+    assert executions == {"ExecutionStarted", "ExecutionSucceeded", "ExecutionFailed", "ExecutionStopped"}
+    assert all(len(row) in (4, 6) for row in rows)  # every row names its namespace, metric and dimensions in full
+    assert all(widget["properties"]["region"] == REGION for widget in body["widgets"])

@@ -76,7 +76,7 @@ def test_local_run_defaults_without_weights_train_a_small_whole_network(built) -
     with_weights = command.local_overrides(document, {"PretrainedWeightsS3Uri": "s3://b/w.pth"}, sample=False)
     assert with_weights == {}  # PretrainedWeights=imagenet then reads the file from the pretrained channel
     # the tuning limits are settings now: local-run caps the trials unless told (--max-tuning-jobs) or given weights
-    assert command.local_trials({}, sample=True, flag=None)[0] == 4
+    assert command.local_trials({}, sample=True, flag=None)[0] == 2
     assert command.local_trials({}, sample=False, flag=None)[0] == 2
     assert command.local_trials({}, sample=True, flag=1) is None
     assert command.local_trials({"PretrainedWeightsS3Uri": "s3://b/w.pth"}, sample=False, flag=None) is None

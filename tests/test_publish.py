@@ -27,7 +27,7 @@ import pytest
 from pipeline.assets import zipball
 from pipeline.cli import main
 from pipeline.dag import steps_of
-from pipeline.settings import ENVIRONMENT, LAMBDA_FUNCTIONS
+from pipeline.settings import LAMBDA_FUNCTIONS
 
 moto_server = pytest.importorskip("moto.server")
 from moto_provisioned_concurrency import ProvisionedConcurrency, Server  # noqa: E402  (needs moto)
@@ -41,23 +41,8 @@ LAMBDA_TRUST = json.dumps({
 })
 UPSERT = ("--tag", "team=vision", "--max-parallel-steps", "3")  # what every upsert here passes unless it tests a change
 INVOKE = f"{PROJECT}-invoke-endpoint"
-RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 2  # the two assets, the functions, the provisioned concurrency, the pipeline
+RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 3  # the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the pipeline
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
-
-
-@pytest.fixture(scope="module")
-def aws_environment(tmp_path_factory):
-    """Fake credentials and no settings from the shell's environment."""
-    home = tmp_path_factory.mktemp("aws-home")
-    with pytest.MonkeyPatch.context() as patch:
-        for variable in [*ENVIRONMENT.values(), "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN",
-                         "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN"]:
-            patch.delenv(variable, raising=False)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +82,7 @@ def account(aws) -> str:
 def bucket(aws, account) -> str:
     name = f"{PROJECT}-artifacts-{account}-{REGION}"
     aws("s3").create_bucket(Bucket=name)
+    aws("sqs").create_queue(QueueName=f"{PROJECT}-endpoint-wait")
     for function in LAMBDA_FUNCTIONS:
         aws("iam").create_role(RoleName=f"{PROJECT}-{function}", AssumeRolePolicyDocument=LAMBDA_TRUST)
     return name
@@ -199,6 +185,31 @@ def test_upsert_publishes_assets_functions_and_pipeline(first_upsert, manifest, 
     assert provisioned_count(aws, INVOKE) == 5
     for function in ("deploy-endpoint", "check-endpoint"):
         assert provisioned_count(aws, f"{PROJECT}-{function}") is None
+
+
+def wait_queue_mappings(aws, account: str) -> list[dict]:
+    queue = f"arn:aws:sqs:{REGION}:{account}:{PROJECT}-endpoint-wait"
+    return aws("lambda").list_event_source_mappings(EventSourceArn=queue)["EventSourceMappings"]
+
+
+def test_upsert_connects_the_wait_queue_to_the_wait_function_without_a_stack_update(first_upsert, aws, account):
+    code, out = first_upsert
+    assert code == 0, out
+    (mapping,) = wait_queue_mappings(aws, account)
+    assert mapping["FunctionArn"].startswith(f"arn:aws:lambda:{REGION}:{account}:function:{PROJECT}-wait-endpoint")
+    assert mapping["BatchSize"] == 1 and mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["State"] == "Enabled"
+    assert f"event source mapping {PROJECT}-endpoint-wait -> {PROJECT}-wait-endpoint:live: created ({mapping['UUID']})" in out
+
+
+def test_upsert_enables_a_disabled_wait_queue_mapping_again(first_upsert, endpoint, deployed_tree, aws, account, capsys):
+    (mapping,) = wait_queue_mappings(aws, account)
+    aws("lambda").update_event_source_mapping(UUID=mapping["UUID"], Enabled=False, BatchSize=10)
+    out = upsert_out(capsys, endpoint, deployed_tree["path"])
+    assert f"event source mapping {PROJECT}-endpoint-wait -> {PROJECT}-wait-endpoint:live: updated (BatchSize, Enabled)" in out
+    assert out.splitlines()[-1] == f"1 of {RESOURCES} resources changed"
+    (after,) = wait_queue_mappings(aws, account)
+    assert after["UUID"] == mapping["UUID"] and after["State"] == "Enabled" and after["BatchSize"] == 1
 
 
 def provisioned_count(aws, function: str) -> int | None:
@@ -614,6 +625,7 @@ def codebuild_environment(account: str, home: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def codebuild_account(aws, account) -> str:
     aws("s3").create_bucket(Bucket=f"{CODEBUILD_PROJECT}-artifacts-{account}-{REGION}")
+    aws("sqs").create_queue(QueueName=f"{CODEBUILD_PROJECT}-endpoint-wait")
     for function in LAMBDA_FUNCTIONS:
         aws("iam").create_role(RoleName=f"{CODEBUILD_PROJECT}-{function}", AssumeRolePolicyDocument=LAMBDA_TRUST)
     return account

@@ -13,7 +13,7 @@ import torch
 from conftest import make_dataset
 from pipeline.local.jobs import free_port
 from real_images import write_digits
-from test_train import SMALL, TRAIN_SCRIPT, clean_env, head_only, metric_lines, write_backbone_weights
+from test_train import SMALL, TRAIN_SCRIPT, accuracy_on_test_split, clean_env, head_only, metric_lines, write_backbone_weights
 
 import common
 import contract
@@ -100,11 +100,13 @@ def test_torchrun_ranks_share_cached_features(data: Path, tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------- 7 instances train as well as 1
 
 REAL_SPLIT = {"train": 20, "valid": 5, "test": 20}  # per class, 10 classes: 200 / 50 / 200 images
-REAL_ARGS = SMALL + ["--epochs", "2", "--batch-size", "32", "--learning-rate", "0.01", "--augment", "false",
-                     "--patience", "0", "--seed", "3", "--num-threads", "1"]
-# Measured: test accuracy 0.83 on 1 process, 0.85 on 7 (seed 3; the runs differ only by float summation
-# order, which training amplifies); asserted with three times that margin.
-ACCURACY_GAP = 0.06
+# The recipe's defaults (warm-up, cosine, label smoothing, random crops), flips off for digits.
+REAL_ARGS = SMALL + ["--epochs", "2", "--batch-size", "32", "--flip", "false", "--patience", "0", "--seed", "3",
+                     "--num-threads", "1"]
+# Measured: test accuracy 0.675 on 1 process, 0.660 on 7 (seed 3; the runs differ only by float summation
+# order, which training amplifies; half of the two epochs is warm-up). benchmarks/model_quality.py measures
+# the gap over seeds; the accuracy floor of the recipe is test_train.py's.
+ACCURACY_GAP = 0.03
 
 
 def launch_job(data: Path, job: Path, hosts: int, args: list[str]) -> list[subprocess.Popen]:
@@ -120,15 +122,6 @@ def launch_job(data: Path, job: Path, hosts: int, args: list[str]) -> list[subpr
         processes.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=env, cwd=job,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return processes
-
-
-def accuracy_on_test_split(model_dir: Path, test_dir: Path) -> float:
-    model, classes, info = common.load_model_dir(model_dir)
-    test_set = train.datasets.ImageFolder(str(test_dir), transform=common.eval_transform(info["image_size"]))
-    assert test_set.classes == classes
-    with torch.no_grad():
-        logits = model(torch.stack([image for image, _ in test_set]))
-    return (logits.argmax(1) == torch.tensor(test_set.targets)).float().mean().item()
 
 
 def test_seven_instances_train_as_well_as_one(tmp_path: Path) -> None:
@@ -147,6 +140,6 @@ def test_seven_instances_train_as_well_as_one(tmp_path: Path) -> None:
     assert per_rank == [32, 31, 31, 31, 25, 25, 25]
     assert len({tuple(metric_lines(out)) for out in outputs[7]}) == 1  # every rank reports the same validation
     accuracy = {count: accuracy_on_test_split(job / "model", data / "test") for count, job in jobs.items()}
-    assert min(accuracy.values()) >= 0.7, accuracy  # chance is 0.1
+    assert min(accuracy.values()) >= 0.5, accuracy  # chance is 0.1
     assert abs(accuracy[7] - accuracy[1]) <= ACCURACY_GAP, accuracy
     assert json.loads((jobs[7] / "model" / contract.MODEL_INFO_FILE).read_text())["world_size"] == 7

@@ -18,6 +18,7 @@ until it answers the token (``callbacks``).
 from __future__ import annotations
 
 import json
+import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class StepContext:
     workdir: Path
     execution_id: str
     manifest_file: str  # contract.py's MANIFEST_FILE: the data manifest a processing output may hold
+    model_info_file: str  # contract.py's MODEL_INFO_FILE: what a model.tar.gz says about its training
     options: RunOptions = field(default_factory=RunOptions)
     facts: dict[str, Any] = field(default_factory=dict)  # what the summary reads besides the steps
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -138,6 +140,19 @@ def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     return " ".join(f"{name}={value:.4g}" for name, value in final.items())
 
 
+def trained_on(model_artifact: Path | None, model_info_file: str) -> str | None:
+    """What a trial trained, as train.py records it in its model: "features" (the head only) or "images" (the
+    whole network, or the head on images); None when the archive says nothing."""
+    if model_artifact is None or not model_artifact.is_file():
+        return None
+    with tarfile.open(model_artifact, "r:gz") as tar:
+        try:
+            member = tar.extractfile(model_info_file)
+        except KeyError:
+            return None
+        return json.load(member).get("trained_on") if member else None
+
+
 def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     arguments = resolver.resolve(state.node.document["Arguments"])
     state.job_name = ctx.job_name(state.name)
@@ -156,7 +171,8 @@ def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
                                 "objective": t.objective(metric["MetricName"]),
                                 "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None,
-                                "runner": t.result.runner if t.result else None}
+                                "runner": t.result.runner if t.result else None,
+                                "trained_on": trained_on(t.result.model_artifact, ctx.model_info_file) if t.result else None}
                                for t in trials]
     channels = {item["ChannelName"]: item.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
                 for item in arguments["TrainingJobDefinition"].get("InputDataConfig", [])}

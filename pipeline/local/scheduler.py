@@ -185,7 +185,7 @@ class LocalRun:
             settings=self.settings, scope=self.scope, s3=self.s3, jobs=jobs, sagemaker=sagemaker,
             sqs=aws.client("sqs", moto.url, self.settings.region), callbacks=moto.callbacks, functions=functions,
             runtime=runtime, router=router, workdir=self.workdir, execution_id=self.execution_id,
-            manifest_file=self.contract.MANIFEST_FILE, options=self.options, facts=self.facts, lock=self._lock,
+            manifest_file=self.contract.MANIFEST_FILE, model_info_file=self.contract.MODEL_INFO_FILE, options=self.options, facts=self.facts, lock=self._lock,
         )
 
     def _rows(self) -> list[StepRow]:

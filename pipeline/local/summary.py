@@ -157,10 +157,14 @@ def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
         objective = tuning["objective"]
         lines += ["", f"Hyperparameters ({name}, {len(tuning['trials'])} trials): {chosen}",
                   f"  best trial {tuning['best_training_job']}: {objective['MetricName']} {objective['Value']:.4f}"]
-        feature_dirs = {str(Path(extraction["path"]).parent) for extraction in extractions.values()}
-        on_features = bool(set(tuning["channels"].values()) & feature_dirs)
-        lines.append("  trials, each training only the head on the features above:" if on_features
-                     else f"  trials (channels {', '.join(tuning['channels']) or '-'}):")
+        modes = {trial.get("trained_on") for trial in tuning["trials"]} - {None}
+        if modes == {"features"}:
+            lines.append("  trials, each training only the head on the features above (the backbone is frozen):")
+        elif modes == {"images"}:
+            lines.append("  trials, each training the whole network on the images with the final trainings' "
+                         "augmentation and schedule (the backbone trains):")
+        else:
+            lines.append(f"  trials (channels {', '.join(tuning['channels']) or '-'}):")
         for trial in tuning["trials"]:
             tuned = " ".join(f"{key}={_decoded(value)}" for key, value in sorted(trial["tuned"].items()))
             outcome = (f"{objective['MetricName']} {trial['objective']:.4f}" if trial["objective"] is not None

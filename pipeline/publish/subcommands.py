@@ -1,4 +1,4 @@
-"""The ``upsert``, ``start`` and ``diff`` commands: their arguments, settings and AWS clients."""
+"""The ``upsert``, ``start``, ``diff`` and ``bootstrap`` commands: their arguments, settings and AWS clients."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pipeline.aws import Clients, Target, add_aws_arguments, explained
 from pipeline.changes import DefinitionDiff, diff_definitions
 from pipeline.commands import add_settings_arguments, positive_float, positive_int, settings_from_args
 from pipeline.definition import synth
+from pipeline.publish.bootstrap import add_bootstrap_arguments, bootstrap_command
 from pipeline.publish.executions import DEFAULT_POLL_SECONDS, start_and_maybe_wait
 from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, deployed_definition
 from pipeline.publish.upsert import upsert
@@ -114,3 +115,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                      _start_command, _add_start_arguments)
     _add_aws_command(commands, "diff", "compare the local definition with the deployed one; exit 1 when they differ",
                      _diff_command, _add_diff_arguments)
+    _add_aws_command(commands, "bootstrap", "create or update the stack of infra/template.yaml through a change set "
+                     "(--print: its parameters; --delete: remove it)", bootstrap_command, add_bootstrap_arguments)
