@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import uuid
@@ -12,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from pipeline.aws import AwsError, Clients, explained
-from pipeline.commands import parse_parameters
+from pipeline.commands import UsageError, parse_parameters
 from pipeline.constraints import parameter_text
 from pipeline.dag import steps_of, topological_order
 from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
@@ -22,7 +23,10 @@ from pipeline.settings import Settings
 
 DEFAULT_POLL_SECONDS = 20.0
 TERMINAL_EXECUTION_STATUSES = frozenset({"Succeeded", "Failed", "Stopped"})
+RUNNING_EXECUTION_STATUSES = frozenset({"Executing", "Stopping"})
 NOT_RUN = "Not run"
+EXECUTION_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:pipeline/(?P<pipeline>[^/]+)/execution/(?P<id>[A-Za-z0-9]+)")
+EXECUTION_ID = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
@@ -45,8 +49,10 @@ def _refusal(error: ParameterError) -> str:
     return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
 
 
-def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None) -> str:
-    """Start an execution of the deployed pipeline; returns its ARN."""
+def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None,
+                    selective: Callable[[dict], dict[str, Any]] | None = None) -> str:
+    """Start an execution of the deployed pipeline; returns its ARN. ``selective`` makes a selective execution:
+    it gets the deployed definition and returns the request's SelectiveExecutionConfig."""
     name = settings.pipeline_name
     with explained(f"starting pipeline {name}"):
         deployed = deployed_definition(clients, name)
@@ -59,6 +65,8 @@ def start_execution(clients: Clients, settings: Settings, parameters: list[str],
         }
         if display_name:
             request["PipelineExecutionDisplayName"] = display_name
+        if selective is not None:
+            request["SelectiveExecutionConfig"] = selective(deployed)
         return clients.sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
 
 
@@ -138,22 +146,72 @@ def execution_poller(clients: Clients, arn: str) -> Callable[[], ExecutionSnapsh
     def poll() -> ExecutionSnapshot:
         with explained(f"following execution {arn}"):
             execution = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
-            summaries: list[dict] = []
-            request: dict[str, Any] = {"PipelineExecutionArn": arn, "SortOrder": "Ascending"}
-            while True:
-                page = clients.sagemaker.list_pipeline_execution_steps(**request)
-                summaries.extend(page.get("PipelineExecutionSteps", []))
-                if not page.get("NextToken"):
-                    break
-                request["NextToken"] = page["NextToken"]
+            summaries = execution_steps(clients, arn)
         return snapshot_of(execution, summaries, order)
 
     return poll
 
 
-def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: Settings) -> int:
-    arn = start_execution(clients, settings, args.params, getattr(args, "execution_name", None))
+def execution_steps(clients: Clients, arn: str) -> list[dict]:
+    """ListPipelineExecutionSteps, every page, oldest step first."""
+    summaries: list[dict] = []
+    request: dict[str, Any] = {"PipelineExecutionArn": arn, "SortOrder": "Ascending"}
+    while True:
+        page = clients.sagemaker.list_pipeline_execution_steps(**request)
+        summaries.extend(page.get("PipelineExecutionSteps", []))
+        if not page.get("NextToken"):
+            return summaries
+        request["NextToken"] = page["NextToken"]
+
+
+def execution_arn(settings: Settings, given: str) -> str:
+    """An execution of this project's pipeline named by its ARN or by its id (the ARN's last part)."""
+    if not given.startswith("arn:"):
+        if not EXECUTION_ID.fullmatch(given):
+            raise UsageError(f"{given!r} is neither an execution ARN nor an execution id (letters and digits, "
+                             f"as the last part of arn:aws:sagemaker:REGION:ACCOUNT:pipeline/NAME/execution/ID)")
+        return f"arn:aws:sagemaker:{settings.region}:{settings.account}:pipeline/{settings.pipeline_name.lower()}/execution/{given}"
+    match = EXECUTION_ARN.fullmatch(given)
+    if match is None:
+        raise UsageError(f"{given} is not a pipeline execution ARN (arn:aws:sagemaker:REGION:ACCOUNT:pipeline/NAME/execution/ID)")
+    if match["pipeline"].lower() != settings.pipeline_name.lower():
+        raise UsageError(f"execution {given} is one of pipeline {match['pipeline']}, not of {settings.pipeline_name}: "
+                         f"give an execution of {settings.pipeline_name} (or --project-name of the other pipeline)")
+    return given
+
+
+def latest_execution(clients: Clients, pipeline: str, status: str | None = None) -> dict:
+    """The newest execution summary of ``pipeline`` (with ``status`` when given); a UsageError when there is none."""
+    request: dict[str, Any] = {"PipelineName": pipeline, "SortBy": "CreationTime", "SortOrder": "Descending"}
+    with explained(f"listing the executions of pipeline {pipeline}"):
+        while True:
+            page = clients.sagemaker.list_pipeline_executions(**request)
+            for summary in sorted(page.get("PipelineExecutionSummaries", []), key=_start, reverse=True):
+                if status is None or summary.get("PipelineExecutionStatus") == status:
+                    return summary
+            if not page.get("NextToken"):
+                break
+            request["NextToken"] = page["NextToken"]
+    which = f"{status.lower()} execution" if status else "execution"
+    raise UsageError(f"pipeline {pipeline} has no {which}: start one with dogbreed start")
+
+
+def chosen_execution(clients: Clients, settings: Settings, given: str | None) -> str:
+    """The ARN of the execution the user named, or of the pipeline's latest one."""
+    if given:
+        return execution_arn(settings, given)
+    return latest_execution(clients, settings.pipeline_name)["PipelineExecutionArn"]
+
+
+def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: Settings,
+                         selective: Callable[[dict], dict[str, Any]] | None = None) -> int:
+    arn = start_execution(clients, settings, args.params, getattr(args, "execution_name", None), selective)
     print(arn, flush=True)
+    return follow(args, clients, settings, arn)
+
+
+def follow(args: argparse.Namespace, clients: Clients, settings: Settings, arn: str) -> int:
+    """With --wait, the execution's progress until it ends; 0 when it succeeded (or was not followed)."""
     if not args.wait:
         return 0
     poll = execution_poller(clients, arn)
