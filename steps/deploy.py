@@ -6,8 +6,8 @@ proves it answers. The function is published by ``dogbreed upsert``.
 """
 from __future__ import annotations
 
+from sagemaker.workflow.entities import PipelineVariable
 from sagemaker.workflow.lambda_step import LambdaStep
-from sagemaker.workflow.step_collections import RegisterModel
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step
@@ -20,7 +20,8 @@ def endpoint_name(ctx: BuildContext, variant: Variant) -> str:
     return f"{ctx.settings.project_name}-{variant.slug}"
 
 
-def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) -> LambdaStep:
+def deploy_step(ctx: BuildContext, variant: Variant, model_package_arn: PipelineVariable) -> LambdaStep:
+    """``model_package_arn``: the Register step's property in the pipeline, a parameter in the deploy-only one."""
     params = ctx.parameters
     return lambda_step(
         ctx, "deploy-endpoint", DEPLOY_OUTPUTS,
@@ -28,7 +29,7 @@ def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) ->
         description=f"Creates or updates the endpoint {endpoint_name(ctx, variant)} from the registered model package; "
                     "returns at once, without waiting for the endpoint.",
         inputs={
-            "model_package_arn": register.properties.ModelPackageArn,
+            "model_package_arn": model_package_arn,
             "endpoint_name": endpoint_name(ctx, variant),
             "instance_type": params.endpoint_instance_type,
             "initial_instance_count": params.endpoint_initial_instance_count,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from sagemaker.processing import ProcessingInput, ProcessingOutput
+from sagemaker.workflow.functions import JsonGet
 from sagemaker.workflow.properties import PropertyFile
 from sagemaker.workflow.steps import ProcessingStep
 
@@ -45,6 +46,12 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
 
 def manifest_property_file(contract) -> PropertyFile:
     return PropertyFile(name="Manifest", output_name=MANIFEST_OUTPUT, path=contract.MANIFEST_FILE)
+
+
+def class_count(ctx: BuildContext, prepare: ProcessingStep) -> JsonGet:
+    """The number of classes PrepareData found, read from its manifest."""
+    return JsonGet(step_name=prepare.name, property_file=manifest_property_file(ctx.contract),
+                   json_path=ctx.contract.CLASS_COUNT_JSON_PATH)
 
 
 def channel_uri(step: ProcessingStep, name: str):

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from sagemaker.model import Model
 from sagemaker.model_metrics import MetricsSource, ModelMetrics
+from sagemaker.workflow.functions import Join
 from sagemaker.workflow.step_collections import RegisterModel
 from sagemaker.workflow.steps import ProcessingStep, TrainingStep
 
 from steps.context import BuildContext, retry_policies
+from steps.deploy import endpoint_name
 from steps.evaluate import evaluation_uri, served_precision
+from steps.prepare import class_count
 from steps.variants import Variant
 
 CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
@@ -37,7 +40,20 @@ def inference_environment(ctx: BuildContext) -> dict[str, str]:
     }
 
 
-def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep) -> RegisterModel:
+def deployment_metadata(ctx: BuildContext, variant: Variant, prepare: ProcessingStep) -> dict:
+    """The package's CustomerMetadataProperties: what the deploy-only pipeline needs to deploy it later (which twin, so
+    which endpoint, and the class count its check expects) and the approval status it was registered with (a version
+    registered Approved is deployed by the pipeline itself, so the approval rule leaves it alone)."""
+    return {
+        "Variant": variant.suffix,
+        "EndpointName": endpoint_name(ctx, variant),
+        "ClassCount": Join(on="", values=[class_count(ctx, prepare)]),  # metadata values are strings
+        "RegisteredApprovalStatus": ctx.parameters.model_approval_status,
+    }
+
+
+def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep,
+                  prepare: ProcessingStep) -> RegisterModel:
     model = Model(
         image_uri=ctx.inference_image,
         model_data=training.properties.ModelArtifacts.S3ModelArtifacts,
@@ -58,6 +74,7 @@ def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, e
         model_package_group_name=ctx.settings.model_package_group,
         approval_status=ctx.parameters.model_approval_status,
         model_metrics=metrics,
+        customer_metadata_properties=deployment_metadata(ctx, variant, prepare),
         framework="PYTORCH",
         framework_version=ctx.settings.inference_framework_version,
         register_model_step_retry_policies=retry_policies()[:1],

@@ -83,6 +83,7 @@ class Resolver:
         names = {
             "AWS::S3::Bucket": "BucketName", "AWS::IAM::Role": "RoleName", "AWS::Logs::LogGroup": "LogGroupName",
             "AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",
+            "AWS::Events::Rule": "Name",
         }
         if kind == "AWS::SQS::Queue":  # Ref of a queue is its URL
             return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{properties['QueueName']}"
@@ -97,6 +98,7 @@ class Resolver:
             "AWS::Logs::LogGroup": f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:{name}",
             "AWS::CloudWatch::Alarm": f"arn:{PARTITION}:cloudwatch:{REGION}:{ACCOUNT}:alarm:{name}",
             "AWS::SQS::Queue": f"arn:{PARTITION}:sqs:{REGION}:{ACCOUNT}:{name.rsplit('/', 1)[-1]}",
+            "AWS::Events::Rule": f"arn:{PARTITION}:events:{REGION}:{ACCOUNT}:rule/{name}",
         }
         if attribute != "Arn":
             raise AssertionError(f"the resolver knows only Arn attributes, not {logical}.{attribute}")
@@ -612,3 +614,42 @@ def test_the_target_tracking_alarm_grants_reach_only_the_project_endpoints(stack
         assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:TargetTracking-endpoint/other-endpoint/variant/AllTraffic-{ALARM_ID}")
         assert not allowed(granted, "cloudwatch:DeleteAlarms", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
         assert not allowed(granted, "cloudwatch:PutMetricAlarm", f"arn:aws:cloudwatch:{REGION}:{ACCOUNT}:alarm:{project}-single-instance-5xx-errors")
+
+
+# --- deploy on approval --------------------------------------------------------
+
+def approval_rule(stack: dict[str, dict]) -> dict:
+    return stack["DeployOnApprovalRule"]["Properties"]
+
+
+def test_the_approval_rule_may_start_the_deploy_pipeline_and_nothing_else(stack):
+    from pipeline.settings import Settings
+
+    rule = approval_rule(stack)
+    project = rule["Name"].removesuffix("-deploy-on-approval")
+    settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT, project_name=project)
+    target, = rule["Targets"]
+    deploy_pipeline = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.deploy_pipeline_name}"
+    assert target["Arn"] == deploy_pipeline
+    role = stack["DeployOnApprovalRole"]["Properties"]
+    assert target["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/{role['RoleName']}"
+    trust, = statements(role["AssumeRolePolicyDocument"])
+    assert trust["Principal"] == {"Service": "events.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
+    assert [(s["Action"], s["Resource"]) for s in role_statements(stack, "DeployOnApprovalRole")] == [
+        ("sagemaker:StartPipelineExecution", deploy_pipeline)]
+    pattern = rule["EventPattern"]
+    assert pattern["detail-type"] == ["SageMaker Model Package State Change"]
+    assert pattern["detail"]["ModelPackageGroupName"] == [settings.model_package_group]
+    assert pattern["detail"]["ModelApprovalStatus"] == ["Approved"]
+    dead_letters = stack["DeployOnApprovalDeadLetterQueue"]["Properties"]
+    assert target["DeadLetterConfig"]["Arn"].endswith(f":{dead_letters['QueueName']}")
+
+
+def test_the_deploy_pipeline_waits_are_answered_and_upsert_may_publish_it(stack):
+    rule = approval_rule(stack)
+    project = rule["Name"].removesuffix("-deploy-on-approval")
+    executions = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{project}-deploy/execution/*"
+    answers = [s for s in role_statements(stack, "WaitFunctionRole") if s.get("Sid") == "AnswerCallbackSteps"]
+    assert any(executions in as_list(s["Resource"]) for s in answers)
+    upsert = [s for s in role_statements(stack, "CodeBuildRole") if "sagemaker:UpdatePipeline" in as_list(s["Action"])]
+    assert any(rule["Targets"][0]["Arn"] in as_list(s["Resource"]) for s in upsert)
