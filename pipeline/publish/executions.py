@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import uuid
@@ -13,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from pipeline.aws import AwsError, Clients, explained
-from pipeline.commands import UsageError, parse_parameters
+from pipeline.commands import parse_parameters
 from pipeline.constraints import parameter_text
 from pipeline.dag import steps_of, topological_order
 from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
@@ -25,8 +24,6 @@ DEFAULT_POLL_SECONDS = 20.0
 TERMINAL_EXECUTION_STATUSES = frozenset({"Succeeded", "Failed", "Stopped"})
 RUNNING_EXECUTION_STATUSES = frozenset({"Executing", "Stopping"})
 NOT_RUN = "Not run"
-EXECUTION_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:pipeline/(?P<pipeline>[^/]+)/execution/(?P<id>[A-Za-z0-9]+)")
-EXECUTION_ID = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
@@ -93,7 +90,7 @@ def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -
     latest: dict[str, dict] = {}
     for summary in step_summaries:
         name = summary["StepName"]
-        if name not in latest or _start(summary) >= _start(latest[name]):
+        if name not in latest or start_time_of(summary) >= start_time_of(latest[name]):
             latest[name] = summary
     status = execution.get("PipelineExecutionStatus", "Executing")
     finished = status in TERMINAL_EXECUTION_STATUSES
@@ -110,7 +107,7 @@ def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -
     return ExecutionSnapshot(status, (execution.get("FailureReason") or "").strip(), rows)
 
 
-def _start(summary: dict) -> datetime:
+def start_time_of(summary: dict) -> datetime:
     return summary.get("StartTime") or datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -162,45 +159,6 @@ def execution_steps(clients: Clients, arn: str) -> list[dict]:
         if not page.get("NextToken"):
             return summaries
         request["NextToken"] = page["NextToken"]
-
-
-def execution_arn(settings: Settings, given: str) -> str:
-    """An execution of this project's pipeline named by its ARN or by its id (the ARN's last part)."""
-    if not given.startswith("arn:"):
-        if not EXECUTION_ID.fullmatch(given):
-            raise UsageError(f"{given!r} is neither an execution ARN nor an execution id (letters and digits, "
-                             f"as the last part of arn:aws:sagemaker:REGION:ACCOUNT:pipeline/NAME/execution/ID)")
-        return f"arn:aws:sagemaker:{settings.region}:{settings.account}:pipeline/{settings.pipeline_name.lower()}/execution/{given}"
-    match = EXECUTION_ARN.fullmatch(given)
-    if match is None:
-        raise UsageError(f"{given} is not a pipeline execution ARN (arn:aws:sagemaker:REGION:ACCOUNT:pipeline/NAME/execution/ID)")
-    if match["pipeline"].lower() != settings.pipeline_name.lower():
-        raise UsageError(f"execution {given} is one of pipeline {match['pipeline']}, not of {settings.pipeline_name}: "
-                         f"give an execution of {settings.pipeline_name} (or --project-name of the other pipeline)")
-    return given
-
-
-def latest_execution(clients: Clients, pipeline: str, status: str | None = None) -> dict:
-    """The newest execution summary of ``pipeline`` (with ``status`` when given); a UsageError when there is none."""
-    request: dict[str, Any] = {"PipelineName": pipeline, "SortBy": "CreationTime", "SortOrder": "Descending"}
-    with explained(f"listing the executions of pipeline {pipeline}"):
-        while True:
-            page = clients.sagemaker.list_pipeline_executions(**request)
-            for summary in sorted(page.get("PipelineExecutionSummaries", []), key=_start, reverse=True):
-                if status is None or summary.get("PipelineExecutionStatus") == status:
-                    return summary
-            if not page.get("NextToken"):
-                break
-            request["NextToken"] = page["NextToken"]
-    which = f"{status.lower()} execution" if status else "execution"
-    raise UsageError(f"pipeline {pipeline} has no {which}: start one with dogbreed start")
-
-
-def chosen_execution(clients: Clients, settings: Settings, given: str | None) -> str:
-    """The ARN of the execution the user named, or of the pipeline's latest one."""
-    if given:
-        return execution_arn(settings, given)
-    return latest_execution(clients, settings.pipeline_name)["PipelineExecutionArn"]
 
 
 def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: Settings,

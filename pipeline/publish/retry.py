@@ -23,13 +23,8 @@ from pipeline.commands import UsageError
 from pipeline.constraints import input_member
 from pipeline.dag import StepNode, steps_of, topological_order
 from pipeline.diagnosis import FAILED, STOPPED, SUCCEEDED
-from pipeline.publish.executions import (
-    RUNNING_EXECUTION_STATUSES,
-    chosen_execution,
-    execution_arn,
-    execution_steps,
-    latest_execution,
-)
+from pipeline.publish.executions import RUNNING_EXECUTION_STATUSES, execution_steps
+from pipeline.publish.lookup import chosen_execution, execution_arn, latest_execution
 from pipeline.settings import Settings
 
 RETRYABLE = frozenset({FAILED, STOPPED})

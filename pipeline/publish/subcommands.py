@@ -14,7 +14,8 @@ from pipeline.definition import synth
 from pipeline.diagnosis import SUCCEEDED, diagnosis_lines
 from pipeline.publish.approve import approve_package
 from pipeline.publish.diagnose import diagnose_execution
-from pipeline.publish.executions import DEFAULT_POLL_SECONDS, chosen_execution, follow, start_and_maybe_wait
+from pipeline.publish.executions import DEFAULT_POLL_SECONDS, follow, start_and_maybe_wait
+from pipeline.publish.lookup import chosen_execution
 from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, deployed_definition
 from pipeline.publish.retry import retry_execution, selective_execution
 from pipeline.publish.upsert import upsert
