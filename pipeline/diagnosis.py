@@ -52,7 +52,7 @@ def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
             lines.append(f"  reason:  {step.reason}")
         if step.job_name:
             lines.append(f"  job:     {step.job_name}")
-        if step.job_reason and step.job_reason != step.reason:
+        if step.job_reason and step.job_reason not in step.reason:
             lines.append(f"  job failure reason: {step.job_reason}")
         if step.fail_message:
             lines.append(f"  gate message: {step.fail_message}")
