@@ -33,13 +33,8 @@ GROUP = "dogbreed-models"
 
 @pytest.fixture(scope="module")
 def server(aws_environment):  # noqa: F811
-    server = Server(0)
-    server.start()
-    try:
+    with Server(0) as server:
         yield server
-    finally:
-        server.reset()
-        server.stop()
 
 
 @pytest.fixture(scope="module")
