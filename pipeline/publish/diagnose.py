@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 
 from pipeline.aws import Clients, explained, is_not_found
 from pipeline.diagnosis import FAILED, LOG_LINES, SUCCEEDED, Diagnosis, FailedStep, last_lines
-from pipeline.publish.executions import RUNNING_EXECUTION_STATUSES, execution_steps
+from pipeline.publish.executions import RUNNING_EXECUTION_STATUSES, execution_steps, start_time_of
 
 LOG_GROUPS = {"Training": "/aws/sagemaker/TrainingJobs", "Processing": "/aws/sagemaker/ProcessingJobs"}
 # ListPipelineExecutionSteps' Metadata member for each kind of step, and the step type it stands for
@@ -27,7 +27,7 @@ def job_name_of(arn: str) -> str:
 def first_failed(summaries: list[dict]) -> dict | None:
     """The step that failed first (by start time); None when no step failed."""
     failed = [summary for summary in summaries if summary.get("StepStatus") == FAILED]
-    return min(failed, key=lambda summary: summary.get("StartTime") or 0, default=None) if failed else None
+    return min(failed, key=start_time_of, default=None)
 
 
 def step_type(summary: dict) -> str:
