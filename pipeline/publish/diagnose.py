@@ -94,10 +94,11 @@ def next_commands(arn: str, status: str, step: FailedStep | None) -> list[str]:
         return []
     if step is not None and step.type == "Fail":
         return ["dogbreed start   # a new execution, after changing what the gate judged (data, parameters, threshold)"]
-    rerun = step.name if step is not None else "STEP"
-    return [f"dogbreed retry {arn}   # a passing failure: reruns the failed steps, same definition and parameters",
-            f"dogbreed upsert && dogbreed start --from {rerun} --reference {arn}   # after a fix: reruns {rerun} and what "
-            "follows it, the rest taken from this execution"]
+    retry = f"dogbreed retry {arn}   # a passing failure: reruns the failed steps, same definition and parameters"
+    if step is None:
+        return [retry, "dogbreed start   # a new execution"]
+    return [retry, f"dogbreed upsert && dogbreed start --from {step.name} --reference {arn}   # after a fix: reruns "
+                   f"{step.name} and what follows it, the rest taken from this execution"]
 
 
 def diagnose_execution(clients: Clients, pipeline: str, arn: str) -> Diagnosis:
