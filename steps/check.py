@@ -6,9 +6,9 @@ ranks every class of the prepared data.
 """
 from __future__ import annotations
 
-from sagemaker.workflow.callback_step import CallbackStep
-from sagemaker.workflow.entities import PipelineVariable
-from sagemaker.workflow.lambda_step import LambdaStep
+from sagemaker.core.workflow.entities import PipelineVariable
+from sagemaker.mlops.workflow.callback_step import CallbackStep
+from sagemaker.mlops.workflow.lambda_step import LambdaStep
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step

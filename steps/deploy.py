@@ -6,8 +6,8 @@ proves it answers. The function is published by ``dogbreed upsert``.
 """
 from __future__ import annotations
 
-from sagemaker.workflow.entities import PipelineVariable
-from sagemaker.workflow.lambda_step import LambdaStep
+from sagemaker.core.workflow.entities import PipelineVariable
+from sagemaker.mlops.workflow.lambda_step import LambdaStep
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step
