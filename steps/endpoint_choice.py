@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from sagemaker.workflow.condition_step import ConditionStep
-from sagemaker.workflow.conditions import ConditionEquals
-from sagemaker.workflow.parameters import ParameterInteger, ParameterString
+from sagemaker.core.workflow.conditions import ConditionEquals
+from sagemaker.core.workflow.parameters import ParameterInteger, ParameterString
+from sagemaker.mlops.workflow.condition_step import ConditionStep
 
 from steps.variants import MULTI, SINGLE, VARIANTS
 

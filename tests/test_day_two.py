@@ -197,7 +197,7 @@ def test_start_from_selects_the_step_and_everything_after_it(server, capsys, lay
     assert config["SourcePipelineExecutionArn"] == reference
     selected = [item["StepName"] for item in config["SelectedSteps"]]
     assert selected[0] == "TrainSingleInstance"
-    for name in ("EvaluateSingleInstance", "CheckAccuracySingleInstance", "RegisterSingleInstance-RegisterModel",
+    for name in ("EvaluateSingleInstance", "CheckAccuracySingleInstance", "RegisterSingleInstance",
                  "DeploySingleInstance", "WaitForSingleInstance", "CheckSingleInstance", "AccuracyTooLowSingleInstance"):
         assert name in selected
     for name in ("PrepareData", "ExtractFeatures", "TuneHyperparameters", "TrainMultiInstance", "EvaluateMultiInstance"):
