@@ -27,6 +27,7 @@ from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 from pipeline.validate import validate_definition
 
 MANIFEST_NAME = "assets.json"
+DEPLOY_DEFINITION_NAME = "deploy-pipeline.json"  # the deploy-only pipeline's definition, written next to the main one
 _ARN = re.compile(r"arn:aws[a-z-]*:([a-z0-9-]+):([a-z0-9-]*):([0-9]{12}):")
 _IMAGE = re.compile(r"\b[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com")
 _S3 = re.compile(r"s3://[^\s\"']+")
@@ -127,8 +128,16 @@ def load_artifact(path: Path, settings: Settings):
 
     text, document = read_definition(path)
     assets = assets_from_manifest(path.parent / MANIFEST_NAME)
-    problems = target_mismatches(path, document, settings) + asset_mismatches(path, document, assets, settings)
+    deploy_path = path.parent / DEPLOY_DEFINITION_NAME
+    if not deploy_path.is_file():
+        raise ArtifactError(f"will not publish {path}: {deploy_path} (the deploy-only pipeline) is missing; run dogbreed "
+                            "synth again and keep its files together")
+    deploy_text, deploy_document = read_definition(deploy_path)
+    problems = [*target_mismatches(path, document, settings), *asset_mismatches(path, document, assets, settings),
+                *target_mismatches(deploy_path, deploy_document, settings),
+                *asset_mismatches(deploy_path, deploy_document, assets, settings)]
     if problems:
         raise ArtifactError("will not publish " + str(path) + ":\n  " + "\n  ".join(dict.fromkeys(problems)))
     validate_definition(document)
-    return Synth(definition=text, document=document, assets=assets)
+    validate_definition(deploy_document)
+    return Synth(definition=text, document=document, assets=assets, deploy_definition=deploy_text, deploy_document=deploy_document)

@@ -39,7 +39,7 @@ IAM_ACTIONS = {
     ("s3", "ListObjectsV2"): "s3:ListBucket",
 }
 SERVICE_PREFIX = {"lambda": "lambda", "s3": "s3", "sagemaker": "sagemaker", "iam": "iam", "sts": "sts",
-                  "cloudformation": "cloudformation", "codebuild": "codebuild"}
+                  "cloudformation": "cloudformation", "codebuild": "codebuild", "logs": "logs"}
 _PERFORM = re.compile(r"perform:? ([a-z0-9-]+:[A-Za-z0-9]+)")
 _XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
@@ -93,6 +93,7 @@ class Clients:
     lambda_ = property(lambda self: self.client("lambda"))
     sagemaker = property(lambda self: self.client("sagemaker"))
     sts = property(lambda self: self.client("sts"))
+    logs = property(lambda self: self.client("logs"))
 
 
 class _ServiceClient:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline import publish
-from pipeline.artifact import read_definition
+from pipeline.artifact import DEPLOY_DEFINITION_NAME, read_definition
 from pipeline.assets import ArtifactError
 from pipeline.commands import UsageError, add_settings_arguments, settings_from_args
 from pipeline.dag import DefinitionError, steps_of
@@ -27,16 +27,23 @@ __all__ = ["UsageError", "add_settings_arguments", "build_parser", "main", "sett
 DEFAULT_OUT = Path("build") / "pipeline.json"
 
 
+def _write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def _synth(args: argparse.Namespace) -> int:
     result = synth(settings_from_args(args))
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text(result.definition)
-    temporary.replace(out)
+    _write(out, result.definition)
+    deploy = out.parent / DEPLOY_DEFINITION_NAME
+    _write(deploy, result.deploy_definition)
     manifest = result.assets.write(out.parent)
     steps = len(steps_of(result.document))
-    print(f"wrote {out} ({steps} steps) and {manifest}")
+    print(f"wrote {out} ({steps} steps), {deploy} (the deploy-only pipeline, {len(steps_of(result.deploy_document))} "
+          f"steps) and {manifest}")
     return 0
 
 

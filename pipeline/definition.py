@@ -12,7 +12,7 @@ import json
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -33,16 +33,17 @@ from pipeline.validate import validate_definition
 from steps.check import check_step
 from steps.context import BuildContext
 from steps.deploy import deploy_step
+from steps.endpoint_choice import define_deploy_parameters, endpoint_choice_step
 from steps.evaluate import evaluate_step
 from steps.fail import accuracy_too_low_after_twin_step, accuracy_too_low_step
 from steps.features import extract_features_step
 from steps.gate import accuracy_gate_step, approval_gate_step, twin_accuracy_step, twin_deployment_step
 from steps.parameters import define_parameters
-from steps.prepare import prepare_data_step
+from steps.prepare import class_count, prepare_data_step
 from steps.register import register_step
 from steps.train import train_step
 from steps.tune import tune_step
-from steps.variants import VARIANTS, Variant, twin_of
+from steps.variants import MULTI, SINGLE, VARIANTS, Variant, twin_of
 from steps.wait import wait_step
 
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
@@ -50,10 +51,13 @@ SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"T
 
 @dataclass(frozen=True)
 class Synth:
-    """A definition as the text that is published and its document, parsed once; treat both as read-only."""
+    """A definition as the text that is published and its document, parsed once; treat both as read-only. The
+    deploy-only pipeline's definition comes with it (empty where a caller built only the main one)."""
     definition: str  # pretty-printed JSON with sorted keys
     document: dict
     assets: Assets
+    deploy_definition: str = ""
+    deploy_document: dict = field(default_factory=dict)
 
 
 def load_contract(source_dir: Path) -> ModuleType:
@@ -101,11 +105,11 @@ def framework_image(settings: Settings, scope: str, instance_type: str) -> str:
     )
 
 
-def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, contract: ModuleType | None = None) -> Pipeline:
-    """The whole DAG, with one function per step and the twins built by calling it twice.
+def build_context(settings: Settings, assets: Assets, session: PipelineSession, contract: ModuleType | None = None) -> BuildContext:
+    """What the step factories of both pipelines receive.
 
     ``contract`` is code/contract.py as ``load_contract`` returns it; loaded from the settings' source dir if not given."""
-    ctx = BuildContext(
+    return BuildContext(
         settings=settings,
         session=session,
         parameters=define_parameters(settings, no_weights_uri=assets.code.s3_uri),
@@ -114,6 +118,11 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, c
         training_image=framework_image(settings, "training", settings.training_instance_type),
         inference_image=framework_image(settings, "inference", settings.endpoint_instance_type),
     )
+
+
+def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, contract: ModuleType | None = None) -> Pipeline:
+    """The whole DAG, with one function per step and the twins built by calling it twice (``contract``: see build_context)."""
+    ctx = build_context(settings, assets, session, contract)
     prepare = prepare_data_step(ctx)
     extraction = extract_features_step(ctx, prepare)
     tuning = tune_step(ctx, prepare, extraction)
@@ -136,16 +145,40 @@ def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, t
     decides where a model below the threshold fails the execution."""
     twin = twin_of(variant)
     evaluation, twin_evaluation = evaluations[variant], evaluations[twin]
-    register = register_step(ctx, variant, evaluation)
-    deploy = deploy_step(ctx, variant, register)
+    register = register_step(ctx, variant, evaluation, prepare)
+    deploy = deploy_step(ctx, variant, register.properties.ModelPackageArn)
     wait = wait_step(ctx, variant, deploy)
-    check = check_step(ctx, variant, wait, prepare)
+    check = check_step(ctx, variant, wait, class_count(ctx, prepare))
     report_twin = twin_accuracy_step(ctx, variant, twin, twin_evaluation, after=check,
                                      else_steps=[accuracy_too_low_after_twin_step(ctx, twin, twin_evaluation, deployed=variant)])
     approval = approval_gate_step(ctx, variant, if_steps=[deploy, wait, check, report_twin])
     hold = twin_deployment_step(ctx, variant, twin, twin_evaluation,
                                 else_steps=[accuracy_too_low_step(ctx, variant, evaluation, twin, twin_evaluation)])
     return accuracy_gate_step(ctx, variant, evaluation, if_steps=[register, approval], else_steps=[hold])
+
+
+def get_deploy_pipeline(settings: Settings, assets: Assets, session: PipelineSession,
+                        contract: ModuleType | None = None) -> Pipeline:
+    """``<project>-deploy``: the pipeline's own Deploy -> WaitFor -> Check steps for a model package approved after
+    registration, the twin's chain chosen by the package's Variant (``steps/endpoint_choice.py``)."""
+    ctx = build_context(settings, assets, session, contract)
+    deploy_parameters = define_deploy_parameters()
+    chains = {}
+    for variant in VARIANTS:
+        deploy = deploy_step(ctx, variant, deploy_parameters.model_package_arn)
+        wait = wait_step(ctx, variant, deploy)
+        chains[variant] = [deploy, wait, check_step(ctx, variant, wait, deploy_parameters.class_count)]
+    params = ctx.parameters
+    return Pipeline(
+        name=settings.deploy_pipeline_name,
+        parameters=[*deploy_parameters.as_list(), params.endpoint_instance_type, params.endpoint_initial_instance_count,
+                    params.endpoint_min_capacity, params.endpoint_max_capacity, params.endpoint_target_invocations,
+                    params.data_capture_s3_uri, params.endpoint_wait_minutes],
+        steps=[endpoint_choice_step(deploy_parameters, chains[SINGLE], chains[MULTI])],
+        sagemaker_session=session,
+        pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=False),
+        pipeline_experiment_config=None,
+    )
 
 
 def without_empty_mlflow_config(document: dict) -> dict:
@@ -159,9 +192,14 @@ def without_empty_mlflow_config(document: dict) -> dict:
 
 
 def synth(settings: Settings, contract: ModuleType | None = None) -> Synth:
-    """The pipeline definition and the assets it refers to, built offline and checked (``contract``: see get_pipeline)."""
+    """Both pipeline definitions and the assets they refer to, built offline and checked (``contract``: see build_context)."""
     assets = build_assets(settings)
+    contract = contract or load_contract(settings.source_dir)
     with offline_sdk(settings) as session:
         document = without_empty_mlflow_config(json.loads(get_pipeline(settings, assets, session, contract).definition()))
+        deploy_document = without_empty_mlflow_config(
+            json.loads(get_deploy_pipeline(settings, assets, session, contract).definition()))
     validate_definition(document)
-    return Synth(definition=render(document), document=document, assets=assets)
+    validate_definition(deploy_document)
+    return Synth(definition=render(document), document=document, assets=assets,
+                 deploy_definition=render(deploy_document), deploy_document=deploy_document)

@@ -171,6 +171,11 @@ class Settings:
     def pipeline_name(self) -> str:
         return f"{self.project_name}-pipeline"
 
+    @property
+    def deploy_pipeline_name(self) -> str:
+        """The deploy-only pipeline that the registry's approval event starts."""
+        return f"{self.project_name}-deploy"
+
     def lambda_function_name(self, function: str) -> str:
         if function not in LAMBDA_FUNCTIONS:
             raise KeyError(f"unknown Lambda function {function!r}; known: {', '.join(LAMBDA_FUNCTIONS)}")

@@ -6,8 +6,8 @@ proves it answers. The function is published by ``dogbreed upsert``.
 """
 from __future__ import annotations
 
+from sagemaker.core.workflow.entities import PipelineVariable
 from sagemaker.mlops.workflow.lambda_step import LambdaStep
-from sagemaker.mlops.workflow.model_step import ModelStep
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step
@@ -23,7 +23,8 @@ def endpoint_name(ctx: BuildContext, variant: Variant) -> str:
     return f"{ctx.settings.project_name}-{variant.slug}"
 
 
-def deploy_step(ctx: BuildContext, variant: Variant, register: ModelStep) -> LambdaStep:
+def deploy_step(ctx: BuildContext, variant: Variant, model_package_arn: PipelineVariable) -> LambdaStep:
+    """``model_package_arn``: the Register step's property in the pipeline, a parameter in the deploy-only one."""
     params = ctx.parameters
     return lambda_step(
         ctx, "deploy-endpoint", DEPLOY_OUTPUTS,
@@ -31,7 +32,7 @@ def deploy_step(ctx: BuildContext, variant: Variant, register: ModelStep) -> Lam
         description=f"Creates or updates the endpoint {endpoint_name(ctx, variant)} from the registered model package; "
                     "returns at once, without waiting for the endpoint.",
         inputs={
-            "model_package_arn": register.properties.ModelPackageArn,
+            "model_package_arn": model_package_arn,
             "endpoint_name": endpoint_name(ctx, variant),
             "instance_type": params.endpoint_instance_type,
             "initial_instance_count": params.endpoint_initial_instance_count,

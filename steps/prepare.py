@@ -1,6 +1,7 @@
 """PrepareData: validate the raw image folders and write train/valid/test channels."""
 from __future__ import annotations
 
+from sagemaker.core.workflow.functions import JsonGet
 from sagemaker.core.workflow.properties import PropertyFile
 from sagemaker.mlops.workflow.steps import ProcessingStep
 
@@ -44,6 +45,12 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
 
 def manifest_property_file(contract) -> PropertyFile:
     return PropertyFile(name="Manifest", output_name=MANIFEST_OUTPUT, path=contract.MANIFEST_FILE)
+
+
+def class_count(ctx: BuildContext, prepare: ProcessingStep) -> JsonGet:
+    """The number of classes PrepareData found, read from its manifest."""
+    return JsonGet(step_name=prepare.name, property_file=manifest_property_file(ctx.contract),
+                   json_path=ctx.contract.CLASS_COUNT_JSON_PATH)
 
 
 def channel_uri(step: ProcessingStep, name: str):

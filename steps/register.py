@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
+from sagemaker.core.workflow.functions import Join
 from sagemaker.mlops.workflow.model_step import ModelStep
 from sagemaker.mlops.workflow.steps import ProcessingStep
 from sagemaker.serve.model_builder import ModelBuilder
 
 from steps.context import BuildContext, retry_policies
+from steps.deploy import endpoint_name
 from steps.evaluate import evaluation_uri, model_archive_uri, served_precision
+from steps.prepare import class_count
 from steps.variants import Variant
 
 CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "application/json"]
@@ -37,7 +40,19 @@ def inference_environment(ctx: BuildContext) -> dict[str, str]:
     }
 
 
-def register_step(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep) -> ModelStep:
+def deployment_metadata(ctx: BuildContext, variant: Variant, prepare: ProcessingStep) -> dict:
+    """The package's CustomerMetadataProperties: what the deploy-only pipeline needs to deploy it later (which twin, so
+    which endpoint, and the class count its check expects) and the approval status it was registered with (a version
+    registered Approved is deployed by the pipeline itself, so the approval rule leaves it alone)."""
+    return {
+        "Variant": variant.suffix,
+        "EndpointName": endpoint_name(ctx, variant),
+        "ClassCount": Join(on="", values=[class_count(ctx, prepare)]),  # metadata values are strings
+        "RegisteredApprovalStatus": ctx.parameters.model_approval_status,
+    }
+
+
+def register_step(ctx: BuildContext, variant: Variant, evaluation: ProcessingStep, prepare: ProcessingStep) -> ModelStep:
     builder = ModelBuilder(
         image_uri=ctx.inference_image,
         s3_model_data_url=model_archive_uri(ctx, evaluation),  # what was measured, not the training job's archive
@@ -60,6 +75,7 @@ def register_step(ctx: BuildContext, variant: Variant, evaluation: ProcessingSte
         transform_instances=["ml.m5.xlarge"],
         approval_status=ctx.parameters.model_approval_status,
         model_metrics=metrics,
+        customer_metadata_properties=deployment_metadata(ctx, variant, prepare),
     )
     return ModelStep(
         **variant.names("Register", "Register"),

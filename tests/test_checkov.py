@@ -40,6 +40,8 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
         "only KmsMasterKeyId",
     ("CKV_AWS_27", "AWS::SQS::Queue.EndpointWaitDeadLetterQueue", "*"):
         "as EndpointWaitQueue: SQS-managed encryption at rest",
+    ("CKV_AWS_27", "AWS::SQS::Queue.DeployOnApprovalDeadLetterQueue", "*"):
+        "as EndpointWaitQueue: SQS-managed encryption at rest",
     ("CKV_AWS_158", "AWS::Logs::LogGroup.*", "without-kms-key"):
         "with no KmsKeyArn the stack has no customer managed key; CloudWatch Logs encrypts with its own key, and a "
         "customer key is the KmsKeyArn parameter's choice (every log group takes it when given, pinned by a test below)",

@@ -84,6 +84,7 @@ class Resolver:
         names = {
             "AWS::S3::Bucket": "BucketName", "AWS::IAM::Role": "RoleName", "AWS::Logs::LogGroup": "LogGroupName",
             "AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",
+            "AWS::Events::Rule": "Name",
         }
         if kind == "AWS::SQS::Queue":  # Ref of a queue is its URL
             return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{properties['QueueName']}"
@@ -98,6 +99,7 @@ class Resolver:
             "AWS::Logs::LogGroup": f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:{name}",
             "AWS::CloudWatch::Alarm": f"arn:{PARTITION}:cloudwatch:{REGION}:{ACCOUNT}:alarm:{name}",
             "AWS::SQS::Queue": f"arn:{PARTITION}:sqs:{REGION}:{ACCOUNT}:{name.rsplit('/', 1)[-1]}",
+            "AWS::Events::Rule": f"arn:{PARTITION}:events:{REGION}:{ACCOUNT}:rule/{name}",
         }
         if attribute != "Arn":
             raise AssertionError(f"the resolver knows only Arn attributes, not {logical}.{attribute}")
@@ -473,12 +475,15 @@ def api_names(service: str) -> dict[str, str]:
 
 
 def test_the_codebuild_role_allows_every_call_upsert_makes(template):
-    """Every AWS call in pipeline/publish/, on the resource it names, is allowed to the CodeBuild role."""
+    """Every AWS call in pipeline/publish/ that upsert and start make, on the resource it names, is allowed to the
+    CodeBuild role (diagnose, retry and approve are a person's commands, run with that person's credentials)."""
     from pipeline.settings import LAMBDA_FUNCTIONS, Settings
 
     settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT)
-    # bootstrap runs as whoever deploys the stack, not in CodeBuild
-    source = "\n".join(path.read_text() for path in sorted((ROOT / "pipeline" / "publish").glob("*.py")) if path.stem != "bootstrap")
+    # bootstrap runs as whoever deploys the stack, and so do the day-two commands: neither runs in CodeBuild
+    operators = {"bootstrap.py", "diagnose.py", "retry.py", "approve.py", "lookup.py"}
+    source = "\n".join(path.read_text() for path in sorted((ROOT / "pipeline" / "publish").glob("*.py"))
+                       if path.name not in operators)
     calls = set(re.findall(r"clients\.(lambda_|sagemaker|s3)\.([a-z_]+)\(", source))
     granted = role_statements(Resolver(template).resources(), "CodeBuildRole")
     prefix = f"arn:aws:s3:::{settings.bucket}/{settings.prefix}/assets/code/sourcedir.tar.gz"
@@ -602,12 +607,12 @@ def test_the_endpoint_roles_allow_every_call_their_handler_makes(stack, role, ha
 
 def test_the_endpoint_wait_queue_is_encrypted_has_a_dead_letter_queue_and_only_the_pipeline_sends(stack, template):
     queues = {logical: r["Properties"] for logical, r in stack.items() if r["Type"] == "AWS::SQS::Queue"}
-    assert set(queues) == {"EndpointWaitQueue", "EndpointWaitDeadLetterQueue"}
+    assert set(queues) == {"EndpointWaitQueue", "EndpointWaitDeadLetterQueue", "DeployOnApprovalDeadLetterQueue"}
     assert all(queue["SqsManagedSseEnabled"] is True for queue in queues.values())
     wait = queues["EndpointWaitQueue"]
     assert wait["RedrivePolicy"]["maxReceiveCount"] >= 720 * 60 // 300  # the longest EndpointWaitMinutes at the longest poll interval
     assert wait["MessageRetentionPeriod"] >= 12 * 3600 and wait["VisibilityTimeout"] >= 60
-    (policy,) = [r["Properties"]["PolicyDocument"] for r in stack.values() if r["Type"] == "AWS::SQS::QueuePolicy"]
+    (policy,) = [stack["EndpointWaitQueuePolicy"]["Properties"]["PolicyDocument"]]
     pipeline_role = f"arn:aws:iam::{ACCOUNT}:role/{stack['PipelineRole']['Properties']['RoleName']}"
     (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny" and s["Action"] == "sqs:SendMessage"]
     assert deny["Principal"] == "*" and deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": pipeline_role}}
@@ -738,3 +743,42 @@ def test_the_dashboard_shows_the_two_endpoints_and_the_pipeline(template):
     assert executions == {"ExecutionStarted", "ExecutionSucceeded", "ExecutionFailed", "ExecutionStopped"}
     assert all(len(row) in (4, 6) for row in rows)  # every row names its namespace, metric and dimensions in full
     assert all(widget["properties"]["region"] == REGION for widget in body["widgets"])
+
+
+# --- deploy on approval --------------------------------------------------------
+
+def approval_rule(stack: dict[str, dict]) -> dict:
+    return stack["DeployOnApprovalRule"]["Properties"]
+
+
+def test_the_approval_rule_may_start_the_deploy_pipeline_and_nothing_else(stack):
+    from pipeline.settings import Settings
+
+    rule = approval_rule(stack)
+    project = rule["Name"].removesuffix("-deploy-on-approval")
+    settings = Settings(region=REGION, account=ACCOUNT, source_dir=ROOT, project_name=project)
+    target, = rule["Targets"]
+    deploy_pipeline = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{settings.deploy_pipeline_name}"
+    assert target["Arn"] == deploy_pipeline
+    role = stack["DeployOnApprovalRole"]["Properties"]
+    assert target["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/{role['RoleName']}"
+    trust, = statements(role["AssumeRolePolicyDocument"])
+    assert trust["Principal"] == {"Service": "events.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
+    assert [(s["Action"], s["Resource"]) for s in role_statements(stack, "DeployOnApprovalRole")] == [
+        ("sagemaker:StartPipelineExecution", deploy_pipeline)]
+    pattern = rule["EventPattern"]
+    assert pattern["detail-type"] == ["SageMaker Model Package State Change"]
+    assert pattern["detail"]["ModelPackageGroupName"] == [settings.model_package_group]
+    assert pattern["detail"]["ModelApprovalStatus"] == ["Approved"]
+    dead_letters = stack["DeployOnApprovalDeadLetterQueue"]["Properties"]
+    assert target["DeadLetterConfig"]["Arn"].endswith(f":{dead_letters['QueueName']}")
+
+
+def test_the_deploy_pipeline_waits_are_answered_and_upsert_may_publish_it(stack):
+    rule = approval_rule(stack)
+    project = rule["Name"].removesuffix("-deploy-on-approval")
+    executions = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{project}-deploy/execution/*"
+    answers = [s for s in role_statements(stack, "WaitFunctionRole") if s.get("Sid") == "AnswerCallbackSteps"]
+    assert any(executions in as_list(s["Resource"]) for s in answers)
+    upsert = [s for s in role_statements(stack, "CodeBuildRole") if "sagemaker:UpdatePipeline" in as_list(s["Action"])]
+    assert any(rule["Targets"][0]["Arn"] in as_list(s["Resource"]) for s in upsert)

@@ -41,7 +41,7 @@ LAMBDA_TRUST = json.dumps({
 })
 UPSERT = ("--tag", "team=vision", "--max-parallel-steps", "3")  # what every upsert here passes unless it tests a change
 INVOKE = f"{PROJECT}-invoke-endpoint"
-RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 3  # the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the pipeline
+RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 4  # the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the two pipelines
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
 
 
@@ -224,6 +224,17 @@ def provisioned_count(aws, function: str) -> int | None:
 def test_deployed_definition_equals_the_synthesized_one(first_upsert, manifest, aws):
     definition, _ = manifest
     assert deployed_definition(aws) == definition
+
+
+def test_upsert_publishes_the_deploy_only_pipeline_synth_wrote(first_upsert, manifest, aws, tmp_path_factory):
+    code, out = first_upsert
+    deploy = aws("sagemaker").describe_pipeline(PipelineName=f"{PROJECT}-deploy")
+    document = json.loads(deploy["PipelineDefinition"])
+    assert f"pipeline {PROJECT}-deploy: created ({len(steps_of(document))} steps)" in out
+    assert deploy["RoleArn"].endswith(f":role/{PROJECT}-pipeline")
+    assert [parameter["Name"] for parameter in document["Parameters"]][:3] == ["ModelPackageArn", "Variant", "ClassCount"]
+    assert set(steps_of(document)) == {"ChooseEndpoint", *(f"{verb}{variant}" for verb in ("Deploy", "WaitFor", "Check")
+                                                           for variant in ("SingleInstance", "MultiInstance"))}
 
 
 def test_second_upsert_changes_nothing_and_says_so(first_upsert, endpoint, sources, aws, bucket, capsys):

@@ -45,3 +45,14 @@ class ThreadedMotoServer:
         self._server.shutdown()
         self._thread.join()
         self._server.server_close()
+
+    def __enter__(self) -> "ThreadedMotoServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Emptied and stopped, also when what it served failed."""
+        try:
+            self.reset()
+        finally:
+            self.stop()

@@ -22,6 +22,7 @@ from pipeline.settings import Settings
 
 DEFAULT_POLL_SECONDS = 20.0
 TERMINAL_EXECUTION_STATUSES = frozenset({"Succeeded", "Failed", "Stopped"})
+RUNNING_EXECUTION_STATUSES = frozenset({"Executing", "Stopping"})
 NOT_RUN = "Not run"
 
 
@@ -45,8 +46,10 @@ def _refusal(error: ParameterError) -> str:
     return f"--param {error.name}={error.text!r} is not one of {', '.join(map(str, error.parameter['EnumValues']))}"
 
 
-def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None) -> str:
-    """Start an execution of the deployed pipeline; returns its ARN."""
+def start_execution(clients: Clients, settings: Settings, parameters: list[str], display_name: str | None = None,
+                    selective: Callable[[dict], dict[str, Any]] | None = None) -> str:
+    """Start an execution of the deployed pipeline; returns its ARN. ``selective`` makes a selective execution:
+    it gets the deployed definition and returns the request's SelectiveExecutionConfig."""
     name = settings.pipeline_name
     with explained(f"starting pipeline {name}"):
         deployed = deployed_definition(clients, name)
@@ -59,6 +62,8 @@ def start_execution(clients: Clients, settings: Settings, parameters: list[str],
         }
         if display_name:
             request["PipelineExecutionDisplayName"] = display_name
+        if selective is not None:
+            request["SelectiveExecutionConfig"] = selective(deployed)
         return clients.sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
 
 
@@ -85,7 +90,7 @@ def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -
     latest: dict[str, dict] = {}
     for summary in step_summaries:
         name = summary["StepName"]
-        if name not in latest or _start(summary) >= _start(latest[name]):
+        if name not in latest or start_time_of(summary) >= start_time_of(latest[name]):
             latest[name] = summary
     status = execution.get("PipelineExecutionStatus", "Executing")
     finished = status in TERMINAL_EXECUTION_STATUSES
@@ -102,7 +107,7 @@ def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -
     return ExecutionSnapshot(status, (execution.get("FailureReason") or "").strip(), rows)
 
 
-def _start(summary: dict) -> datetime:
+def start_time_of(summary: dict) -> datetime:
     return summary.get("StartTime") or datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -138,22 +143,33 @@ def execution_poller(clients: Clients, arn: str) -> Callable[[], ExecutionSnapsh
     def poll() -> ExecutionSnapshot:
         with explained(f"following execution {arn}"):
             execution = clients.sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
-            summaries: list[dict] = []
-            request: dict[str, Any] = {"PipelineExecutionArn": arn, "SortOrder": "Ascending"}
-            while True:
-                page = clients.sagemaker.list_pipeline_execution_steps(**request)
-                summaries.extend(page.get("PipelineExecutionSteps", []))
-                if not page.get("NextToken"):
-                    break
-                request["NextToken"] = page["NextToken"]
+            summaries = execution_steps(clients, arn)
         return snapshot_of(execution, summaries, order)
 
     return poll
 
 
-def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: Settings) -> int:
-    arn = start_execution(clients, settings, args.params, getattr(args, "execution_name", None))
+def execution_steps(clients: Clients, arn: str) -> list[dict]:
+    """ListPipelineExecutionSteps, every page, oldest step first."""
+    summaries: list[dict] = []
+    request: dict[str, Any] = {"PipelineExecutionArn": arn, "SortOrder": "Ascending"}
+    while True:
+        page = clients.sagemaker.list_pipeline_execution_steps(**request)
+        summaries.extend(page.get("PipelineExecutionSteps", []))
+        if not page.get("NextToken"):
+            return summaries
+        request["NextToken"] = page["NextToken"]
+
+
+def start_and_maybe_wait(args: argparse.Namespace, clients: Clients, settings: Settings,
+                         selective: Callable[[dict], dict[str, Any]] | None = None) -> int:
+    arn = start_execution(clients, settings, args.params, getattr(args, "execution_name", None), selective)
     print(arn, flush=True)
+    return follow(args, clients, settings, arn)
+
+
+def follow(args: argparse.Namespace, clients: Clients, settings: Settings, arn: str) -> int:
+    """With --wait, the execution's progress until it ends; 0 when it succeeded (or was not followed)."""
     if not args.wait:
         return 0
     poll = execution_poller(clients, arn)

@@ -26,6 +26,17 @@ def pipeline_attributes(settings: Settings, max_parallel_steps: int) -> dict[str
     }
 
 
+def deploy_pipeline_attributes(settings: Settings) -> dict[str, Any]:
+    """The deploy-only pipeline's: one chain of three steps runs, so one step at a time."""
+    return {
+        "PipelineDisplayName": f"dog-breed-classifier-{settings.project_name}-deploy",
+        "PipelineDescription": "Deploys a model package approved after registration to its endpoint with the pipeline's "
+                               "own Deploy, WaitFor and Check steps; started by the approval rule.",
+        "RoleArn": settings.pipeline_role_arn,
+        "ParallelismConfiguration": {"MaxParallelExecutionSteps": 1},
+    }
+
+
 def deployed_pipeline(clients: Clients, name: str) -> dict[str, Any] | None:
     """DescribePipeline's answer, or None when the pipeline does not exist."""
     try:
@@ -49,11 +60,11 @@ def _pipeline_missing(error: ClientError) -> bool:
 
 
 def publish_pipeline(clients: Clients, settings: Settings, definition: str, document: dict, tags: list[dict[str, str]],
-                     max_parallel_steps: int) -> tuple[str, bool]:
-    """Create or update the pipeline with ``definition``, the text sent as it is, whose parsed ``document`` is
-    compared with the deployed one."""
-    name = settings.pipeline_name
-    attributes = pipeline_attributes(settings, max_parallel_steps)
+                     max_parallel_steps: int, *, deploy_only: bool = False) -> tuple[str, bool]:
+    """Create or update the pipeline (with ``deploy_only``, the deploy-only one) with ``definition``, the text sent as
+    it is, whose parsed ``document`` is compared with the deployed one."""
+    name = settings.deploy_pipeline_name if deploy_only else settings.pipeline_name
+    attributes = deploy_pipeline_attributes(settings) if deploy_only else pipeline_attributes(settings, max_parallel_steps)
     with explained(f"publishing pipeline {name}", role=settings.pipeline_role_arn):
         deployed = deployed_pipeline(clients, name)
         if deployed is None:

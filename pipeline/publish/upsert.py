@@ -13,7 +13,12 @@ from pipeline.constraints import Walk, check_value, input_member
 from pipeline.definition import synth
 from pipeline.publish.assets import publish_asset
 from pipeline.publish.functions import FUNCTIONS, desired_configuration, publish_function, publish_provisioned_concurrency
-from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, pipeline_attributes, publish_pipeline
+from pipeline.publish.pipeline_resource import (
+    DEFAULT_MAX_PARALLEL_STEPS,
+    deploy_pipeline_attributes,
+    pipeline_attributes,
+    publish_pipeline,
+)
 from pipeline.publish.wait_queue import publish_wait_queue_mapping
 from pipeline.settings import Settings
 
@@ -33,9 +38,11 @@ def request_problems(settings: Settings, max_parallel_steps: int) -> list[str]:
     (pipeline name, display name, description, tags; each function's name and configuration)."""
 
     walk = Walk(f"pipeline {settings.pipeline_name}", {})
-    pipeline = {"PipelineName": settings.pipeline_name, **pipeline_attributes(settings, max_parallel_steps),
-                "Tags": settings.all_tags()}
-    check_value(walk, pipeline, input_member("sagemaker", "CreatePipeline"), "CreatePipeline")
+    for name, attributes in ((settings.pipeline_name, pipeline_attributes(settings, max_parallel_steps)),
+                             (settings.deploy_pipeline_name, deploy_pipeline_attributes(settings))):
+        walk.where = f"pipeline {name}"
+        pipeline = {"PipelineName": name, **attributes, "Tags": settings.all_tags()}
+        check_value(walk, pipeline, input_member("sagemaker", "CreatePipeline"), "CreatePipeline")
     for spec in FUNCTIONS:
         name = settings.lambda_function_name(spec.function)
         walk.where = f"function {name}"
@@ -71,9 +78,12 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
     record(publish_wait_queue_mapping(clients, settings))
     record(publish_provisioned_concurrency(clients, settings))
     record(publish_pipeline(clients, settings, built.definition, built.document, settings.all_tags(), max_parallel_steps))
+    record(publish_pipeline(clients, settings, built.deploy_definition, built.deploy_document, settings.all_tags(),
+                            max_parallel_steps, deploy_only=True))
     if report.changed:
         print(f"{report.changed} of {len(report.lines)} resources changed", file=out)
     else:
         print(f"no changes: the assets, the {len(FUNCTIONS)} functions, the wait queue's mapping, the invoke function's "
-              f"provisioned concurrency and pipeline {settings.pipeline_name} are up to date", file=out)
+              f"provisioned concurrency and pipelines {settings.pipeline_name} and {settings.deploy_pipeline_name} are up to "
+              "date", file=out)
     return report
