@@ -23,7 +23,6 @@ from pipeline.local.sample import make_sample
 
 pytest.importorskip("moto.server")
 from moto_pipeline_executions import PipelineExecutions, Server  # noqa: E402  (needs moto)
-from test_publish import aws_environment  # noqa: E402,F401  (the fixture: fake credentials, no settings from the shell)
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
