@@ -156,6 +156,45 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     return received
 
 
+class ExecutionSteps(dict):
+    """execution ARN -> its steps (ListPipelineExecutionSteps' PipelineExecutionStep members, StartTime a datetime)."""
+
+
+@pytest.fixture
+def execution_steps_in_moto(monkeypatch: pytest.MonkeyPatch) -> ExecutionSteps:
+    """Teach moto's SageMaker the ListPipelineExecutionSteps call it lacks, answered from the returned table.
+
+    Each step is checked against botocore's PipelineExecutionStep shape before it
+    is sent (a test cannot hand the handler a field SageMaker never sends); the
+    execution must exist in moto, else ResourceNotFound as SageMaker answers;
+    SortOrder orders by StartTime (Descending by default, as the API reference says).
+    """
+    from botocore.validate import ParamValidator
+    from moto.sagemaker.responses import SageMakerResponse
+
+    from pipeline.constraints import named_shape
+
+    table = ExecutionSteps()
+    shape = named_shape("sagemaker", "PipelineExecutionStep")
+
+    def list_pipeline_execution_steps(self: SageMakerResponse):
+        params = json.loads(self.body)
+        arn = params["PipelineExecutionArn"]
+        try:
+            self.sagemaker_backend.describe_pipeline_execution(arn)
+        except Exception:
+            return 400, {}, json.dumps({"__type": "ResourceNotFound", "message": f"Pipeline execution {arn} does not exist"})
+        steps = sorted(table.get(arn, []), key=lambda step: step["StartTime"], reverse=params.get("SortOrder") != "Ascending")
+        for step in steps:
+            report = ParamValidator().validate(step, shape)
+            assert not report.has_errors(), report.generate_report()
+        answer = [{**step, **{key: step[key].timestamp() for key in ("StartTime", "EndTime") if key in step}} for step in steps]
+        return json.dumps({"PipelineExecutionSteps": answer})
+
+    monkeypatch.setattr(SageMakerResponse, "list_pipeline_execution_steps", list_pipeline_execution_steps, raising=False)
+    return table
+
+
 @pytest.fixture
 def runtime_takes_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Let moto's SageMaker runtime take binary bodies; returns the requests it received."""
