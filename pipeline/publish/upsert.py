@@ -12,7 +12,13 @@ from pipeline.commands import UsageError
 from pipeline.constraints import Walk, check_value, input_member
 from pipeline.definition import synth
 from pipeline.publish.assets import publish_asset
-from pipeline.publish.functions import FUNCTIONS, desired_configuration, publish_function, publish_provisioned_concurrency
+from pipeline.publish.functions import (
+    FUNCTIONS,
+    desired_configuration,
+    publish_function,
+    publish_provisioned_concurrency,
+    publish_rule_permission,
+)
 from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, pipeline_attributes, publish_pipeline
 from pipeline.settings import Settings
 
@@ -68,10 +74,12 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
     for spec in FUNCTIONS:
         record(publish_function(clients, settings, spec, assets.lambdas))
     record(publish_provisioned_concurrency(clients, settings))
+    record(publish_rule_permission(clients, settings))
     record(publish_pipeline(clients, settings, built.definition, built.document, settings.all_tags(), max_parallel_steps))
     if report.changed:
         print(f"{report.changed} of {len(report.lines)} resources changed", file=out)
     else:
-        print(f"no changes: the assets, the {len(FUNCTIONS)} functions, the invoke function's provisioned concurrency "
-              f"and pipeline {settings.pipeline_name} are up to date", file=out)
+        print(f"no changes: the assets, the {len(FUNCTIONS)} functions, the invoke function's provisioned concurrency, "
+              f"the notify function's permission for the failure rule and pipeline {settings.pipeline_name} are up to date",
+              file=out)
     return report
