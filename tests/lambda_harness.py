@@ -134,7 +134,8 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     """Teach moto's SageMaker the UpdateEndpoint call it lacks; returns the requests it received.
 
     The stand-in does what SageMaker ends with after a successful update: the
-    endpoint serves the new config's variants and is InService.
+    endpoint serves the new config's variants and is InService, and describes
+    the update's DeploymentConfig as its LastDeploymentConfig.
     """
     from moto.sagemaker.models import FakeEndpoint
     from moto.sagemaker.responses import SageMakerResponse
@@ -150,6 +151,8 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
         endpoint.endpoint_config_name = params["EndpointConfigName"]
         endpoint.production_variants = FakeEndpoint._process_production_variants(endpoint, config["ProductionVariants"])
         endpoint.endpoint_status = "InService"
+        if "DeploymentConfig" in params:
+            endpoint.last_deployment_config = params["DeploymentConfig"]
         return json.dumps({"EndpointArn": endpoint.arn})
 
     monkeypatch.setattr(SageMakerResponse, "update_endpoint", update_endpoint, raising=False)
