@@ -28,7 +28,6 @@ from lambda_harness import (  # noqa: F401
 )
 
 PIPELINE = "dogbreed-pipeline"
-TRAINING_JOB = "pipelines-x7k2m9q4p1ab-TrainMultiInstance-Qz3fR8wLpK"
 TRAINING_REASON = "AlgorithmError: train.py: error: --image-size must be at least 32 pixels for a ResNet, got 16"
 STARTED = datetime(2026, 12, 7, 21, 4, 10, tzinfo=timezone.utc)
 
@@ -103,11 +102,17 @@ def step(name: str, status: str, minutes: int, **extra) -> dict:
             "EndTime": STARTED + timedelta(minutes=minutes + 1), "AttemptCount": 1, **extra}
 
 
-def training_failure_steps(job_arn: str) -> list[dict]:
+def job_name(execution_arn: str, step_name: str) -> str:
+    """A job's name as SageMaker Pipelines makes it: pipelines-<execution id>-<step>-<suffix>."""
+    return f"pipelines-{execution_arn.rsplit('/', 1)[1]}-{step_name}-Qz3fR8wLpK"
+
+
+def training_failure_steps(execution_arn: str, job_arn: str) -> list[dict]:
     """PrepareData succeeded, TrainMultiInstance failed, TrainSingleInstance was stopped when it did."""
+    prefix = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}"
     return [
-        step("PrepareData", "Succeeded", 0, Metadata={"ProcessingJob": {"Arn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/pipelines-x7k2m9q4p1ab-preparedata-a1"}}),
-        step("TrainSingleInstance", "Stopped", 6, Metadata={"TrainingJob": {"Arn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/pipelines-x7k2m9q4p1ab-trainsingleinstance-b2"}}),
+        step("PrepareData", "Succeeded", 0, Metadata={"ProcessingJob": {"Arn": f"{prefix}:processing-job/{job_name(execution_arn, 'PrepareData').lower()}"}}),
+        step("TrainSingleInstance", "Stopped", 6, Metadata={"TrainingJob": {"Arn": f"{prefix}:training-job/{job_name(execution_arn, 'TrainSingleInstance').lower()}"}}),
         step("TrainMultiInstance", "Failed", 5, Metadata={"TrainingJob": {"Arn": job_arn}},
              FailureReason="ClientError: AlgorithmError: see the job's FailureReason"),
     ]
@@ -116,7 +121,8 @@ def training_failure_steps(job_arn: str) -> list[dict]:
 def test_a_failed_training_job_is_told_with_the_jobs_reason_links_and_next_commands(aws, topic, execution_steps_in_moto, capsys):
     notify = load_handler("notify_failure")
     arn = execution()
-    execution_steps_in_moto[arn] = training_failure_steps(failed_training_job(TRAINING_JOB, TRAINING_REASON))
+    training_job = job_name(arn, "TrainMultiInstance")
+    execution_steps_in_moto[arn] = training_failure_steps(arn, failed_training_job(training_job, TRAINING_REASON))
     result = notify.handler(status_change(arn), LambdaContext())
 
     (notification,) = received(topic)
@@ -124,10 +130,10 @@ def test_a_failed_training_job_is_told_with_the_jobs_reason_links_and_next_comma
     assert notification["Subject"] == f"{PIPELINE} execution {execution_id} failed at TrainMultiInstance"
     text = notification["Message"]
     assert f"Execution:  {arn}\n" in text
-    assert f"Step:       TrainMultiInstance (training job {TRAINING_JOB})\n" in text
+    assert f"Step:       TrainMultiInstance (training job {training_job})\n" in text
     assert f"Reason:     {TRAINING_REASON}\n" in text  # the job's own reason, not the step's summary
-    assert f"https://{REGION}.console.aws.amazon.com/sagemaker/home?region={REGION}#/jobs/{TRAINING_JOB}" in text
-    assert f"log-group/$252Faws$252Fsagemaker$252FTrainingJobs$3FlogStreamNameFilter$3D{TRAINING_JOB}" in text
+    assert f"https://{REGION}.console.aws.amazon.com/sagemaker/home?region={REGION}#/jobs/{training_job}" in text
+    assert f"log-group/$252Faws$252Fsagemaker$252FTrainingJobs$3FlogStreamNameFilter$3D{training_job}" in text
     assert f"  dogbreed diagnose {arn}\n" in text and f"  dogbreed retry {arn}\n" in text
     assert result["step"] == "TrainMultiInstance" and result["message_id"]
     (line,) = log_lines(capsys)
