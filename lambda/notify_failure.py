@@ -4,8 +4,8 @@ The EventBridge rule of infra/template.yaml sends SageMaker's "Model Building
 Pipeline Execution Status Change" event here when an execution of one of the
 project's pipelines fails. The function finds the first step that failed
 (ListPipelineExecutionSteps, oldest first), asks its job why
-(DescribeTrainingJob, DescribeProcessingJob, DescribeHyperParameterTuningJob),
-or takes a Fail step's ErrorMessage or a Lambda or callback step's
+(DescribeTrainingJob, DescribeProcessingJob, DescribeHyperParameterTuningJob and
+its first failed trial), or takes a Fail step's ErrorMessage or a Lambda or callback step's
 FailureReason, and publishes one plain-text message to the project's topic
 (TOPIC_ARN): pipeline, execution, step, reason, console links, and the
 commands that diagnose and retry the execution.
@@ -108,14 +108,22 @@ def logs_link(region: str, group: str, stream_prefix: str) -> str:
                            f"$3FlogStreamNameFilter$3D{escaped(stream_prefix)}")
 
 
-def job_reason(sagemaker: Any, kind: str, name: str) -> str:
-    """The job's own FailureReason (a processing job's ExitMessage when it has none)."""
+def job_reason(sagemaker: Any, kind: str, name: str) -> tuple[str, str]:
+    """The job's own FailureReason (a processing job's ExitMessage when it has none), and the job whose log
+    streams hold the error: the job itself, or a tuning job's first failed trial."""
     if kind == "TrainingJob":
-        return sagemaker.describe_training_job(TrainingJobName=name).get("FailureReason", "")
+        return sagemaker.describe_training_job(TrainingJobName=name).get("FailureReason", ""), name
     if kind == "ProcessingJob":
         job = sagemaker.describe_processing_job(ProcessingJobName=name)
-        return job.get("FailureReason") or job.get("ExitMessage", "")
-    return sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name).get("FailureReason", "")
+        return job.get("FailureReason") or job.get("ExitMessage", ""), name
+    reason = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name).get("FailureReason", "")
+    trials = sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=name, StatusEquals="Failed", SortBy="CreationTime", SortOrder="Ascending", MaxResults=1,
+    ).get("TrainingJobSummaries", [])
+    if not trials:
+        return reason, name
+    trial = trials[0]["TrainingJobName"]
+    return f"{reason}; first failed trial {trial}: {trials[0].get('FailureReason') or 'no reason given'}", trial
 
 
 def failed_step(sagemaker: Any, execution: ExecutionEvent, step: Mapping[str, Any]) -> FailedStep:
@@ -128,12 +136,14 @@ def failed_step(sagemaker: Any, execution: ExecutionEvent, step: Mapping[str, An
     for kind, (label, page, group) in JOB_STEPS.items():
         if kind in metadata:
             job = str(metadata[kind].get("Arn", "")).rsplit("/", 1)[-1]
+            logged = job
             try:
-                reason = job_reason(sagemaker, kind, job) or reason
+                told, logged = job_reason(sagemaker, kind, job)
+                reason = told or reason
             except Exception as error:  # botocore ClientError, no connection: the step's own reason still goes out
                 reason = f"{reason or 'no reason given'} (cannot read {label} {job}: {error_message(error)})"
             links = ((label.capitalize(), console(execution.region, f"sagemaker/home?region={execution.region}#/{page}/{job}")),
-                     ("Logs", logs_link(execution.region, group, job)))
+                     ("Logs", logs_link(execution.region, group, logged)))
             return FailedStep(name, reason or "no reason given", label, job, links)
     if "Lambda" in metadata:
         function = str(metadata["Lambda"].get("Arn", "")).split(":function:")[-1].split(":")[0]

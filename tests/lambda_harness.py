@@ -199,6 +199,48 @@ def execution_steps_in_moto(monkeypatch: pytest.MonkeyPatch) -> ExecutionSteps:
 
 
 @pytest.fixture
+def tuning_trials_in_moto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teach moto's SageMaker the ListTrainingJobsForHyperParameterTuningJob call it lacks.
+
+    A tuning job's trials are the training jobs in moto named ``<tuning job>-<NNN>-<suffix>``, as SageMaker
+    names them; the answer filters them by StatusEquals, sorts them (SortBy CreationTime or Name, SortOrder),
+    keeps MaxResults, and is checked against botocore's HyperParameterTrainingJobSummary shape. A tuning job
+    moto does not know is ResourceNotFound.
+    """
+    from botocore.validate import ParamValidator
+    from moto.sagemaker.responses import SageMakerResponse
+
+    from pipeline.constraints import named_shape
+
+    shape = named_shape("sagemaker", "HyperParameterTrainingJobSummary")
+
+    def list_training_jobs_for_hyper_parameter_tuning_job(self: SageMakerResponse):
+        params = json.loads(self.body)
+        tuning = params["HyperParameterTuningJobName"]
+        backend = self.sagemaker_backend
+        if tuning not in backend.hyper_parameter_tuning_jobs:
+            return 400, {}, json.dumps({"__type": "ResourceNotFound", "message": f"Amazon SageMaker can't find a tuning job with name {tuning}"})
+        trials = [job for name, job in backend.training_jobs.items() if name.startswith(f"{tuning}-")
+                  and params.get("StatusEquals") in (None, job.training_job_status)]
+        by_name = params.get("SortBy") == "Name"
+        trials.sort(key=lambda job: job.training_job_name if by_name else job.creation_time, reverse=params.get("SortOrder") == "Descending")
+        summaries = []
+        for job in trials[: params.get("MaxResults", 10)]:
+            summary = {"TrainingJobName": job.training_job_name, "TrainingJobArn": job.arn, "TuningJobName": tuning,
+                       "CreationTime": job.creation_time, "TrainingJobStatus": job.training_job_status,
+                       "TunedHyperParameters": job.hyper_parameters or {}}
+            if getattr(job, "failure_reason", None):
+                summary["FailureReason"] = job.failure_reason
+            report = ParamValidator().validate(summary, shape)
+            assert not report.has_errors(), report.generate_report()
+            summaries.append({**summary, "CreationTime": job.creation_time.timestamp()})
+        return json.dumps({"TrainingJobSummaries": summaries})
+
+    monkeypatch.setattr(SageMakerResponse, "list_training_jobs_for_hyper_parameter_tuning_job",
+                        list_training_jobs_for_hyper_parameter_tuning_job, raising=False)
+
+
+@pytest.fixture
 def runtime_takes_images(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Let moto's SageMaker runtime take binary bodies; returns the requests it received."""
     return runtime_taking_images(monkeypatch)

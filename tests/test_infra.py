@@ -669,6 +669,7 @@ def test_the_notify_role_allows_every_call_its_handler_makes_and_no_more(stack):
         "DescribeTrainingJob": [f"{prefix}:training-job/pipelines-x7k2m9q4p1ab-trainmultiinstance-qz3fr8wlpk"],
         "DescribeProcessingJob": [f"{prefix}:processing-job/pipelines-x7k2m9q4p1ab-preparedata-a1b2c3"],
         "DescribeHyperParameterTuningJob": [f"{prefix}:hyper-parameter-tuning-job/x7k2m9q4p1ab-tunehyp-a1b2c3d4"],
+        "ListTrainingJobsForHyperParameterTuningJob": [f"{prefix}:hyper-parameter-tuning-job/x7k2m9q4p1ab-tunehyp-a1b2c3d4"],
         "Publish": [f"arn:aws:sns:{REGION}:{ACCOUNT}:{project}-pipeline-failures"],
     }
     granted = role_statements(stack, "NotifyFunctionRole")

@@ -23,6 +23,7 @@ from lambda_harness import (  # noqa: F401
     aws,
     execution_steps_in_moto,
     load_handler,
+    tuning_trials_in_moto,
     log_lines,
     sagemaker_backend,
 )
@@ -81,20 +82,27 @@ def execution() -> str:
     return sagemaker.start_pipeline_execution(PipelineName=PIPELINE)["PipelineExecutionArn"]
 
 
-def failed_training_job(name: str, reason: str) -> str:
-    """A training job in moto that failed with ``reason``, as SageMaker describes one; returns its ARN."""
+JOB_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-jobs"
+ALGORITHM = {"TrainingImage": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312", "TrainingInputMode": "File"}
+
+
+def training_job(name: str, status: str = "Failed", reason: str = "", minutes: int = 0, **hyperparameters: str) -> str:
+    """A training job in moto that ended with ``status`` (and ``reason``), as SageMaker describes one; returns its ARN."""
     arn = boto3.client("sagemaker", region_name=REGION).create_training_job(
-        TrainingJobName=name,
-        AlgorithmSpecification={"TrainingImage": f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-training:2.8-cpu-py312",
-                                "TrainingInputMode": "File"},
-        RoleArn=f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-jobs",
+        TrainingJobName=name, AlgorithmSpecification=ALGORITHM, RoleArn=JOB_ROLE, HyperParameters=hyperparameters,
         OutputDataConfig={"S3OutputPath": "s3://dogbreed-artifacts/dogbreed/jobs"},
         ResourceConfig={"InstanceType": "ml.m5.2xlarge", "InstanceCount": 7, "VolumeSizeInGB": 30},
         StoppingCondition={"MaxRuntimeInSeconds": 86400},
     )["TrainingJobArn"]
     job = sagemaker_backend().training_jobs[name]
-    job.training_job_status, job.failure_reason = "Failed", reason
+    job.training_job_status, job.creation_time = status, STARTED + timedelta(minutes=minutes)
+    if reason:
+        job.failure_reason = reason
     return arn
+
+
+def failed_training_job(name: str, reason: str) -> str:
+    return training_job(name, "Failed", reason)
 
 
 def step(name: str, status: str, minutes: int, **extra) -> dict:
@@ -168,6 +176,34 @@ def test_a_failed_lambda_step_links_its_functions_log_group(aws, topic, executio
     text = received(topic)[0]["Message"]
     assert f"Step:       DeploySingleInstance (Lambda function dogbreed-deploy-endpoint)\nReason:     {reason}\n" in text
     assert "log-group/$252Faws$252Flambda$252Fdogbreed-deploy-endpoint" in text
+
+
+def test_a_failed_tuning_job_is_told_with_its_first_failed_trial(aws, topic, execution_steps_in_moto, tuning_trials_in_moto):
+    notify = load_handler("notify_failure")
+    arn = execution()
+    tuning = f"{arn.rsplit('/', 1)[1]}-TuneHyp-a1b2c3d4"  # SageMaker's 32-character tuning job names
+    boto3.client("sagemaker", region_name=REGION).create_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=tuning,
+        HyperParameterTuningJobConfig={"Strategy": "Bayesian", "ResourceLimits": {"MaxNumberOfTrainingJobs": 8, "MaxParallelTrainingJobs": 2}},
+        TrainingJobDefinition={"AlgorithmSpecification": ALGORITHM, "RoleArn": JOB_ROLE, "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+                               "OutputDataConfig": {"S3OutputPath": "s3://dogbreed-artifacts/dogbreed/tuning"}})
+    job = sagemaker_backend().hyper_parameter_tuning_jobs[tuning]
+    job.hyper_parameter_tuning_job_status = "Failed"
+    job.failure_reason = ("No training job succeeded after 5 attempts. For additional details, please take a look at the "
+                          "training job failures by listing training jobs for the hyperparameter tuning job.")
+    trial_reason = "AlgorithmError: train.py: error: --lr must be a positive number, got -0.0031"
+    training_job(f"{tuning}-002-9c0d1e2f", "Failed", "AlgorithmError: a later trial", minutes=4, lr="-0.5")
+    training_job(f"{tuning}-001-5a6b7c8d", "Failed", trial_reason, minutes=2, lr="-0.0031")
+    training_job(f"{tuning}-000-1a2b3c4d", "Completed", minutes=1, lr="0.001")
+    execution_steps_in_moto[arn] = [step("TuneHyperparameters", "Failed", 2, FailureReason="ClientError: see the tuning job",
+                                         Metadata={"TuningJob": {"Arn": job.arn}})]
+    notify.handler(status_change(arn), None)
+
+    text = received(topic)[0]["Message"]
+    assert f"Step:       TuneHyperparameters (tuning job {tuning})\n" in text
+    assert f"Reason:     {job.failure_reason}; first failed trial {tuning}-001-5a6b7c8d: {trial_reason}\n" in text
+    assert f"#/hyper-tuning-jobs/{tuning}" in text
+    assert f"TrainingJobs$3FlogStreamNameFilter$3D{tuning}-001-5a6b7c8d" in text  # the trial's log streams
 
 
 def test_an_unreadable_job_still_sends_the_steps_reason_and_says_why(aws, topic, execution_steps_in_moto):
