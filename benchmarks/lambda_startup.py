@@ -41,6 +41,7 @@ def request_parse_seconds(image_bytes: int, runs: int) -> list[float]:
 
     sys.path.insert(0, str(LAMBDA_DIR))
     import invoke_endpoint
+    import proxy_events
 
     side = 16
     while True:  # a noisy JPEG of about the wanted size
@@ -57,7 +58,7 @@ def request_parse_seconds(image_bytes: int, runs: int) -> list[float]:
     timings = []
     for _ in range(runs):
         started = time.perf_counter()
-        request = invoke_endpoint.parse_request(event, settings)
+        request = proxy_events.parse_request(event, settings.max_image_bytes)
         invoke_endpoint.image_from_request(request, settings)
         timings.append(time.perf_counter() - started)
     return timings

@@ -30,7 +30,7 @@ from pipeline.local.http_server import LoopbackServer
 LAMBDA_DIR = Path(__file__).resolve().parents[1] / "lambda"
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
-SHARED_MODULES = ("events",)
+SHARED_MODULES = ("events", "proxy_events", "url_fetch")
 
 
 def load_handler(name: str) -> ModuleType:

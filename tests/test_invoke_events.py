@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import socket
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -86,7 +87,7 @@ def invoke(monkeypatch, image_site, network, tmp_path):
             return [ipaddress.ip_address("10.0.0.9")]
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(module, "resolve_addresses", resolve)
+    monkeypatch.setattr(sys.modules["url_fetch"], "resolve_addresses", resolve)
     network.route(PUBLIC, 443, site.port)
     return module
 

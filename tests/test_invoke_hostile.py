@@ -1,6 +1,6 @@
 """The invoke function's URL fetch against hostile servers and names, on a network that is only loopback.
 
-The resolver is stubbed (``invoke.resolve_addresses``, the fetcher's one seam),
+The resolver is stubbed (``url_fetch.resolve_addresses``, the fetcher's one seam),
 so names answer whatever a test needs, including a different address on the
 second question (DNS rebinding). ``network`` replaces socket connect: public
 addresses a test routes go to TLS servers on 127.0.0.1 (with certificates
@@ -15,6 +15,7 @@ import io
 import ipaddress
 import json
 import socket
+import sys
 import time
 
 import pytest
@@ -74,9 +75,15 @@ class Names:
 
 
 @pytest.fixture
-def names(invoke, monkeypatch):
+def fetcher(invoke):
+    """The URL fetcher the handler loaded with it (``lambda/url_fetch.py``)."""
+    return sys.modules["url_fetch"]
+
+
+@pytest.fixture
+def names(fetcher, monkeypatch):
     resolver = Names()
-    monkeypatch.setattr(invoke, "resolve_addresses", resolver)
+    monkeypatch.setattr(fetcher, "resolve_addresses", resolver)
     return resolver
 
 
@@ -187,8 +194,8 @@ def test_one_internal_address_among_public_ones_refuses_the_name(invoke, names, 
 
 
 @pytest.mark.parametrize("address", [PUBLIC, "8.8.8.8", "2606:4700::1111", "64:ff9b::5db8:d70e", "2002:5db8:d70e::1", "::ffff:8.8.8.8"])
-def test_public_addresses_and_forms_that_carry_one_are_allowed(invoke, address):
-    assert invoke.is_allowed_address(ipaddress.ip_address(address))
+def test_public_addresses_and_forms_that_carry_one_are_allowed(fetcher, address):
+    assert fetcher.is_allowed_address(ipaddress.ip_address(address))
 
 
 def test_a_name_that_rebinds_after_the_check_is_still_fetched_from_the_checked_address(invoke, names, network, sites, certificates):
@@ -227,12 +234,12 @@ def test_a_redirect_to_an_unusable_url_is_refused(invoke, names, network, sites,
     assert network.outside_attempts == []
 
 
-def test_redirects_stop_after_the_hop_limit(invoke, names, network, sites, certificates):
+def test_redirects_stop_after_the_hop_limit(invoke, fetcher, names, network, sites, certificates):
     served = site(sites, certificates, network, answer(307, {"Location": "https://hop.test/again", "Content-Length": "0"}))
     names.set("hop.test", [PUBLIC])
     error, _ = refusal(invoke, "https://hop.test/first")
     assert error.message == "the URL could not be fetched" and "redirects" in error.detail
-    assert len(served.requests) == invoke.MAX_REDIRECTS + 1
+    assert len(served.requests) == fetcher.MAX_REDIRECTS + 1
 
 
 # --- the one deadline -----------------------------------------------------
@@ -266,8 +273,8 @@ def test_a_slow_server_is_cut_off_at_the_deadline(invoke, names, network, sites,
     assert DEADLINE - 0.05 <= took < DEADLINE + MARGIN, (name, took)
 
 
-def test_a_resolver_that_hangs_is_cut_off_at_the_deadline(invoke, monkeypatch, network):
-    monkeypatch.setattr(invoke, "resolve_addresses", lambda host, port: time.sleep(5))
+def test_a_resolver_that_hangs_is_cut_off_at_the_deadline(invoke, fetcher, monkeypatch, network):
+    monkeypatch.setattr(fetcher, "resolve_addresses", lambda host, port: time.sleep(5))
     error, took = refusal(invoke, "https://slow-dns.test/dog.jpg")
     assert error.message == "the download took longer than 1 s" and took < DEADLINE + MARGIN
 
@@ -292,6 +299,43 @@ def test_what_a_server_sends_is_capped(invoke, names, network, sites, certificat
     error, took = refusal(invoke, "https://dogs.test/dog.jpg")
     assert (error.status, error.message) == (status, message), (name, error.detail)
     assert took < DEADLINE, name
+
+
+def then_silence(behaviour: Behaviour) -> Behaviour:
+    """``behaviour``, then the connection held open: a read until close would wait for the deadline."""
+    def send(connection, head):
+        behaviour(connection, head)
+        time.sleep(3)
+    return send
+
+
+CHUNKED_JPEG = {"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"}
+
+
+@pytest.mark.parametrize(("name", "behaviour", "detail"), [
+    ("65 headers", answer(200, {f"X-{i}": "y" for i in range(65)}), "more than 64 headers"),
+    ("a header line without a colon", lambda c, h: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nBad line\r\nContent-Length: 3\r\n\r\nabc"), "malformed"),
+    ("a transfer encoding besides chunked", answer(200, {**CHUNKED_JPEG, "Transfer-Encoding": "gzip, chunked"}, b"3\r\nabc\r\n0\r\n\r\n"), "Transfer-Encoding 'gzip, chunked'"),
+    ("a signed Content-Length", answer(200, {"Content-Type": "image/jpeg", "Content-Length": "+3"}, b"abc"), "Content-Length '+3'"),
+    ("a negative chunk size", then_silence(answer(200, CHUNKED_JPEG, b"-5\r\n" + JPEG)), "without a bound"),
+    ("a body shorter than declared", answer(200, {"Content-Type": "image/jpeg", "Content-Length": str(len(JPEG) + 10)}, JPEG), "incomplete"),
+    ("chunks cut off", answer(200, CHUNKED_JPEG, b"%x\r\n%s" % (len(JPEG), JPEG[:100])), "incomplete"),
+    ("a status past 599", answer(600), "not valid HTTP/1.x"),
+])
+def test_what_http_client_would_take_is_refused(invoke, names, network, sites, certificates, name, behaviour, detail):
+    site(sites, certificates, network, behaviour)
+    names.set("dogs.test", [PUBLIC])
+    error, took = refusal(invoke, "https://dogs.test/dog.jpg")
+    assert (error.status, error.message) == (400, "the URL could not be fetched"), (name, error.detail)
+    assert detail in error.detail, name
+    assert took < DEADLINE, name
+
+
+def test_interim_responses_before_the_answer_are_skipped(invoke, names, network, sites, certificates):
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </dog.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+    site(sites, certificates, network, lambda connection, head: (connection.sendall(early_hints), IMAGE(connection, head)))
+    names.set("dogs.test", [PUBLIC])
+    assert fetch(invoke, "https://dogs.test/dog.jpg") == (JPEG, "image/jpeg")
 
 
 # --- what the caller learns: one message per kind, whatever the port does ------
