@@ -87,25 +87,25 @@ def parse_event(event: Any) -> ExecutionEvent:
 def execution_steps(sagemaker: Any, arn: str) -> list[Mapping[str, Any]]:
     """Every step of the execution, the first started first."""
     steps: list[Mapping[str, Any]] = []
-    page = {"NextToken": None}
+    more: dict[str, str] = {}
     while True:
-        token = {"NextToken": page["NextToken"]} if page.get("NextToken") else {}
-        page = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn, SortOrder="Ascending", **token)
+        page = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn, SortOrder="Ascending", **more)
         steps.extend(page.get("PipelineExecutionSteps", []))
         if not page.get("NextToken"):
             return steps
+        more = {"NextToken": page["NextToken"]}
 
 
 def console(region: str, page: str) -> str:
     return f"https://{region}.console.aws.amazon.com/{page}"
 
 
-def logs_link(region: str, group: str, stream_prefix: str) -> str:
-    """The CloudWatch console's page of a log group, filtered to streams starting with ``stream_prefix``."""
-    def escaped(text: str) -> str:
+def logs_link(region: str, group: str, stream_prefix: str = "") -> str:
+    """The CloudWatch console's page of a log group, filtered to streams starting with ``stream_prefix`` when given."""
+    def escaped(text: str) -> str:  # the console's fragment: URL-encoded twice, with $ for %
         return quote(quote(text, safe=""), safe="").replace("%", "$")
-    return console(region, f"cloudwatch/home?region={region}#logsV2:log-groups/log-group/{escaped(group)}"
-                           f"$3FlogStreamNameFilter$3D{escaped(stream_prefix)}")
+    page = f"cloudwatch/home?region={region}#logsV2:log-groups/log-group/{escaped(group)}"
+    return console(region, f"{page}$3FlogStreamNameFilter$3D{escaped(stream_prefix)}" if stream_prefix else page)
 
 
 def job_reason(sagemaker: Any, kind: str, name: str) -> tuple[str, str]:
@@ -147,7 +147,7 @@ def failed_step(sagemaker: Any, execution: ExecutionEvent, step: Mapping[str, An
             return FailedStep(name, reason or "no reason given", label, job, links)
     if "Lambda" in metadata:
         function = str(metadata["Lambda"].get("Arn", "")).split(":function:")[-1].split(":")[0]
-        links = (("Logs", logs_link(execution.region, f"/aws/lambda/{function}", "")),) if function else ()
+        links = (("Logs", logs_link(execution.region, f"/aws/lambda/{function}")),) if function else ()
         return FailedStep(name, reason or "no reason given", "Lambda function", function, links)
     return FailedStep(name, reason or "no reason given")
 

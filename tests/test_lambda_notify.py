@@ -175,7 +175,7 @@ def test_a_failed_lambda_step_links_its_functions_log_group(aws, topic, executio
 
     text = received(topic)[0]["Message"]
     assert f"Step:       DeploySingleInstance (Lambda function dogbreed-deploy-endpoint)\nReason:     {reason}\n" in text
-    assert "log-group/$252Faws$252Flambda$252Fdogbreed-deploy-endpoint" in text
+    assert text.count("log-group/$252Faws$252Flambda$252Fdogbreed-deploy-endpoint\n") == 1
 
 
 def test_a_failed_tuning_job_is_told_with_its_first_failed_trial(aws, topic, execution_steps_in_moto, tuning_trials_in_moto):
