@@ -159,6 +159,9 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     return received
 
 
+STEPS_PAGE = 10
+
+
 class ExecutionSteps(dict):
     """execution ARN -> its steps (ListPipelineExecutionSteps' PipelineExecutionStep members, StartTime a datetime)."""
 
@@ -170,7 +173,8 @@ def execution_steps_in_moto(monkeypatch: pytest.MonkeyPatch) -> ExecutionSteps:
     Each step is checked against botocore's PipelineExecutionStep shape before it
     is sent (a test cannot hand the handler a field SageMaker never sends); the
     execution must exist in moto, else ResourceNotFound as SageMaker answers;
-    SortOrder orders by StartTime (Descending by default, as the API reference says).
+    SortOrder orders by StartTime (Descending by default, as the API reference says); pages hold MaxResults
+    steps (STEPS_PAGE by default) and end with a NextToken while more remain.
     """
     from botocore.validate import ParamValidator
     from moto.sagemaker.responses import SageMakerResponse
@@ -188,11 +192,13 @@ def execution_steps_in_moto(monkeypatch: pytest.MonkeyPatch) -> ExecutionSteps:
         except Exception:
             return 400, {}, json.dumps({"__type": "ResourceNotFound", "message": f"Pipeline execution {arn} does not exist"})
         steps = sorted(table.get(arn, []), key=lambda step: step["StartTime"], reverse=params.get("SortOrder") != "Ascending")
-        for step in steps:
+        start = int(params.get("NextToken") or 0)
+        end = start + params.get("MaxResults", STEPS_PAGE)
+        for step in steps[start:end]:
             report = ParamValidator().validate(step, shape)
             assert not report.has_errors(), report.generate_report()
-        answer = [{**step, **{key: step[key].timestamp() for key in ("StartTime", "EndTime") if key in step}} for step in steps]
-        return json.dumps({"PipelineExecutionSteps": answer})
+        answer = [{**step, **{key: step[key].timestamp() for key in ("StartTime", "EndTime") if key in step}} for step in steps[start:end]]
+        return json.dumps({"PipelineExecutionSteps": answer, **({"NextToken": str(end)} if end < len(steps) else {})})
 
     monkeypatch.setattr(SageMakerResponse, "list_pipeline_execution_steps", list_pipeline_execution_steps, raising=False)
     return table

@@ -148,6 +148,18 @@ def test_a_failed_training_job_is_told_with_the_jobs_reason_links_and_next_comma
     assert line["function"] == "notify-failure" and line["step"] == "TrainMultiInstance" and "latency_ms" in line
 
 
+def test_the_first_failed_step_is_found_on_a_later_page_of_steps(aws, topic, execution_steps_in_moto):
+    notify = load_handler("notify_failure")
+    arn = execution()
+    succeeded = [step(f"Step{index:02d}", "Succeeded", index) for index in range(24)]  # pages of 10: the failure is on the third
+    failed = [step("CheckMultiInstance", "Failed", 25, FailureReason="endpoint dogbreed-multi-instance answered 500"),
+              step("CheckSingleInstance", "Failed", 26, FailureReason="a later failure")]
+    execution_steps_in_moto[arn] = [*failed, *succeeded]
+    notify.handler(status_change(arn), None)
+
+    assert received(topic)[0]["Subject"].endswith("failed at CheckMultiInstance")
+
+
 def test_a_fail_step_is_told_with_its_error_message(aws, topic, execution_steps_in_moto):
     notify = load_handler("notify_failure")
     arn = execution()
