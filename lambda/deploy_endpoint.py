@@ -280,7 +280,7 @@ def traffic_routing(shift: TrafficShift, alarmed: bool) -> dict[str, Any]:
     return {"Type": STRATEGIES[shift.strategy], "WaitIntervalInSeconds": shift.bake_seconds, key: size}
 
 
-def deployment_config(alarm_names: tuple[str, ...], shift: TrafficShift = TrafficShift()) -> dict[str, Any]:
+def deployment_config(alarm_names: tuple[str, ...], shift: TrafficShift) -> dict[str, Any]:
     """Blue/green update settings; with alarms, traffic returns to the old fleet when one fires while baking."""
     config: dict[str, Any] = {
         "BlueGreenUpdatePolicy": {
