@@ -1,8 +1,8 @@
 """Dog-breed classifier on Amazon SageMaker: the pipeline as code.
 
 The core install is what AWS CodeBuild needs to synthesize and publish the
-pipeline (the SageMaker SDK, boto3, rich). Torch and the test tools live in the
-``dev`` extra.
+pipeline (the SageMaker Python SDK v3's sagemaker-mlops, boto3, rich). Torch and
+the test tools live in the ``dev`` extra.
 """
 from setuptools import find_packages, setup
 
@@ -38,7 +38,9 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "steps", "steps.*"]),
     package_data={"pipeline": ["definition.schema.json"]},
     install_requires=[
-        "sagemaker>=2.257.7,<3",
+        # The pipeline steps (sagemaker.mlops.workflow); it brings sagemaker-core (shapes, Processor, image URIs),
+        # sagemaker-train (ModelTrainer, HyperparameterTuner) and sagemaker-serve (ModelBuilder.register).
+        "sagemaker-mlops>=1.27.0,<1.28",
         "boto3",
         "rich>=13",
         "regex",  # pipeline/constraints.py: botocore's Java patterns use \p{...} classes, which re lacks

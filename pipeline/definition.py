@@ -17,18 +17,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
-import steps  # noqa: F401  (imports the SDK without touching the network)
+from steps import environment, filter_sdk_warnings, offline_default_session  # imports the SDK without touching the network
 
-import boto3
-import sagemaker.config
-import sagemaker.session
-import sagemaker.utils
-from sagemaker import image_uris
-from sagemaker.workflow.condition_step import ConditionStep
-from sagemaker.workflow.pipeline import Pipeline
-from sagemaker.workflow.pipeline_context import PipelineSession
-from sagemaker.workflow.pipeline_definition_config import PipelineDefinitionConfig
-from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.core import image_uris
+from sagemaker.core.workflow.pipeline_context import PipelineSession
+from sagemaker.core.workflow.pipeline_definition_config import PipelineDefinitionConfig
+from sagemaker.mlops.workflow.condition_step import ConditionStep
+from sagemaker.mlops.workflow.pipeline import Pipeline
+from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep
 
 from pipeline.assets import Assets, build_assets
 from pipeline.dag import render
@@ -50,7 +46,6 @@ from steps.variants import VARIANTS, Variant, twin_of
 from steps.wait import wait_step
 
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
 
 
 @dataclass(frozen=True)
@@ -73,38 +68,28 @@ def load_contract(source_dir: Path) -> ModuleType:
 
 
 @contextmanager
-def _config_validated_once() -> Iterator[None]:
-    """The SDK re-validates its configuration against a large JSON schema on every
-    lookup (about a second each, dozens of lookups per build). Ours is fixed: it is
-    validated here, once, and the lookups inside the block skip it."""
-    validate = sagemaker.config.validate_sagemaker_config
-    validate(SDK_CONFIG)
-    modules = (sagemaker.utils, sagemaker.session)
-    for module in modules:
-        module.validate_sagemaker_config = lambda config=None: None
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.validate_sagemaker_config = validate
-
-
-@contextmanager
 def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
-    """A PipelineSession that cannot reach AWS, installed as boto3's default while the
-    SDK builds (some SDK objects create clients from the default session)."""
-    boto_session = boto3.Session(region_name=settings.region, **OFFLINE_CREDENTIALS)
-    previous = boto3.DEFAULT_SESSION
+    """A PipelineSession that cannot reach AWS, installed as boto3's default while the SDK builds
+    (some SDK objects create clients from the default session), with the SDK's documented switches set:
+
+    - ``SAGEMAKER_VALIDATE_ROLE=false``: ModelTrainer resolves its role through
+      ``sagemaker/core/helper/iam_role_resolver.py``, which calls IAM unless
+      ``os.getenv("SAGEMAKER_VALIDATE_ROLE", "true")`` is false;
+    - ``AWS_EC2_METADATA_DISABLED=true``: no credential lookup asks the EC2 metadata service;
+    - ``AWS_DEFAULT_REGION``, the settings' region: ProcessingStep's constructor builds a
+      ``LocalSagemakerClient()`` only to read a method name (``sagemaker/mlops/workflow/steps.py``,
+      ``ProcessingStep.__init__``), whose ``LocalSession`` opens a fresh ``boto3.Session()`` and refuses
+      to start without a region (``sagemaker/core/local/local_session.py``, ``_initialize``).
+    """
     sdk_logger = logging.getLogger("sagemaker")
     previous_level = sdk_logger.level
-    boto3.DEFAULT_SESSION = boto_session
     sdk_logger.setLevel(logging.ERROR)  # the SDK narrates what it leaves out of a pipeline definition
     try:
-        with _config_validated_once(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with environment("SAGEMAKER_VALIDATE_ROLE", "false"), environment("AWS_EC2_METADATA_DISABLED", "true"), \
+                environment("AWS_DEFAULT_REGION", settings.region), offline_default_session(settings.region) as boto_session, warnings.catch_warnings():
+            filter_sdk_warnings()
             yield PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
     finally:
-        boto3.DEFAULT_SESSION = previous
         sdk_logger.setLevel(previous_level)
 
 
@@ -163,10 +148,20 @@ def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, t
     return accuracy_gate_step(ctx, variant, evaluation, if_steps=[register, approval], else_steps=[hold])
 
 
+def without_empty_mlflow_config(document: dict) -> dict:
+    """The definition without the ``"MlflowConfig": null`` that v3's Pipeline writes when no MLflow server is
+    configured (``sagemaker/mlops/workflow/pipeline.py``, ``definition``: ``"MlflowConfig":
+    _convert_mlflow_config_to_request(self.mlflow_config)``): the pipeline uses none, and the definition keeps
+    the form it had, which the project's schema and the service's pipeline definition format both take."""
+    if "MlflowConfig" in document and document["MlflowConfig"] is None:
+        del document["MlflowConfig"]
+    return document
+
+
 def synth(settings: Settings, contract: ModuleType | None = None) -> Synth:
     """The pipeline definition and the assets it refers to, built offline and checked (``contract``: see get_pipeline)."""
     assets = build_assets(settings)
     with offline_sdk(settings) as session:
-        document = json.loads(get_pipeline(settings, assets, session, contract).definition())
+        document = without_empty_mlflow_config(json.loads(get_pipeline(settings, assets, session, contract).definition()))
     validate_definition(document)
     return Synth(definition=render(document), document=document, assets=assets)

@@ -46,6 +46,16 @@ ENVIRONMENT = {
     "invoke_provisioned_concurrency": "INVOKE_PROVISIONED_CONCURRENCY",
     "notify_lambda_role_arn": "NOTIFY_LAMBDA_ROLE_ARN",
     "failure_topic_arn": "FAILURE_TOPIC_ARN",
+    "tuning_max_jobs": "TUNING_MAX_JOBS",
+    "tuning_max_parallel_jobs": "TUNING_MAX_PARALLEL_JOBS",
+}
+# The tuning step's limits, fixed when the definition is built: CreateHyperParameterTuningJob's ResourceLimits
+# is typed int in sagemaker-core's shapes, so they cannot be pipeline parameters. (least, most, why)
+TUNING_LIMITS = {
+    "tuning_max_jobs": (1, 750, "a Bayesian tuning job runs at most 750 training jobs "
+                                "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
+    "tuning_max_parallel_jobs": (1, 100, "at most 100 parallel training jobs per tuning job, 10 by default "
+                                         "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
 }
 
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,39}$")
@@ -104,6 +114,8 @@ class Settings:
     # The notify function, which the stack's rule on failed executions invokes, and the topic it publishes to.
     notify_lambda_role_arn: str = ""
     failure_topic_arn: str = ""
+    tuning_max_jobs: int = 8  # trials of the tuning step in all
+    tuning_max_parallel_jobs: int = 2  # trials of the tuning step at once
 
     def __post_init__(self) -> None:
         derived = {
@@ -146,11 +158,22 @@ class Settings:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise SettingsError(f"invoke_provisioned_concurrency={count!r} is not a non-negative integer: the number of warm "
                                 f"instances of the invoke function, 0 for none ({_sources('invoke_provisioned_concurrency')})")
+        self._validate_tuning_limits()
         if self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise SettingsError(f"prefix={self.prefix!r} must not start or end with '/'")
         for name in ("code", "lambda"):
             if not (self.source_dir / name).is_dir():
                 raise SettingsError(f"source_dir={self.source_dir} has no {name}/ folder: run from the project checkout or pass --source-dir")
+
+    def _validate_tuning_limits(self) -> None:
+        for name, (least, most, why) in TUNING_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+                raise SettingsError(f"{name}={value!r} is not an integer from {least} to {most}: {why} ({_sources(name)})")
+        if self.tuning_max_parallel_jobs > self.tuning_max_jobs:
+            raise SettingsError(f"tuning_max_parallel_jobs={self.tuning_max_parallel_jobs} exceeds tuning_max_jobs="
+                                f"{self.tuning_max_jobs}: a tuning job cannot run more trials at once than it runs in all "
+                                f"({_sources('tuning_max_parallel_jobs')})")
 
     # Names derived from the settings, each defined once.
     @property

@@ -1,32 +1,81 @@
 """One module per pipeline step: each a function that returns a native SageMaker step.
 
-Importing the SageMaker SDK resolves AWS credentials for a default JumpStart
-session, which falls back to the EC2 metadata service when none are set. A
-build must never reach the network, so the SDK is imported here, once, with
-that lookup switched off for the duration of the import only; the root logger
-is left as it was before the import.
+The steps are built with the SageMaker Python SDK v3 (sagemaker-mlops, which
+brings sagemaker-core, sagemaker-train and sagemaker-serve). Importing it must
+not reach the network or read credentials, so the import happens here, once,
+under ``offline_import``:
+
+- some of its modules create boto3 clients at import time
+  (``sagemaker/ai_registry/air_hub.py``: ``_sagemaker_client = boto3.client("sagemaker")``),
+  which needs a region and would resolve credentials: boto3's default session
+  is an offline one (static, unusable keys) for the duration of the import;
+- ``AWS_EC2_METADATA_DISABLED=true`` keeps any credential lookup that still
+  happens from asking the EC2 metadata service;
+- the SDK's own deprecation warnings about its internal module moves
+  (``sagemaker/train/model_trainer.py``: ``from sagemaker.train import configs``,
+  a shim that warns) are filtered by category and module, nothing else.
+
+The root logger is left as it was before the import.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
-os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
-for _name in ("sagemaker.config", "sagemaker.telemetry.telemetry_logging", "sagemaker.jumpstart"):
+import boto3
+
+OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
+OFFLINE_REGION = "us-east-1"  # only for the clients the SDK creates at import; synth passes its own region
+SDK_WARNING_MODULES = r"sagemaker\."  # warnings raised by the SDK's own modules
+
+
+def filter_sdk_warnings() -> None:
+    """The SDK's deprecation and experimental warnings about itself (each raised by a sagemaker module)."""
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=SDK_WARNING_MODULES)
+
+
+@contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in os.environ inside the block, its previous state after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+@contextmanager
+def offline_default_session(region: str) -> Iterator[boto3.Session]:
+    """boto3's default session replaced by one with static, unusable credentials in ``region``."""
+    session = boto3.Session(region_name=region, **OFFLINE_CREDENTIALS)
+    previous = boto3.DEFAULT_SESSION
+    boto3.DEFAULT_SESSION = session
+    try:
+        yield session
+    finally:
+        boto3.DEFAULT_SESSION = previous
+
+
+for _name in ("sagemaker", "sagemaker.core", "sagemaker.train", "sagemaker.serve", "sagemaker.mlops"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-_previous = os.environ.get("AWS_EC2_METADATA_DISABLED")
 _root = logging.getLogger()
 _root_state = (_root.level, list(_root.handlers))
-os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+filter_sdk_warnings()
 try:
-    import sagemaker  # noqa: F401  (imported under the guard for its side effects)
-    import sagemaker.workflow.pipeline  # noqa: F401  (reaches sagemaker.experiments, which configures logging)
+    with environment("AWS_EC2_METADATA_DISABLED", "true"), offline_default_session(OFFLINE_REGION):
+        import sagemaker.mlops.workflow  # noqa: F401  (imports serve and train, which create clients at import)
+        import sagemaker.serve.model_builder  # noqa: F401
+        import sagemaker.train.model_trainer  # noqa: F401
 finally:
-    if _previous is None:
-        del os.environ["AWS_EC2_METADATA_DISABLED"]
-    else:
-        os.environ["AWS_EC2_METADATA_DISABLED"] = _previous
-    # The SDK calls logging.basicConfig(level=INFO) on import; logging is the application's choice.
+    # logging is the application's choice, whatever the SDK configures on import
     _root.setLevel(_root_state[0])
     _root.handlers[:] = _root_state[1]

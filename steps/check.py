@@ -6,10 +6,10 @@ ranks every class of the prepared data.
 """
 from __future__ import annotations
 
-from sagemaker.workflow.callback_step import CallbackStep
-from sagemaker.workflow.functions import JsonGet
-from sagemaker.workflow.lambda_step import LambdaStep
-from sagemaker.workflow.steps import ProcessingStep
+from sagemaker.core.workflow.functions import JsonGet
+from sagemaker.mlops.workflow.callback_step import CallbackStep
+from sagemaker.mlops.workflow.lambda_step import LambdaStep
+from sagemaker.mlops.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step

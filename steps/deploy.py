@@ -6,8 +6,8 @@ proves it answers. The function is published by ``dogbreed upsert``.
 """
 from __future__ import annotations
 
-from sagemaker.workflow.lambda_step import LambdaStep
-from sagemaker.workflow.step_collections import RegisterModel
+from sagemaker.mlops.workflow.lambda_step import LambdaStep
+from sagemaker.mlops.workflow.model_step import ModelStep
 
 from steps.context import BuildContext
 from steps.lambda_step import lambda_step
@@ -20,7 +20,7 @@ def endpoint_name(ctx: BuildContext, variant: Variant) -> str:
     return f"{ctx.settings.project_name}-{variant.slug}"
 
 
-def deploy_step(ctx: BuildContext, variant: Variant, register: RegisterModel) -> LambdaStep:
+def deploy_step(ctx: BuildContext, variant: Variant, register: ModelStep) -> LambdaStep:
     params = ctx.parameters
     return lambda_step(
         ctx, "deploy-endpoint", DEPLOY_OUTPUTS,

@@ -1,14 +1,13 @@
 """EvaluateSingleInstance / EvaluateMultiInstance: test-split metrics of a trained model."""
 from __future__ import annotations
 
-from sagemaker.processing import ProcessingInput, ProcessingOutput
-from sagemaker.workflow.functions import Join, JsonGet
-from sagemaker.workflow.properties import PropertyFile
-from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.core.workflow.functions import Join, JsonGet
+from sagemaker.core.workflow.properties import PropertyFile
+from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep
 
 from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
-from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, script_processor
+from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, processing_input, processing_output, script_processor
 from steps.training import pretrained_processing_input
 from steps.variants import Variant
 
@@ -28,12 +27,12 @@ def evaluate_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, 
     processor = script_processor(ctx, "evaluate.py", base_job_name=f"{ctx.settings.project_name}-evaluate-{variant.slug}")
     step_args = processor.run(
         inputs=[
-            ProcessingInput(source=training.properties.ModelArtifacts.S3ModelArtifacts, destination=MODEL_DIR, input_name="model"),
-            ProcessingInput(source=channel_uri(prepare, test), destination=TEST_DIR, input_name=test),
+            processing_input(training.properties.ModelArtifacts.S3ModelArtifacts, MODEL_DIR, "model"),
+            processing_input(channel_uri(prepare, test), TEST_DIR, test),
             pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
-        outputs=[ProcessingOutput(output_name=OUTPUT_NAME, source=OUTPUT_DIR, destination=ctx.execution_path(names["name"]))],
+        outputs=[processing_output(OUTPUT_NAME, OUTPUT_DIR, ctx.execution_path(names["name"]))],
         arguments=["--model", MODEL_DIR, "--test", TEST_DIR, "--output", OUTPUT_DIR,
                    "--inference-precision", ctx.parameters.inference_precision, "--pretrained", PRETRAINED_DIR],
     )

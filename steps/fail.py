@@ -5,9 +5,9 @@ after the twin's deployment) is the twin rule of ``steps/gate.py``.
 """
 from __future__ import annotations
 
-from sagemaker.workflow.fail_step import FailStep
-from sagemaker.workflow.functions import Join
-from sagemaker.workflow.steps import ProcessingStep
+from sagemaker.core.workflow.functions import Join
+from sagemaker.mlops.workflow.fail_step import FailStep
+from sagemaker.mlops.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext
 from steps.evaluate import measured_accuracy

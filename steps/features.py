@@ -10,12 +10,11 @@ prepared data and parameters reuses the features.
 """
 from __future__ import annotations
 
-from sagemaker.processing import ProcessingInput, ProcessingOutput
-from sagemaker.workflow.steps import ProcessingStep
+from sagemaker.mlops.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext, job_step_policies
 from steps.prepare import channel_uri
-from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, script_processor
+from steps.processing import PRETRAINED_DIR, PROCESSING_ROOT, code_input, processing_input, processing_output, script_processor
 from steps.training import pretrained_processing_input, static_hyperparameters
 
 STEP_NAME = "ExtractFeatures"
@@ -47,13 +46,12 @@ def extract_features_step(ctx: BuildContext, prepare: ProcessingStep) -> Process
     processor = script_processor(ctx, SCRIPT, base_job_name=f"{ctx.settings.project_name}-features")
     step_args = processor.run(
         inputs=[
-            *(ProcessingInput(source=channel_uri(prepare, split), destination=folder, input_name=split)
+            *(processing_input(channel_uri(prepare, split), folder, split)
               for split, folder in input_dirs(ctx.contract).items()),
             pretrained_processing_input(ctx, PRETRAINED_DIR),
             code_input(ctx),
         ],
-        outputs=[ProcessingOutput(output_name=ctx.contract.FEATURES_CHANNEL, source=OUTPUT_DIR,
-                                  destination=ctx.execution_path(STEP_NAME, ctx.contract.FEATURES_CHANNEL))],
+        outputs=[processing_output(ctx.contract.FEATURES_CHANNEL, OUTPUT_DIR, ctx.execution_path(STEP_NAME, ctx.contract.FEATURES_CHANNEL))],
         arguments=extraction_arguments(ctx),
     )
     return ProcessingStep(

@@ -19,9 +19,9 @@ failure (a Fail step of ``steps/fail.py``) is reported at one of two places:
 """
 from __future__ import annotations
 
-from sagemaker.workflow.condition_step import ConditionStep
-from sagemaker.workflow.conditions import ConditionEquals, ConditionGreaterThanOrEqualTo
-from sagemaker.workflow.steps import ProcessingStep, Step
+from sagemaker.core.workflow.conditions import ConditionEquals, ConditionGreaterThanOrEqualTo
+from sagemaker.mlops.workflow.condition_step import ConditionStep
+from sagemaker.mlops.workflow.steps import ProcessingStep, Step
 
 from steps.context import BuildContext
 from steps.evaluate import measured_accuracy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagemaker.lambda_helper import Lambda
-from sagemaker.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
+from sagemaker.core.lambda_helper import Lambda
+from sagemaker.mlops.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
 
 from steps.context import BuildContext
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
+from sagemaker.core.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
 
 # What a numeric parameter may be beyond what the API shapes where it lands allow (pipeline.validate
 # checks those): (least, most or None, why). Checked on the defaults by synth and on a run's values by
@@ -16,10 +16,6 @@ PARAMETER_RANGES = {
     "ImageSize": (32, 1024, "train.py refuses a side under 32 pixels (a ResNet's five halvings); "
                             "PrepareData writes 256-pixel images, so more than 1024 only upsamples"),
     "MultiInstanceCount": (1, 100, "instances of one training job (SageMaker's default quota is lower)"),
-    "TuningMaxJobs": (1, 750, "a Bayesian tuning job runs at most 750 training jobs "
-                              "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
-    "TuningMaxParallelJobs": (1, 100, "at most 100 parallel training jobs per tuning job, 10 by default "
-                                      "(docs.aws.amazon.com/sagemaker/latest/dg/automatic-model-tuning-limits.html)"),
     "AccuracyThreshold": (0.0, 1.0, "a test accuracy is a fraction"),
     "EndpointInitialInstanceCount": (1, None, "an endpoint needs an instance"),
     "EndpointMinCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
@@ -29,7 +25,6 @@ PARAMETER_RANGES = {
 }
 # (smaller, larger, why): a run's value of the first must not exceed the second's.
 PARAMETER_ORDER = (
-    ("TuningMaxParallelJobs", "TuningMaxJobs", "a tuning job cannot run more trials at once than it runs in all"),
     ("EndpointMinCapacity", "EndpointMaxCapacity", "auto scaling's minimum cannot exceed its maximum"),
 )
 
@@ -45,8 +40,6 @@ class Parameters:
     image_size: ParameterInteger
     pretrained_weights: ParameterString
     pretrained_weights_s3_uri: ParameterString
-    tuning_max_jobs: ParameterInteger
-    tuning_max_parallel_jobs: ParameterInteger
     accuracy_threshold: ParameterFloat
     model_approval_status: ParameterString
     inference_precision: ParameterString
@@ -77,8 +70,6 @@ def define_parameters(settings, no_weights_uri: str) -> Parameters:
         # prefix holding one) for PretrainedWeights=imagenet without internet. SageMaker refuses an empty S3 URI
         # and a static definition cannot drop an input, so the default is a placeholder train.py reads as none.
         pretrained_weights_s3_uri=ParameterString("PretrainedWeightsS3Uri", default_value=no_weights_uri),
-        tuning_max_jobs=ParameterInteger("TuningMaxJobs", default_value=8),
-        tuning_max_parallel_jobs=ParameterInteger("TuningMaxParallelJobs", default_value=2),
         accuracy_threshold=ParameterFloat("AccuracyThreshold", default_value=0.7),
         model_approval_status=ParameterString(
             "ModelApprovalStatus", default_value="Approved",

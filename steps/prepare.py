@@ -1,12 +1,11 @@
 """PrepareData: validate the raw image folders and write train/valid/test channels."""
 from __future__ import annotations
 
-from sagemaker.processing import ProcessingInput, ProcessingOutput
-from sagemaker.workflow.properties import PropertyFile
-from sagemaker.workflow.steps import ProcessingStep
+from sagemaker.core.workflow.properties import PropertyFile
+from sagemaker.mlops.workflow.steps import ProcessingStep
 
 from steps.context import BuildContext, job_step_policies
-from steps.processing import PROCESSING_ROOT, code_input, script_processor
+from steps.processing import PROCESSING_ROOT, code_input, processing_input, processing_output, script_processor
 
 STEP_NAME = "PrepareData"
 INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
@@ -23,11 +22,11 @@ def prepare_data_step(ctx: BuildContext) -> ProcessingStep:
     processor = script_processor(ctx, "preprocess.py", base_job_name=f"{ctx.settings.project_name}-prepare")
     step_args = processor.run(
         inputs=[
-            ProcessingInput(source=ctx.parameters.input_data_url, destination=INPUT_DIR, input_name="data"),
+            processing_input(ctx.parameters.input_data_url, INPUT_DIR, "data"),
             code_input(ctx),
         ],
         outputs=[
-            ProcessingOutput(output_name=name, source=f"{OUTPUT_DIR}/{name}", destination=ctx.execution_path(STEP_NAME, name))
+            processing_output(name, f"{OUTPUT_DIR}/{name}", ctx.execution_path(STEP_NAME, name))
             for name in output_names(ctx.contract)
         ],
         arguments=["--input", INPUT_DIR, "--output", OUTPUT_DIR],

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import posixpath
 
-from sagemaker.processing import ProcessingInput, Processor
+from sagemaker.core.processing import Processor
+from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
 
 from steps.context import BuildContext
 
@@ -58,5 +59,18 @@ def script_processor(ctx: BuildContext, script: str, base_job_name: str) -> Proc
     )
 
 
+def processing_input(source, destination: str, input_name: str) -> ProcessingInput:
+    """An S3 prefix downloaded to ``destination`` before the job starts, every field as the API reads it."""
+    return ProcessingInput(input_name=input_name, app_managed=False, s3_input=ProcessingS3Input(
+        s3_uri=source, local_path=destination, s3_data_type="S3Prefix", s3_input_mode="File",
+        s3_data_distribution_type="FullyReplicated", s3_compression_type="None"))
+
+
+def processing_output(output_name: str, source: str, destination) -> ProcessingOutput:
+    """The folder ``source``, uploaded to ``destination`` when the job ends."""
+    return ProcessingOutput(output_name=output_name, app_managed=False, s3_output=ProcessingS3Output(
+        s3_uri=destination, local_path=source, s3_upload_mode="EndOfJob"))
+
+
 def code_input(ctx: BuildContext) -> ProcessingInput:
-    return ProcessingInput(source=ctx.code_uri, destination=CODE_INPUT, input_name="code")
+    return processing_input(ctx.code_uri, CODE_INPUT, "code")

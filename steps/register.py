@@ -1,10 +1,10 @@
 """RegisterSingleInstance / RegisterMultiInstance: a model package with its evaluation."""
 from __future__ import annotations
 
-from sagemaker.model import Model
-from sagemaker.model_metrics import MetricsSource, ModelMetrics
-from sagemaker.workflow.step_collections import RegisterModel
-from sagemaker.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
+from sagemaker.mlops.workflow.model_step import ModelStep
+from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.serve.model_builder import ModelBuilder
 
 from steps.context import BuildContext, retry_policies
 from steps.evaluate import evaluation_uri, served_precision
@@ -37,28 +37,33 @@ def inference_environment(ctx: BuildContext) -> dict[str, str]:
     }
 
 
-def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep) -> RegisterModel:
-    model = Model(
+def register_step(ctx: BuildContext, variant: Variant, training: TrainingStep, evaluation: ProcessingStep) -> ModelStep:
+    builder = ModelBuilder(
         image_uri=ctx.inference_image,
-        model_data=training.properties.ModelArtifacts.S3ModelArtifacts,
-        role=ctx.settings.model_role_arn,
+        s3_model_data_url=training.properties.ModelArtifacts.S3ModelArtifacts,
+        role_arn=ctx.settings.model_role_arn,
         # the endpoint's model_fn serves the precision the evaluation chose
-        env={**inference_environment(ctx), ctx.contract.INFERENCE_PRECISION_ENV: served_precision(ctx, variant, evaluation)},
+        env_vars={**inference_environment(ctx), ctx.contract.INFERENCE_PRECISION_ENV: served_precision(ctx, variant, evaluation)},
         sagemaker_session=ctx.session,
+        # None, else register() resolves the default dependencies and asks S3 for the default bucket
+        # (sagemaker/serve/model_builder.py, ``dependencies`` defaults to {"auto": True})
+        dependencies=None,
     )
     metrics = ModelMetrics(model_statistics=MetricsSource(s3_uri=evaluation_uri(ctx, evaluation), content_type="application/json"))
-    return RegisterModel(
-        **variant.names("Register", "Register"),
-        description=f"Registers the {variant.title} model in the model package group with its test metrics.",
-        model=model,
+    description = f"Registers the {variant.title} model in the model package group with its test metrics."
+    step_args = builder.register(
+        model_package_group_name=ctx.settings.model_package_group,
+        description=description,
         content_types=CONTENT_TYPES,
         response_types=RESPONSE_TYPES,
         inference_instances=supported_inference_instances(ctx),
         transform_instances=["ml.m5.xlarge"],
-        model_package_group_name=ctx.settings.model_package_group,
         approval_status=ctx.parameters.model_approval_status,
         model_metrics=metrics,
-        framework="PYTORCH",
-        framework_version=ctx.settings.inference_framework_version,
-        register_model_step_retry_policies=retry_policies()[:1],
+    )
+    return ModelStep(
+        **variant.names("Register", "Register"),
+        description=description,
+        step_args=step_args,
+        retry_policies=retry_policies()[:1],
     )

@@ -1,10 +1,10 @@
 """TrainSingleInstance and TrainMultiInstance: the final models, on the tuned hyperparameters."""
 from __future__ import annotations
 
-from sagemaker.workflow.steps import ProcessingStep, TrainingStep, TuningStep
+from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep, TuningStep
 
 from steps.context import BuildContext, job_step_policies
-from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters, training_channels
+from steps.training import model_trainer, pretrained_channel, static_hyperparameters, training_channels
 from steps.tune import best_hyperparameters
 from steps.variants import MULTI, Variant
 
@@ -20,7 +20,7 @@ def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tun
         **static_hyperparameters(ctx, augment=True, cache_features=False),
         **best_hyperparameters(tuning),
     }
-    estimator = pytorch_estimator(
+    trainer = model_trainer(
         ctx,
         instance_count=instance_count(ctx, variant),
         hyperparameters=hyperparameters,
@@ -29,7 +29,7 @@ def train_step(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, tun
         spot_checkpoint_s3_uri=ctx.execution_path(name, "checkpoints") if ctx.settings.spot_training else None,
         encrypt_traffic=variant == MULTI,
     )
-    step_args = estimator.fit(inputs={**training_channels(ctx, prepare), **pretrained_channel(ctx)})
+    step_args = trainer.train(input_data_config=[*training_channels(ctx, prepare), *pretrained_channel(ctx)])
     count = "MultiInstanceCount instances in one torch.distributed group" if variant == MULTI else "one instance"
     return TrainingStep(
         **names,

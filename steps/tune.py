@@ -1,13 +1,14 @@
 """TuneHyperparameters: Bayesian search that minimizes the validation loss."""
 from __future__ import annotations
 
-from sagemaker.inputs import TrainingInput
-from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner, IntegerParameter
-from sagemaker.workflow.steps import ProcessingStep, TuningStep
+from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
+from sagemaker.core.shapes import Channel
+from sagemaker.mlops.workflow.steps import ProcessingStep, TuningStep
+from sagemaker.train.tuner import HyperparameterTuner
 
 from steps.context import BuildContext, job_step_policies
 from steps.features import features_uri
-from steps.training import pretrained_channel, pytorch_estimator, static_hyperparameters
+from steps.training import model_trainer, pretrained_channel, s3_channel, static_hyperparameters
 
 STEP_NAME = "TuneHyperparameters"
 TUNED = ("learning_rate", "batch_size", "epochs")
@@ -21,16 +22,15 @@ def hyperparameter_ranges() -> dict:
     }
 
 
-def features_channel(ctx: BuildContext, extraction: ProcessingStep) -> dict[str, TrainingInput]:
+def features_channel(ctx: BuildContext, extraction: ProcessingStep) -> list[Channel]:
     """The trials' only channel: the features ExtractFeatures wrote (train.py reads SM_CHANNEL_FEATURES), never the images."""
-    return {ctx.contract.FEATURES_CHANNEL: TrainingInput(s3_data=features_uri(extraction, ctx.contract),
-                                                         content_type="application/x-pytorch")}
+    return [s3_channel(ctx.contract.FEATURES_CHANNEL, features_uri(extraction, ctx.contract), "application/x-pytorch")]
 
 
 def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
     """Trials train only the head on the backbone features ExtractFeatures computed once (no augmentation:
     ranking them needs none), on their own, small TuningInstanceType. The final training steps reuse the winner."""
-    estimator = pytorch_estimator(
+    trainer = model_trainer(
         ctx,
         instance_count=1,
         hyperparameters=static_hyperparameters(ctx, augment=False, cache_features=False),
@@ -39,18 +39,20 @@ def tune_step(ctx: BuildContext, extraction: ProcessingStep) -> TuningStep:
         instance_type=ctx.parameters.tuning_instance_type,
     )
     tuner = HyperparameterTuner(
-        estimator,
+        trainer,
         objective_metric_name=ctx.contract.OBJECTIVE_METRIC,
         objective_type=ctx.contract.OBJECTIVE_TYPE,
         hyperparameter_ranges=hyperparameter_ranges(),
         metric_definitions=ctx.contract.metric_definitions(),
         strategy="Bayesian",
-        max_jobs=ctx.parameters.tuning_max_jobs,
-        max_parallel_jobs=ctx.parameters.tuning_max_parallel_jobs,
+        # settings, not parameters: the tuner's ResourceLimits shape takes only int
+        # (sagemaker/core/shapes/shapes.py, ``class ResourceLimits``: ``max_parallel_training_jobs: int``)
+        max_jobs=ctx.settings.tuning_max_jobs,
+        max_parallel_jobs=ctx.settings.tuning_max_parallel_jobs,
         base_tuning_job_name=f"{ctx.settings.project_name}-tune",
     )
-    step_args = tuner.fit(
-        inputs={**features_channel(ctx, extraction), **pretrained_channel(ctx)},
+    step_args = tuner.tune(
+        inputs=[*features_channel(ctx, extraction), *pretrained_channel(ctx)],
         job_name=f"{ctx.settings.project_name}-tune",
     )
     return TuningStep(

@@ -7,8 +7,8 @@ configuration the Deploy step chose, has failed or been rolled back, or
 """
 from __future__ import annotations
 
-from sagemaker.workflow.callback_step import CallbackOutput, CallbackOutputTypeEnum, CallbackStep
-from sagemaker.workflow.lambda_step import LambdaStep
+from sagemaker.mlops.workflow.callback_step import CallbackOutput, CallbackOutputTypeEnum, CallbackStep
+from sagemaker.mlops.workflow.lambda_step import LambdaStep
 
 from steps.context import BuildContext
 from steps.variants import Variant

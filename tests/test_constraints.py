@@ -176,8 +176,8 @@ def definition(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("pairs, message", [
     (["ImageSize=0"], "--param ImageSize=0: ImageSize must be 32 to 1024, since train.py refuses a side under 32 pixels"),
-    (["TuningMaxParallelJobs=3", "TuningMaxJobs=2"],
-     "--param TuningMaxParallelJobs=3: TuningMaxParallelJobs (3) must not exceed TuningMaxJobs (2)"),
+    (["EndpointMinCapacity=3", "EndpointMaxCapacity=2"],
+     "--param EndpointMinCapacity=3: EndpointMinCapacity (3) must not exceed EndpointMaxCapacity (2)"),
     (["TrainingInstanceType=ml.m5.gigantic"], "--param TrainingInstanceType=ml.m5.gigantic: where the pipeline uses "
                                               "TrainingInstanceType, step "),
 ])
@@ -186,7 +186,7 @@ def test_run_values_out_of_range_are_refused_naming_the_parameter_and_the_range(
         parameter_values(pairs, definition[1])
     assert error.value.problem == OUT_OF_RANGE
     assert str(error.value).startswith(message), str(error.value)
-    assert parameter_values(["ImageSize=64", "TuningMaxJobs=4"], definition[1]) == {"ImageSize": 64, "TuningMaxJobs": 4}
+    assert parameter_values(["ImageSize=64", "EndpointMaxCapacity=4"], definition[1]) == {"ImageSize": 64, "EndpointMaxCapacity": 4}
 
 
 def test_every_numeric_parameter_lands_somewhere_or_has_a_range(definition):
@@ -206,7 +206,7 @@ def test_local_run_refuses_an_out_of_range_value_before_anything_starts(definiti
     err = capsys.readouterr().err
     assert err.startswith("dogbreed local-run: --param ImageSize=0: ImageSize must be 32 to 1024"), err
     assert not workdir.exists()
-    code = main(["local-run", "--definition", str(path), "--workdir", str(workdir), "--param", "TuningMaxParallelJobs=5"])
-    assert code == 2  # the generated sample runs TuningMaxJobs=4 trials: 5 at once cannot be
-    assert "TuningMaxParallelJobs (5) must not exceed TuningMaxJobs (4)" in capsys.readouterr().err
+    code = main(["local-run", "--definition", str(path), "--workdir", str(workdir), "--param", "EndpointMinCapacity=6"])
+    assert code == 2  # the definition's EndpointMaxCapacity is 5
+    assert "EndpointMinCapacity (6) must not exceed EndpointMaxCapacity (5)" in capsys.readouterr().err
     assert not workdir.exists()

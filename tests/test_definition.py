@@ -33,7 +33,7 @@ EXPECTED_STEPS = {
     *(f"{verb}{suffix}" for suffix in ("SingleInstance", "MultiInstance") for verb in (
         "Train", "Evaluate", "CheckAccuracy", "CheckApproval", "Deploy", "WaitFor", "Check", "AccuracyTooLow",
         "CheckTwinDeployment", "CheckTwinAccuracy")),
-    "RegisterSingleInstance-RegisterModel", "RegisterMultiInstance-RegisterModel",
+    "RegisterSingleInstance", "RegisterMultiInstance",
     "AccuracyTooLowSingleInstanceAfterMultiInstance", "AccuracyTooLowMultiInstanceAfterSingleInstance",
 }
 CONTRACT = load_contract(ROOT)
@@ -175,7 +175,7 @@ def test_a_cycle_is_reported(document):
 def test_branches_hang_off_the_accuracy_condition(nodes):
     for suffix in ("SingleInstance", "MultiInstance"):
         gate = f"CheckAccuracy{suffix}"
-        assert nodes[f"Register{suffix}-RegisterModel"].branch_of == (gate, "if")
+        assert nodes[f"Register{suffix}"].branch_of == (gate, "if")
         assert nodes[f"CheckApproval{suffix}"].branch_of == (gate, "if")
         assert nodes[f"Deploy{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
         assert nodes[f"Check{suffix}"].branch_of == (f"CheckApproval{suffix}", "if")
@@ -214,7 +214,7 @@ def test_twins_are_independent_and_a_failure_waits_for_the_twin_deployment(nodes
         message = json.dumps(late.document["Arguments"]["ErrorMessage"])
         assert f"Steps.Evaluate{twin}.PropertyFiles" in message and "was deployed" in message
         # nothing of one model's deployment depends on the other model's gate
-        chain = {f"Register{suffix}-RegisterModel", f"CheckApproval{suffix}", f"Deploy{suffix}", f"WaitFor{suffix}", f"Check{suffix}"}
+        chain = {f"Register{suffix}", f"CheckApproval{suffix}", f"Deploy{suffix}", f"WaitFor{suffix}", f"Check{suffix}"}
         for name in chain:
             assert not any(twin in dependency for dependency in nodes[name].depends_on), name
 
@@ -273,10 +273,28 @@ def test_tuning_is_bayesian_over_log_learning_rate_batch_size_and_epochs(nodes):
     assert ranges["ContinuousParameterRanges"][0]["ScalingType"] == "Logarithmic"
     assert ranges["CategoricalParameterRanges"][0]["Name"] == "batch_size"
     assert ranges["IntegerParameterRanges"][0]["Name"] == "epochs"
-    assert config["ResourceLimits"] == {
-        "MaxNumberOfTrainingJobs": {"Get": "Parameters.TuningMaxJobs"},
-        "MaxParallelTrainingJobs": {"Get": "Parameters.TuningMaxParallelJobs"},
-    }
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 8, "MaxParallelTrainingJobs": 2}
+
+
+def test_tuning_limits_are_settings_from_flags_or_environment_within_the_tuning_quotas():
+    """ResourceLimits is typed int in sagemaker-core's shapes: the limits are fixed when the definition is built."""
+    from pipeline.cli import build_parser
+    from pipeline.commands import settings_from_args
+
+    args = build_parser().parse_args(["synth", "--tuning-max-jobs", "20", "--tuning-max-parallel-jobs", "4"])
+    assert (settings_from_args(args).tuning_max_jobs, settings_from_args(args).tuning_max_parallel_jobs) == (20, 4)
+    environ = {"TUNING_MAX_JOBS": "12", "TUNING_MAX_PARALLEL_JOBS": "3"}
+    assert (load_settings({}, environ=environ).tuning_max_jobs, load_settings({}, environ=environ).tuning_max_parallel_jobs) == (12, 3)
+    limits = steps_of(synth(load_settings({"tuning_max_jobs": 5, "tuning_max_parallel_jobs": 5}, environ={})).document)
+    assert limits["TuneHyperparameters"].document["Arguments"]["HyperParameterTuningJobConfig"]["ResourceLimits"] == {
+        "MaxNumberOfTrainingJobs": 5, "MaxParallelTrainingJobs": 5}
+    for flags, message in (({"tuning_max_jobs": "751"}, "tuning_max_jobs=751 is not an integer from 1 to 750: a Bayesian"),
+                           ({"tuning_max_parallel_jobs": 0}, "tuning_max_parallel_jobs=0 is not an integer from 1 to 100"),
+                           ({"tuning_max_jobs": 2, "tuning_max_parallel_jobs": 3},
+                            "tuning_max_parallel_jobs=3 exceeds tuning_max_jobs=2: a tuning job cannot run more trials"),
+                           ({"tuning_max_jobs": "many"}, "tuning_max_jobs='many' is not an integer")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(flags, environ={})
 
 
 def test_metric_definitions_are_the_contract_of_the_training_script(nodes):
@@ -316,14 +334,14 @@ def test_processing_runs_on_the_training_framework_image_and_registration_on_the
     assert training_image.endswith(":2.8-cpu-py312") and "pytorch-training" in training_image
     for name in ("PrepareData", "EvaluateSingleInstance"):
         assert nodes[name].document["Arguments"]["AppSpecification"]["ImageUri"] == training_image
-    (container,) = nodes["RegisterSingleInstance-RegisterModel"].document["Arguments"]["InferenceSpecification"]["Containers"]
+    (container,) = nodes["RegisterSingleInstance"].document["Arguments"]["InferenceSpecification"]["Containers"]
     assert container["Image"].endswith(":2.6-cpu-py312") and "pytorch-inference" in container["Image"]
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == CONTRACT.INFERENCE_SCRIPT
     assert container["ModelDataUrl"] == {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifacts"}
 
 
 def test_registration_carries_the_evaluation_as_model_metrics(nodes, built_settings):
-    arguments = nodes["RegisterMultiInstance-RegisterModel"].document["Arguments"]
+    arguments = nodes["RegisterMultiInstance"].document["Arguments"]
     statistics = arguments["ModelMetrics"]["ModelQuality"]["Statistics"]
     assert statistics["ContentType"] == "application/json"
     assert CONTRACT.EVALUATION_FILE in json.dumps(statistics["S3Uri"])
@@ -341,7 +359,7 @@ def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes, built_
     settings = built_settings
     deploy = nodes["DeployMultiInstance"].document
     assert deploy["FunctionArn"] == settings.lambda_arn("deploy-endpoint")
-    assert deploy["Arguments"]["model_package_arn"] == {"Get": "Steps.RegisterMultiInstance-RegisterModel.ModelPackageArn"}
+    assert deploy["Arguments"]["model_package_arn"] == {"Get": "Steps.RegisterMultiInstance.ModelPackageArn"}
     assert deploy["Arguments"]["endpoint_name"] == f"{settings.project_name}-multi-instance"
     check = nodes["CheckMultiInstance"].document
     assert check["FunctionArn"] == settings.lambda_arn("check-endpoint")
@@ -568,7 +586,8 @@ def test_validate_reports_the_old_entrypoint_and_passes_the_new_one(document, tm
 @pytest.mark.parametrize("breakage, expected", [
     (lambda d: next(p for p in d["Parameters"] if p["Name"] == "ImageSize").update(DefaultValue=16),
      "parameter ImageSize, DefaultValue: 16 is outside; allowed: 32 to 1024, since train.py refuses"),
-    (lambda d: next(p for p in d["Parameters"] if p["Name"] == "TuningMaxParallelJobs").update(DefaultValue=9),
+    (lambda d: next(s for s in d["Steps"] if s["Name"] == "TuneHyperparameters")["Arguments"][
+        "HyperParameterTuningJobConfig"]["ResourceLimits"].update(MaxParallelTrainingJobs=9),
      "step TuneHyperparameters, Arguments.HyperParameterTuningJobConfig.ResourceLimits.MaxParallelTrainingJobs: "
      "9 parallel of 8; allowed: no more parallel training jobs than training jobs in all"),
     (lambda d: next(p for p in d["Parameters"] if p["Name"] == "TrainingInstanceType").update(DefaultValue="ml.m5.huge"),

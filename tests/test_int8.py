@@ -136,7 +136,7 @@ def test_the_definition_passes_the_precision_from_evaluation_to_the_endpoint():
     for suffix in ("SingleInstance", "MultiInstance"):
         arguments = steps[f"Evaluate{suffix}"].document["Arguments"]["AppSpecification"]["ContainerArguments"]
         assert arguments[arguments.index("--inference-precision") + 1] == {"Get": "Parameters.InferencePrecision"}
-        environment = steps[f"Register{suffix}-RegisterModel"].document["Arguments"]["InferenceSpecification"]["Containers"][0]["Environment"]
+        environment = steps[f"Register{suffix}"].document["Arguments"]["InferenceSpecification"]["Containers"][0]["Environment"]
         assert environment[contract.INFERENCE_PRECISION_ENV] == {"Std:JsonGet": {
             "PropertyFile": {"Get": f"Steps.Evaluate{suffix}.PropertyFiles.Evaluation{suffix}"},
             "Path": contract.SERVED_PRECISION_JSON_PATH}}

@@ -209,7 +209,7 @@ def test_evaluations_registry_and_endpoint_checks(full_run):
         assert 0.7 <= accuracy <= 1.0
         outputs = steps[f"Evaluate{variant}"]["details"]["outputs"]["evaluation"]
         assert (Path(outputs) / "evaluation.json").is_file() and (Path(outputs) / "confusion_matrix.png").is_file()
-        assert steps[f"Register{variant}-RegisterModel"]["status"] == "Succeeded"
+        assert steps[f"Register{variant}"]["status"] == "Succeeded"
         deploy = steps[f"Deploy{variant}"]["details"]["outputs"]
         check = steps[f"Check{variant}"]["details"]["outputs"]
         assert deploy["action"] == "created"
@@ -257,7 +257,7 @@ def test_raised_threshold_ends_in_the_fail_step(tmp_path: Path):
                         rf"it was not registered or deployed \(the (single|multi) instance model's is "
                         rf"{summary['test_accuracy'][f'Evaluate{twin}']}\)\.", message)
     assert message in summary["failure_reason"] and message in out
-    for skipped in (f"Register{variant}-RegisterModel", f"CheckApproval{variant}", f"Deploy{variant}", f"Check{variant}"):
+    for skipped in (f"Register{variant}", f"CheckApproval{variant}", f"Deploy{variant}", f"Check{variant}"):
         assert steps[skipped]["status"] == "Skipped"
 
 
@@ -293,13 +293,13 @@ def test_a_twin_below_the_threshold_does_not_stop_the_other_and_fails_the_run_af
     summary = summary_of(workdir)
     steps = steps_by_name(summary)
     status_of = {name: step["status"] for name, step in steps.items()}
-    for name in ("EvaluateSingleInstance", "RegisterSingleInstance-RegisterModel", "DeploySingleInstance",
+    for name in ("EvaluateSingleInstance", "RegisterSingleInstance", "DeploySingleInstance",
                  "WaitForSingleInstance", "CheckSingleInstance", "EvaluateMultiInstance", "CheckTwinDeploymentMultiInstance"):
         assert status_of[name] == "Succeeded", (name, steps[name])
     assert steps["DeploySingleInstance"]["details"]["outputs"]["action"] == "created"
     assert steps["WaitForSingleInstance"]["details"]["callback"]["deliveries"] >= 2  # the endpoint was Creating at first
     assert steps["CheckSingleInstance"]["details"]["outputs"]["status"] == "InService"
-    for name in ("RegisterMultiInstance-RegisterModel", "DeployMultiInstance", "AccuracyTooLowMultiInstance"):
+    for name in ("RegisterMultiInstance", "DeployMultiInstance", "AccuracyTooLowMultiInstance"):
         assert status_of[name] == "Skipped", (name, steps[name])
     assert [name for name, value in status_of.items() if value == "Failed"] == ["AccuracyTooLowMultiInstanceAfterSingleInstance"]
     accuracy = summary["test_accuracy"]["EvaluateMultiInstance"]

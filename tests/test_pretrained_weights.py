@@ -69,12 +69,17 @@ def test_local_run_defaults_without_weights_train_a_small_whole_network(built) -
     document = document_of(built)
     real = command.local_choices(document, {}, sample=False)
     assert {k: v for k, (v, _) in real.items()} == {"PretrainedWeights": "none", "Backbone": "resnet18",
-                                                   "ImageSize": 64, "TuningMaxJobs": 2}
+                                                   "ImageSize": 64}
     assert all(reason for _, reason in real.values())
     sample = command.local_overrides(document, {"ImageSize": 48}, sample=True)
-    assert sample == {"PretrainedWeights": "none", "Backbone": "resnet18", "TuningMaxJobs": 4}
+    assert sample == {"PretrainedWeights": "none", "Backbone": "resnet18"}
     with_weights = command.local_overrides(document, {"PretrainedWeightsS3Uri": "s3://b/w.pth"}, sample=False)
     assert with_weights == {}  # PretrainedWeights=imagenet then reads the file from the pretrained channel
+    # the tuning limits are settings now: local-run caps the trials unless told (--max-tuning-jobs) or given weights
+    assert command.local_trials({}, sample=True, flag=None)[0] == 4
+    assert command.local_trials({}, sample=False, flag=None)[0] == 2
+    assert command.local_trials({}, sample=True, flag=1) is None
+    assert command.local_trials({"PretrainedWeightsS3Uri": "s3://b/w.pth"}, sample=False, flag=None) is None
 
 
 def test_a_local_weights_file_becomes_the_parameter_in_local_s3(tmp_path: Path) -> None:

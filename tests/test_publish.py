@@ -388,7 +388,7 @@ def test_start_returns_an_execution_arn_with_the_parameters(first_upsert, endpoi
     ("Backbone=vgg16", "--param Backbone='vgg16' is not one of resnet18, resnet34, resnet50"),
     ("Backbone", "--param 'Backbone' is not Name=Value"),
     ("ImageSize=0", "--param ImageSize=0: ImageSize must be 32 to 1024, since train.py refuses a side under 32 pixels"),
-    ("TuningMaxParallelJobs=9", "--param TuningMaxParallelJobs=9: TuningMaxParallelJobs (9) must not exceed TuningMaxJobs (8)"),
+    ("EndpointMinCapacity=9", "--param EndpointMinCapacity=9: EndpointMinCapacity (9) must not exceed EndpointMaxCapacity (5)"),
 ])
 def test_start_checks_parameters_against_the_deployed_pipeline(first_upsert, endpoint, sources, capsys, param, message):
     code, out, err = run(capsys, *cli(endpoint, sources, "start", "--param", param))

@@ -31,14 +31,15 @@ NO_WEIGHTS_DEFAULTS = {
 REAL_DATA_DEFAULTS = {
     "Backbone": ("resnet18", "the smallest ResNet: a whole-network epoch on CPU takes seconds, not minutes"),
     "ImageSize": (64, "enough pixels for real photos at a twelfth of 224's compute"),
-    "TuningMaxJobs": (2, "two trials keep the search short; the final trainings are the costly part"),
 }
 # Small and fast on the generated sample (a few minutes on two cores, the 7-instance training included).
 SAMPLE_DEFAULTS = {
     "Backbone": ("resnet18", "the generated sample is tiny"),
     "ImageSize": (32, "the sample's shapes need no more"),
-    "TuningMaxJobs": (4, "trials on features take seconds"),
 }
+# The trials local-run runs when --max-tuning-jobs is not given (the definition's TuningMaxJobs setting is for AWS).
+SAMPLE_TRIALS = (4, "trials on features take seconds")
+REAL_DATA_TRIALS = (2, "two trials keep the search short; the final trainings are the costly part")
 
 
 def _seconds(text: str) -> float:
@@ -72,7 +73,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--pretrained-weights", type=Path, default=None, metavar="FILE",
                         help=f"a local state dict of the backbone (e.g. resnet50.pth): the same as --param {WEIGHTS_PARAMETER}=FILE")
     parser.add_argument("--max-tuning-jobs", type=positive_int, default=None, metavar="N",
-                        help="run at most N tuning trials (default: the TuningMaxJobs parameter)")
+                        help=f"run at most N tuning trials (default: {SAMPLE_TRIALS[0]} on the generated sample, "
+                             f"{REAL_DATA_TRIALS[0]} on --data, the definition's MaxNumberOfTrainingJobs with a weights file)")
     parser.add_argument("--parallel", type=positive_int, default=max(1, min(2, os.cpu_count() or 1)), metavar="N",
                         help="steps (and tuning trials) run at once; an N-instance job counts as one (default %(default)s)")
     parser.add_argument("--endpoint-delay", type=_seconds, default=0.0, metavar="SECONDS",
@@ -105,6 +107,14 @@ def local_choices(document: dict, given: dict[str, Any], sample: bool) -> dict[s
     defaults = {**({} if weights else NO_WEIGHTS_DEFAULTS),
                 **(SAMPLE_DEFAULTS if sample else {} if weights else REAL_DATA_DEFAULTS)}
     return {name: choice for name, choice in defaults.items() if name in names and name not in given}
+
+
+def local_trials(given: dict[str, Any], sample: bool, flag: int | None) -> tuple[int, str] | None:
+    """How many tuning trials local-run runs, with why, when ``--max-tuning-jobs`` (``flag``) is not given;
+    None keeps the definition's MaxNumberOfTrainingJobs (with a weights file, as the parameters do)."""
+    if flag is not None or (WEIGHTS_PARAMETER in given and not sample):
+        return None
+    return SAMPLE_TRIALS if sample else REAL_DATA_TRIALS
 
 
 def local_overrides(document: dict, given: dict[str, Any], sample: bool) -> dict[str, Any]:
@@ -207,7 +217,8 @@ def run_command(args: argparse.Namespace) -> int:
     check_run_parameters({**applied, **given}, document)
     execution_id = new_execution_id()
     workdir = args.workdir or DEFAULT_WORKDIRS / execution_id
-    options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=args.max_tuning_jobs,
+    trials = local_trials(given, args.data is None, args.max_tuning_jobs)
+    options = RunOptions(parameters={**applied, **given}, max_tuning_jobs=trials[0] if trials else args.max_tuning_jobs,
                          parallel=args.parallel, plain=args.plain, endpoint_delay_seconds=args.endpoint_delay)
     try:
         run = LocalRun(document, settings, synthesized.assets, workdir, contract, options, execution_id)
@@ -224,11 +235,13 @@ def run_command(args: argparse.Namespace) -> int:
     if weights_file is not None:
         print(f"pretrained weights: {weights_file} as {WEIGHTS_PARAMETER}={given[WEIGHTS_PARAMETER]} "
               f"(the '{contract.PRETRAINED_CHANNEL}' channel; PretrainedWeights=imagenet reads it, the backbone stays frozen)")
-    if applied:
+    if applied or trials:
         why = "local-run defaults" + (" for the generated sample" if args.data is None else "")
-        print(f"{why} (--param NAME=VALUE to choose otherwise):")
+        print(f"{why} (--param NAME=VALUE or --max-tuning-jobs N to choose otherwise):")
         for name, (value, reason) in choices.items():
             print(f"  {name}={value}: {reason}")
+        if trials:
+            print(f"  --max-tuning-jobs {trials[0]}: {trials[1]}")
     print(f"data: {data['description']} at {os.path.relpath(data['path'])}; work dir {os.path.relpath(run.workdir)}")
     sys.stdout.flush()
     result = run.execute()
