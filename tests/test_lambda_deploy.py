@@ -445,3 +445,20 @@ def test_the_default_strategy_sends_the_same_update_as_before_strategies_existed
     assert implicit["DeploymentConfig"]["BlueGreenUpdatePolicy"] == {
         "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 120},
         "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 3600}
+
+
+def test_the_deployment_parameters_are_what_the_deploy_function_takes():
+    """The pipeline's deployment parameters and the function's event fields are written on both sides of the
+    shipping boundary: their values, defaults and ranges must agree."""
+    from pipeline.settings import Settings
+    from steps.parameters import PARAMETER_RANGES, define_parameters
+
+    deploy = load_handler("deploy_endpoint")
+    parameters = define_parameters(Settings(), "s3://bucket/code.tar.gz")
+    assert parameters.deployment_strategy.enum_values == list(deploy.STRATEGIES)
+    defaults = {"deployment_strategy": parameters.deployment_strategy.default_value,
+                "deployment_step_percent": parameters.deployment_step_percent.default_value,
+                "deployment_bake_seconds": parameters.deployment_bake_seconds.default_value}
+    assert deploy.parse_traffic(defaults, 1) == deploy.TrafficShift()  # the defaults are today's all-at-once update
+    assert PARAMETER_RANGES["DeploymentStepPercent"][:2] == deploy.STEP_PERCENT_RANGE
+    assert PARAMETER_RANGES["DeploymentBakeSeconds"][:2] == (0, deploy.MAX_BAKE_SECONDS)
