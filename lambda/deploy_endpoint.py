@@ -9,11 +9,18 @@ switches it to the new config with a blue/green update. It returns at once:
 waiting for the endpoint is the WaitFor... callback step's job, because an
 endpoint can take longer to come up than a LambdaStep may run. Running it
 again for a package version that serves the same artifacts changes nothing.
+
+An update shifts traffic as ``deployment_strategy`` says (SageMaker's
+deployment guardrails): all at once, a canary of ``deployment_step_percent``
+of the new fleet, or linear steps of that size, each followed by a bake of
+``deployment_bake_seconds`` while the rollback alarms watch the new fleet. The
+endpoint stays Updating through the bakes, so the WaitFor... step waits them out.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -44,11 +51,16 @@ HASH_LENGTH = 10
 MAX_NAME_LENGTH = 63
 BUSY_STATUSES = (*WAITING_STATUSES, "Deleting")
 STACK_ALARM_PATTERN = "{endpoint_name}-5xx-errors"  # the alarms infra/template.yaml creates for both endpoints
-# Blue/green: shift all traffic at once, then keep the old fleet while the
-# rollback alarms watch the new one, so an alarm can switch traffic back. The
-# bake is short because the Check step (at most 10 minutes) waits for it too.
-BAKE_SECONDS_WITH_ALARMS = 120
-MAX_UPDATE_SECONDS = 3600
+# Blue/green: shift traffic to the new fleet, keeping the old one while the rollback
+# alarms watch the new one, so an alarm can switch traffic back.
+STRATEGIES = {"all-at-once": "ALL_AT_ONCE", "canary": "CANARY", "linear": "LINEAR"}
+DEFAULT_BAKE_SECONDS = 120
+MAX_BAKE_SECONDS = 3600  # TrafficRoutingConfig.WaitIntervalInSeconds
+DEFAULT_STEP_PERCENT = 25
+STEP_PERCENT_RANGE = (10, 50)  # LinearStepSize: 10-50% of the new fleet; CanarySize: at most 50%
+MAX_UPDATE_SECONDS = 3600  # the update's time limit unless its bakes need more
+PROVISIONING_SECONDS = 1800  # left, beyond the bakes, for the new fleet to come up
+MAX_EXECUTION_SECONDS = 28800  # BlueGreenUpdatePolicy.MaximumExecutionTimeoutInSeconds
 # Instance families with local NVMe instance storage. SageMaker encrypts that storage in
 # hardware and rejects an endpoint config's KmsKeyId for them, so it is left out there.
 LOCAL_STORAGE_FAMILIES = frozenset({
@@ -72,6 +84,24 @@ class DeployError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TrafficShift:
+    """How an update moves traffic to the new fleet: a key of STRATEGIES, the step size, the bake after each step."""
+
+    strategy: str = "all-at-once"
+    step_percent: int = DEFAULT_STEP_PERCENT
+    bake_seconds: int = DEFAULT_BAKE_SECONDS
+
+    @property
+    def bakes(self) -> int:
+        """Bakes in one update: one after all traffic, the canary's and the final one, one per linear step."""
+        return {"all-at-once": 1, "canary": 2}.get(self.strategy) or math.ceil(100 / self.step_percent)
+
+    @property
+    def shifting_seconds(self) -> int:
+        return self.bakes * self.bake_seconds
+
+
+@dataclass(frozen=True)
 class DeployRequest:
     model_package_arn: str
     endpoint_name: str
@@ -84,17 +114,19 @@ class DeployRequest:
     rollback_alarm_names: tuple[str, ...]
     allow_update_without_rollback: bool = False
     threads_per_worker: int = 0  # 0: the model server's own defaults
+    traffic: TrafficShift = TrafficShift()
 
 
 def parse_event(event: Mapping[str, Any]) -> DeployRequest:
     """The deploy request in ``event``; raises EventError naming the first bad field."""
     endpoint_name = read_name(event, "endpoint_name")
     alarms = read_str_list(event, "rollback_alarm_names") or default_rollback_alarms(endpoint_name)
+    instance_count = read_int(event, "initial_instance_count", minimum=1, maximum=100)
     return DeployRequest(
         model_package_arn=read_str(event, "model_package_arn", pattern=MODEL_PACKAGE_ARN, hint="a SageMaker model package ARN (arn:aws:sagemaker:<region>:<account>:model-package/<group>/<version>)"),
         endpoint_name=endpoint_name,
         instance_type=read_str(event, "instance_type", pattern=INSTANCE_TYPE, hint="a SageMaker instance type such as ml.m5.large"),
-        initial_instance_count=read_int(event, "initial_instance_count", minimum=1, maximum=100),
+        initial_instance_count=instance_count,
         model_role_arn=read_str(event, "model_role_arn", pattern=ROLE_ARN, hint="an IAM role ARN (arn:aws:iam::<account>:role/<name>)"),
         data_capture_s3_uri=read_str(event, "data_capture_s3_uri", default="", pattern=S3_URI, hint="an s3://bucket/prefix URI, or empty to turn capture off", allow_empty=True),
         data_capture_percentage=read_int(event, "data_capture_percentage", default=100, minimum=1, maximum=100),
@@ -102,6 +134,7 @@ def parse_event(event: Mapping[str, Any]) -> DeployRequest:
         rollback_alarm_names=alarms,
         allow_update_without_rollback=read_bool(event, "allow_update_without_rollback", default=False),
         threads_per_worker=read_int(event, "threads_per_worker", default=0, minimum=0, maximum=64),
+        traffic=parse_traffic(event, instance_count),
     )
 
 
@@ -121,6 +154,32 @@ def serving_environment(request: DeployRequest) -> dict[str, str]:
     threads = str(request.threads_per_worker)
     return {"SAGEMAKER_MODEL_SERVER_WORKERS": str(max(1, vcpus // request.threads_per_worker)),
             "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def parse_traffic(event: Mapping[str, Any], instance_count: int) -> TrafficShift:
+    """The traffic shift of the event; refuses one SageMaker would refuse, or one the wait would give up on."""
+    strategy = read_str(event, "deployment_strategy", default="all-at-once").lower()
+    if strategy not in STRATEGIES:
+        raise EventError(f"event field 'deployment_strategy' = {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    shift = TrafficShift(
+        strategy=strategy,
+        step_percent=read_int(event, "deployment_step_percent", default=DEFAULT_STEP_PERCENT,
+                              minimum=STEP_PERCENT_RANGE[0], maximum=STEP_PERCENT_RANGE[1]),
+        bake_seconds=read_int(event, "deployment_bake_seconds", default=DEFAULT_BAKE_SECONDS, minimum=0, maximum=MAX_BAKE_SECONDS),
+    )
+    if strategy != "all-at-once" and instance_count < 2:
+        raise EventError(f"deployment_strategy {strategy!r} moves traffic between instances of the new fleet: "
+                         f"initial_instance_count must be at least 2, got {instance_count} (or deploy all-at-once)")
+    if shift.shifting_seconds + PROVISIONING_SECONDS > MAX_EXECUTION_SECONDS:
+        raise EventError(f"deployment_strategy {strategy!r} with {shift.bakes} bakes of {shift.bake_seconds} s takes longer than "
+                         f"SageMaker lets an update run ({MAX_EXECUTION_SECONDS} s with {PROVISIONING_SECONDS} s to start "
+                         "the fleet): take larger steps or shorter bakes")
+    wait_minutes = read_int(event, "max_wait_minutes", default=0, minimum=0)
+    if wait_minutes and shift.shifting_seconds > wait_minutes * 60:
+        raise EventError(f"deployment_strategy {strategy!r} bakes {shift.bakes} x {shift.bake_seconds} s = "
+                         f"{shift.shifting_seconds / 60:.0f} minutes, more than max_wait_minutes={wait_minutes} "
+                         "(EndpointWaitMinutes): the wait would give up first; wait longer or bake shorter")
+    return shift
 
 
 def default_rollback_alarms(endpoint_name: str) -> tuple[str, ...]:
@@ -242,14 +301,23 @@ def has_local_storage(instance_type: str) -> bool:
     return instance_type.split(".")[1] in LOCAL_STORAGE_FAMILIES
 
 
-def deployment_config(alarm_names: tuple[str, ...]) -> dict[str, Any]:
+def traffic_routing(shift: TrafficShift, alarmed: bool) -> dict[str, Any]:
+    """TrafficRoutingConfiguration: all at once with no bake unless alarms watch it; a canary or linear steps
+    of ``step_percent`` of the new fleet's capacity, each followed by the bake."""
+    if shift.strategy == "all-at-once":
+        return {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": shift.bake_seconds if alarmed else 0}
+    size = {"Type": "CAPACITY_PERCENT", "Value": shift.step_percent}
+    key = "CanarySize" if shift.strategy == "canary" else "LinearStepSize"
+    return {"Type": STRATEGIES[shift.strategy], "WaitIntervalInSeconds": shift.bake_seconds, key: size}
+
+
+def deployment_config(alarm_names: tuple[str, ...], shift: TrafficShift) -> dict[str, Any]:
     """Blue/green update settings; with alarms, traffic returns to the old fleet when one fires while baking."""
-    bake = BAKE_SECONDS_WITH_ALARMS if alarm_names else 0
     config: dict[str, Any] = {
         "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": bake},
+            "TrafficRoutingConfiguration": traffic_routing(shift, bool(alarm_names)),
             "TerminationWaitInSeconds": 0,
-            "MaximumExecutionTimeoutInSeconds": MAX_UPDATE_SECONDS,
+            "MaximumExecutionTimeoutInSeconds": max(MAX_UPDATE_SECONDS, shift.shifting_seconds + PROVISIONING_SECONDS),
         }
     }
     if alarm_names:
@@ -333,7 +401,7 @@ def update_arguments(request: DeployRequest, config_name: str, keep_instance_cou
     arguments: dict[str, Any] = {
         "EndpointName": request.endpoint_name,
         "EndpointConfigName": config_name,
-        "DeploymentConfig": deployment_config(alarms),
+        "DeploymentConfig": deployment_config(alarms, request.traffic),
     }
     if keep_instance_count:
         arguments["RetainAllVariantProperties"] = True

@@ -8,7 +8,8 @@ Each delivery looks at the endpoint once:
 
 - InService on the config just deployed: success, with the endpoint's outputs;
 - Failed, UpdateRollbackFailed, OutOfService, or InService on another config
-  (the update was rolled back): failure with the reason;
+  (the update was rolled back): failure with the reason, naming the rollback
+  alarms of the update (DescribeEndpoint's LastDeploymentConfig) that fired;
 - still Creating, Updating, SystemUpdating or RollingBack: the message is made
   invisible for the next poll interval (doubling from INITIAL_POLL_SECONDS up to
   MAX_POLL_SECONDS) and reported as a batch item failure, so SQS delivers it
@@ -138,6 +139,32 @@ def parse_record(record: Any) -> Delivery:
     )
 
 
+def fired_alarms(endpoint: Mapping[str, Any], since: float) -> str:
+    """The last update's rollback alarms that are in ALARM or changed state since ``since`` (epoch seconds),
+    as 'alarm NAME ALARM (its reason)'; '' when the update had no alarms or none of them moved."""
+    rollback = (endpoint.get("LastDeploymentConfig") or {}).get("AutoRollbackConfiguration") or {}
+    names = [alarm["AlarmName"] for alarm in rollback.get("Alarms", []) if alarm.get("AlarmName")]
+    if not names:
+        return ""
+    cloudwatch = client("cloudwatch")
+    try:
+        answer = cloudwatch.describe_alarms(AlarmNames=names, AlarmTypes=["MetricAlarm", "CompositeAlarm"])
+    except Exception as error:  # the failure still goes out, saying why the alarms are not named
+        return f"rollback alarms {', '.join(names)} cannot be read ({error_message(error)})"
+    fired = []
+    for alarm in [*answer.get("MetricAlarms", []), *answer.get("CompositeAlarms", [])]:
+        changed = alarm.get("StateUpdatedTimestamp")
+        moved = changed is not None and changed.timestamp() >= since
+        if alarm.get("StateValue") == "ALARM" or moved:
+            fired.append(f"alarm {alarm['AlarmName']} {alarm.get('StateValue')} ({alarm.get('StateReason') or 'no reason given'})")
+    return "; ".join(fired)
+
+
+def with_alarms(text: str, endpoint: Mapping[str, Any], waited_seconds: float) -> str:
+    alarms = fired_alarms(endpoint, time.time() - waited_seconds)
+    return f"{text}: {alarms}" if alarms else text
+
+
 def endpoint_outcome(sagemaker: Any, request: WaitRequest, waited_seconds: float) -> Outcome:
     """What one look at the endpoint says: success, failure, or wait some more."""
     name = request.endpoint_name
@@ -153,15 +180,17 @@ def endpoint_outcome(sagemaker: Any, request: WaitRequest, waited_seconds: float
     if status == "InService" and config == request.endpoint_config_name:
         return Outcome("success", outputs=(("endpoint_name", name), ("endpoint_config_name", config), ("status", status)))
     if status == "InService":
-        return Outcome("failure", f"endpoint {name} is InService on config {config}, not the deployed "
-                                  f"{request.endpoint_config_name}: the update was rolled back ({reason})")
+        rolled_back = with_alarms(f"endpoint {name} rolled back to config {config}, not the deployed "
+                                  f"{request.endpoint_config_name}", endpoint, waited_seconds)
+        return Outcome("failure", f"{rolled_back}; {endpoint['FailureReason']}" if endpoint.get("FailureReason") else rolled_back)
     if status in WAITING_STATUSES:
         if waited_seconds >= request.max_wait_minutes * 60:
             return Outcome("failure", f"endpoint {name} is still {status} after {waited_seconds / 60:.0f} minutes, "
                                       f"past EndpointWaitMinutes={request.max_wait_minutes}; SageMaker goes on with it: "
                                       "retry the execution once it is InService, or run with a longer EndpointWaitMinutes")
         return Outcome("wait", f"endpoint {name} is {status}")
-    return Outcome("failure", f"endpoint {name} is {status or 'in no status'}: {reason}")
+    ended = with_alarms(f"endpoint {name} is {status or 'in no status'}", endpoint, waited_seconds)
+    return Outcome("failure", f"{ended}: {reason}")
 
 
 def poll_seconds(receive_count: int, remaining_seconds: float) -> int:

@@ -11,10 +11,11 @@ from pipeline.parameters import ParameterError, parameter_values
 from pipeline.settings import ENVIRONMENT, Settings, load_settings, parse_tags
 
 # Settings without a plain --name flag: with flags of their own (--spot-training, --source-dir, --tag), pinned
-# by the package (framework versions), or set in CodeBuild's environment only (the wait function and its queue).
+# by the package (framework versions), or set in CodeBuild's environment only (the wait and notify functions, the
+# queue and the topic).
 NOT_FLAGS = frozenset({
     "spot_training", "source_dir", "tags", "training_framework_version", "inference_framework_version", "python_version",
-    "wait_lambda_role_arn", "endpoint_wait_queue_url",
+    "wait_lambda_role_arn", "endpoint_wait_queue_url", "notify_lambda_role_arn", "failure_topic_arn",
 })
 SETTING_FLAGS = tuple(setting.name for setting in fields(Settings) if setting.name not in NOT_FLAGS)
 

@@ -20,7 +20,7 @@ PYTHON_VERSION = "py312"
 
 PLACEHOLDER_ACCOUNT = "111122223333"
 LAMBDA_ALIAS = "live"
-LAMBDA_FUNCTIONS = ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint")
+LAMBDA_FUNCTIONS = ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint", "notify-failure")
 
 # Environment variables, named as the SageMaker project templates name them in CodeBuild.
 ENVIRONMENT = {
@@ -44,6 +44,8 @@ ENVIRONMENT = {
     "invoke_endpoint_name": "INVOKE_ENDPOINT_NAME",
     "allowed_origin": "ALLOWED_ORIGIN",
     "invoke_provisioned_concurrency": "INVOKE_PROVISIONED_CONCURRENCY",
+    "notify_lambda_role_arn": "NOTIFY_LAMBDA_ROLE_ARN",
+    "failure_topic_arn": "FAILURE_TOPIC_ARN",
     "tuning_max_jobs": "TUNING_MAX_JOBS",
     "tuning_max_parallel_jobs": "TUNING_MAX_PARALLEL_JOBS",
 }
@@ -63,6 +65,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAME_63 = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _INTEGER = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 _ROLE = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+$")
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[a-zA-Z0-9_-]{1,256}$")
 _QUEUE_URL = re.compile(r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[a-zA-Z0-9_-]{1,80}$")
 # Set by CodeBuild in every build (docs.aws.amazon.com/codebuild/latest/userguide/build-env-ref-env-vars.html).
 CODEBUILD_BUILD_ARN = "CODEBUILD_BUILD_ARN"
@@ -108,6 +111,9 @@ class Settings:
     allowed_origin: str = ""  # comma-separated CORS origins of the invoke function; empty sends no CORS headers
     # Instances of the invoke function's live alias kept initialized, so public requests skip cold starts; 0 keeps none.
     invoke_provisioned_concurrency: int = 5
+    # The notify function, which the stack's rule on failed executions invokes, and the topic it publishes to.
+    notify_lambda_role_arn: str = ""
+    failure_topic_arn: str = ""
     tuning_max_jobs: int = 8  # trials of the tuning step in all
     tuning_max_parallel_jobs: int = 2  # trials of the tuning step at once
 
@@ -124,6 +130,8 @@ class Settings:
             "endpoint_wait_queue_url": f"https://sqs.{self.region}.amazonaws.com/{self.account}/{self.project_name}-endpoint-wait",
             "invoke_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-invoke-endpoint",
             "invoke_endpoint_name": f"{self.project_name}-single-instance",
+            "notify_lambda_role_arn": f"arn:aws:iam::{self.account}:role/{self.project_name}-notify-failure",
+            "failure_topic_arn": f"arn:aws:sns:{self.region}:{self.account}:{self.project_name}-pipeline-failures",
         }
         for name, value in derived.items():
             if not getattr(self, name):
@@ -139,6 +147,7 @@ class Settings:
             ("bucket", _BUCKET, "an S3 bucket name"),
             *((name, _ROLE, "an IAM role ARN") for name in role_settings()),
             ("endpoint_wait_queue_url", _QUEUE_URL, "an SQS queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
+            ("failure_topic_arn", _TOPIC_ARN, "an SNS topic ARN (arn:aws:sns:<region>:<account>:<name>)"),
             ("invoke_endpoint_name", _NAME_63, "a SageMaker endpoint name (letters, digits, hyphens, at most 63 characters)"),
         ]
         for name, pattern, expected in checks:
@@ -175,6 +184,15 @@ class Settings:
     def deploy_pipeline_name(self) -> str:
         """The deploy-only pipeline that the registry's approval event starts."""
         return f"{self.project_name}-deploy"
+
+    @property
+    def failure_rule_name(self) -> str:
+        """The stack's EventBridge rule on failed executions, whose target is the notify function."""
+        return f"{self.project_name}-pipeline-failed"
+
+    @property
+    def failure_rule_arn(self) -> str:
+        return f"arn:aws:events:{self.region}:{self.account}:rule/{self.failure_rule_name}"
 
     def lambda_function_name(self, function: str) -> str:
         if function not in LAMBDA_FUNCTIONS:

@@ -40,5 +40,9 @@ def deploy_step(ctx: BuildContext, variant: Variant, model_package_arn: Pipeline
             "data_capture_s3_uri": params.data_capture_s3_uri,
             "kms_key_id": ctx.settings.kms_key_id,
             "threads_per_worker": THREADS_PER_WORKER,
+            "deployment_strategy": params.deployment_strategy,
+            "deployment_step_percent": params.deployment_step_percent,
+            "deployment_bake_seconds": params.deployment_bake_seconds,
+            "max_wait_minutes": params.endpoint_wait_minutes,
         },
     )

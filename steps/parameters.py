@@ -22,6 +22,8 @@ PARAMETER_RANGES = {
     "EndpointMaxCapacity": (1, None, "auto scaling keeps at least one instance of a real-time endpoint"),
     "EndpointTargetInvocationsPerInstance": (0.001, None, "target tracking needs a positive target"),
     "EndpointWaitMinutes": (1, 720, "the wait-endpoint function gives up after at most 12 hours of polling"),
+    "DeploymentStepPercent": (10, 50, "SageMaker takes a canary of at most 50% and linear steps of 10 to 50% of the new fleet"),
+    "DeploymentBakeSeconds": (0, 3600, "SageMaker waits at most an hour after a traffic step (WaitIntervalInSeconds)"),
 }
 # (smaller, larger, why): a run's value of the first must not exceed the second's.
 PARAMETER_ORDER = (
@@ -51,6 +53,9 @@ class Parameters:
     endpoint_target_invocations: ParameterFloat
     data_capture_s3_uri: ParameterString
     endpoint_wait_minutes: ParameterInteger
+    deployment_strategy: ParameterString
+    deployment_step_percent: ParameterInteger
+    deployment_bake_seconds: ParameterInteger
 
     def as_list(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -87,4 +92,10 @@ def define_parameters(settings, no_weights_uri: str) -> Parameters:
         endpoint_target_invocations=ParameterFloat("EndpointTargetInvocationsPerInstance", default_value=100.0),
         data_capture_s3_uri=ParameterString("DataCaptureS3Uri", default_value=""),
         endpoint_wait_minutes=ParameterInteger("EndpointWaitMinutes", default_value=60),
+        # How an update of a serving endpoint moves traffic to the new fleet; lambda/deploy_endpoint.py's STRATEGIES,
+        # DEFAULT_STEP_PERCENT and DEFAULT_BAKE_SECONDS (a test pins them together).
+        deployment_strategy=ParameterString("DeploymentStrategy", default_value="all-at-once",
+                                            enum_values=["all-at-once", "canary", "linear"]),
+        deployment_step_percent=ParameterInteger("DeploymentStepPercent", default_value=25),
+        deployment_bake_seconds=ParameterInteger("DeploymentBakeSeconds", default_value=120),
     )

@@ -134,7 +134,8 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
     """Teach moto's SageMaker the UpdateEndpoint call it lacks; returns the requests it received.
 
     The stand-in does what SageMaker ends with after a successful update: the
-    endpoint serves the new config's variants and is InService.
+    endpoint serves the new config's variants and is InService, and describes
+    the update's DeploymentConfig as its LastDeploymentConfig.
     """
     from moto.sagemaker.models import FakeEndpoint
     from moto.sagemaker.responses import SageMakerResponse
@@ -150,10 +151,99 @@ def update_endpoint_in_moto(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, A
         endpoint.endpoint_config_name = params["EndpointConfigName"]
         endpoint.production_variants = FakeEndpoint._process_production_variants(endpoint, config["ProductionVariants"])
         endpoint.endpoint_status = "InService"
+        if "DeploymentConfig" in params:
+            endpoint.last_deployment_config = params["DeploymentConfig"]
         return json.dumps({"EndpointArn": endpoint.arn})
 
     monkeypatch.setattr(SageMakerResponse, "update_endpoint", update_endpoint, raising=False)
     return received
+
+
+STEPS_PAGE = 10
+
+
+class ExecutionSteps(dict):
+    """execution ARN -> its steps (ListPipelineExecutionSteps' PipelineExecutionStep members, StartTime a datetime)."""
+
+
+@pytest.fixture
+def execution_steps_in_moto(monkeypatch: pytest.MonkeyPatch) -> ExecutionSteps:
+    """Teach moto's SageMaker the ListPipelineExecutionSteps call it lacks, answered from the returned table.
+
+    Each step is checked against botocore's PipelineExecutionStep shape before it
+    is sent (a test cannot hand the handler a field SageMaker never sends); the
+    execution must exist in moto, else ResourceNotFound as SageMaker answers;
+    SortOrder orders by StartTime (Descending by default, as the API reference says); pages hold MaxResults
+    steps (STEPS_PAGE by default) and end with a NextToken while more remain.
+    """
+    from botocore.validate import ParamValidator
+    from moto.sagemaker.responses import SageMakerResponse
+
+    from pipeline.constraints import named_shape
+
+    table = ExecutionSteps()
+    shape = named_shape("sagemaker", "PipelineExecutionStep")
+
+    def list_pipeline_execution_steps(self: SageMakerResponse):
+        params = json.loads(self.body)
+        arn = params["PipelineExecutionArn"]
+        try:
+            self.sagemaker_backend.describe_pipeline_execution(arn)
+        except Exception:
+            return 400, {}, json.dumps({"__type": "ResourceNotFound", "message": f"Pipeline execution {arn} does not exist"})
+        steps = sorted(table.get(arn, []), key=lambda step: step["StartTime"], reverse=params.get("SortOrder") != "Ascending")
+        start = int(params.get("NextToken") or 0)
+        end = start + params.get("MaxResults", STEPS_PAGE)
+        for step in steps[start:end]:
+            report = ParamValidator().validate(step, shape)
+            assert not report.has_errors(), report.generate_report()
+        answer = [{**step, **{key: step[key].timestamp() for key in ("StartTime", "EndTime") if key in step}} for step in steps[start:end]]
+        return json.dumps({"PipelineExecutionSteps": answer, **({"NextToken": str(end)} if end < len(steps) else {})})
+
+    monkeypatch.setattr(SageMakerResponse, "list_pipeline_execution_steps", list_pipeline_execution_steps, raising=False)
+    return table
+
+
+@pytest.fixture
+def tuning_trials_in_moto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teach moto's SageMaker the ListTrainingJobsForHyperParameterTuningJob call it lacks.
+
+    A tuning job's trials are the training jobs in moto named ``<tuning job>-<NNN>-<suffix>``, as SageMaker
+    names them; the answer filters them by StatusEquals, sorts them (SortBy CreationTime or Name, SortOrder),
+    keeps MaxResults, and is checked against botocore's HyperParameterTrainingJobSummary shape. A tuning job
+    moto does not know is ResourceNotFound.
+    """
+    from botocore.validate import ParamValidator
+    from moto.sagemaker.responses import SageMakerResponse
+
+    from pipeline.constraints import named_shape
+
+    shape = named_shape("sagemaker", "HyperParameterTrainingJobSummary")
+
+    def list_training_jobs_for_hyper_parameter_tuning_job(self: SageMakerResponse):
+        params = json.loads(self.body)
+        tuning = params["HyperParameterTuningJobName"]
+        backend = self.sagemaker_backend
+        if tuning not in backend.hyper_parameter_tuning_jobs:
+            return 400, {}, json.dumps({"__type": "ResourceNotFound", "message": f"Amazon SageMaker can't find a tuning job with name {tuning}"})
+        trials = [job for name, job in backend.training_jobs.items() if name.startswith(f"{tuning}-")
+                  and params.get("StatusEquals") in (None, job.training_job_status)]
+        by_name = params.get("SortBy") == "Name"
+        trials.sort(key=lambda job: job.training_job_name if by_name else job.creation_time, reverse=params.get("SortOrder") == "Descending")
+        summaries = []
+        for job in trials[: params.get("MaxResults", 10)]:
+            summary = {"TrainingJobName": job.training_job_name, "TrainingJobArn": job.arn, "TuningJobName": tuning,
+                       "CreationTime": job.creation_time, "TrainingJobStatus": job.training_job_status,
+                       "TunedHyperParameters": job.hyper_parameters or {}}
+            if getattr(job, "failure_reason", None):
+                summary["FailureReason"] = job.failure_reason
+            report = ParamValidator().validate(summary, shape)
+            assert not report.has_errors(), report.generate_report()
+            summaries.append({**summary, "CreationTime": job.creation_time.timestamp()})
+        return json.dumps({"TrainingJobSummaries": summaries})
+
+    monkeypatch.setattr(SageMakerResponse, "list_training_jobs_for_hyper_parameter_tuning_job",
+                        list_training_jobs_for_hyper_parameter_tuning_job, raising=False)
 
 
 @pytest.fixture

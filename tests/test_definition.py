@@ -378,6 +378,15 @@ def test_lambda_steps_call_the_published_aliases_with_their_inputs(nodes, built_
         "Path": CONTRACT.CLASS_COUNT_JSON_PATH, "PropertyFile": {"Get": "Steps.PrepareData.PropertyFiles.Manifest"}}}
 
 
+def test_the_deploy_steps_shift_traffic_as_the_deployment_parameters_say(nodes, document):
+    for suffix in ("SingleInstance", "MultiInstance"):
+        arguments = nodes[f"Deploy{suffix}"].document["Arguments"]
+        for name, parameter in (("deployment_strategy", "DeploymentStrategy"), ("deployment_step_percent", "DeploymentStepPercent"),
+                                ("deployment_bake_seconds", "DeploymentBakeSeconds"), ("max_wait_minutes", "EndpointWaitMinutes")):
+            assert arguments[name] == {"Get": f"Parameters.{parameter}"}, (suffix, name)
+    assert parameter_default(document, "DeploymentStrategy") == "all-at-once"
+
+
 def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
     assert nodes["TrainMultiInstance"].document["Arguments"]["EnableInterContainerTrafficEncryption"] is True
     assert "EnableInterContainerTrafficEncryption" not in nodes["TrainSingleInstance"].document["Arguments"] or \

@@ -88,6 +88,8 @@ class Resolver:
         }
         if kind == "AWS::SQS::Queue":  # Ref of a queue is its URL
             return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{properties['QueueName']}"
+        if kind == "AWS::SNS::Topic":  # Ref of a topic is its ARN
+            return f"arn:{PARTITION}:sns:{REGION}:{ACCOUNT}:{properties['TopicName']}"
         return properties[names[kind]] if kind in names else f"{logical}-physical-id"
 
     def get_att(self, logical: str, attribute: str) -> str:
@@ -242,16 +244,20 @@ SUPPRESSED = {
     ("PERMISSIONS_MANAGEMENT_ACTIONS", "iam:createservicelinkedrole"):
         "Application Auto Scaling needs its SageMaker service-linked role once; limited to that role's ARN and service name",
     ("PRIVILEGE_ESCALATION", "lambda:updatefunctioncode"):
-        "upsert publishes the project's four functions by design, so the build can act as their roles; those roles reach "
-        "only this project's endpoints, models and logs, and UpdateFunctionCode is limited to the four functions",
+        "upsert publishes the project's five functions by design, so the build can act as their roles; those roles reach "
+        "only this project's endpoints, models, executions, topic and logs, and UpdateFunctionCode is limited to the five functions",
     # PassRole + CreateFunction + CreateEventSourceMapping: upsert publishes the functions with their roles and
     # connects the wait queue to the wait function; the mapping is limited to that function's live alias
-    # (test_the_codebuild_role_maps_only_the_wait_queue_to_the_wait_function), the roles to the four function roles.
+    # (test_the_codebuild_role_maps_only_the_wait_queue_to_the_wait_function), the roles to the five function roles.
     ("PRIVILEGE_ESCALATION", "iam:passrole"): "see lambda:createeventsourcemapping",
     ("PRIVILEGE_ESCALATION", "lambda:createfunction"): "see lambda:createeventsourcemapping",
     ("PRIVILEGE_ESCALATION", "lambda:createeventsourcemapping"):
         "the build creates the wait queue's event source mapping for the wait function's live alias only (a condition "
-        "on lambda:FunctionArn), and passes only the four function roles to Lambda",
+        "on lambda:FunctionArn), and passes only the five function roles to Lambda",
+    ("PERMISSIONS_MANAGEMENT_ACTIONS", "lambda:addpermission"):
+        "the notify function belongs to upsert, so upsert lets the stack's failure rule invoke it; limited to that "
+        "function's live alias (asserted in test_the_failure_rule_reaches_the_notify_function_and_its_topic)",
+    ("PERMISSIONS_MANAGEMENT_ACTIONS", "lambda:removepermission"): "as AddPermission: replaces a statement that grants anything else",
     ("RESOURCE_STAR", "application-autoscaling:registerscalabletarget"):
         "scalable-target ARNs carry an ID made at registration, so they cannot be named in advance; conditions pin the namespace and dimension",
     ("RESOURCE_STAR", "application-autoscaling:putscalingpolicy"): "as RegisterScalableTarget",
@@ -362,7 +368,8 @@ def test_roles_pass_only_the_roles_their_services_need(template):
         "DeployFunctionRole": {(f"{role}-sagemaker-model", "sagemaker.amazonaws.com")},
         "PipelineRole": {(f"{role}-sagemaker-jobs", "sagemaker.amazonaws.com")},
         "CodeBuildRole": {(f"{role}-pipeline", "sagemaker.amazonaws.com")}
-        | {(f"{role}-{function}", "lambda.amazonaws.com") for function in ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint")},
+        | {(f"{role}-{function}", "lambda.amazonaws.com") for function in ("deploy-endpoint", "wait-endpoint", "check-endpoint", "invoke-endpoint",
+                                                                        "notify-failure")},
     }
 
 
@@ -782,3 +789,67 @@ def test_the_deploy_pipeline_waits_are_answered_and_upsert_may_publish_it(stack)
     assert any(executions in as_list(s["Resource"]) for s in answers)
     upsert = [s for s in role_statements(stack, "CodeBuildRole") if "sagemaker:UpdatePipeline" in as_list(s["Action"])]
     assert any(rule["Targets"][0]["Arn"] in as_list(s["Resource"]) for s in upsert)
+
+
+# --- told when an execution fails ------------------------------------------------------
+
+def test_the_failure_rule_reaches_the_notify_function_and_its_topic(stack):
+    """The rule, the function's alias, the topic and the permissions name the same things as the settings and the handler."""
+    from lambda_harness import load_handler
+    from pipeline.publish.functions import NOTIFY_FUNCTION
+    from pipeline.settings import LAMBDA_ALIAS, Settings
+
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    settings = Settings(region=REGION, account=ACCOUNT, project_name=project, source_dir=ROOT)
+    rule = stack["FailedExecutionRule"]["Properties"]
+    assert rule["Name"] == settings.failure_rule_name and rule["State"] == "ENABLED"
+    (target,) = rule["Targets"]
+    assert target["Arn"] == f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.lambda_function_name(NOTIFY_FUNCTION)}:{LAMBDA_ALIAS}"
+    pattern = rule["EventPattern"]
+    notify = load_handler("notify_failure")
+    assert pattern["source"] == ["aws.sagemaker"] and pattern["detail-type"] == [notify.DETAIL_TYPE]
+    assert set(pattern["detail"]["currentPipelineExecutionStatus"]) <= set(notify.NOTIFIED_STATUSES)
+    pipelines = {arn.rsplit("/", 1)[1] for arn in pattern["detail"]["pipelineArn"]}
+    assert pipelines == {settings.pipeline_name, f"{project}-deploy"}
+    topic = stack["FailureTopic"]["Properties"]
+    assert f"arn:aws:sns:{REGION}:{ACCOUNT}:{topic['TopicName']}" == settings.failure_topic_arn
+    assert topic["KmsMasterKeyId"] in ("alias/aws/sns", KMS_KEY)
+    notify_role = f"arn:aws:iam::{ACCOUNT}:role/{stack['NotifyFunctionRole']['Properties']['RoleName']}"
+    assert notify_role == settings.notify_lambda_role_arn
+    (only,) = [s for s in stack["FailureTopicPolicy"]["Properties"]["PolicyDocument"]["Statement"] if s["Sid"] == "OnlyTheNotifyFunctionPublishes"]
+    assert only["Effect"] == "Deny" and only["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": notify_role}}
+    publishers = {logical for logical, name, document in policies(stack) if name != "trust" for st in statements(document)
+                  if st["Effect"] == "Allow" and "sns:Publish" in as_list(st["Action"])}
+    assert publishers == {"NotifyFunctionRole"}
+    permission = {(a, r) for s in role_statements(stack, "CodeBuildRole") if s["Effect"] == "Allow"
+                  for a in as_list(s["Action"]) if "Permission" in a or a == "lambda:GetPolicy" for r in as_list(s["Resource"])}
+    alias = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{project}-notify-failure:live"
+    assert permission == {(f"lambda:{verb}", alias) for verb in ("GetPolicy", "AddPermission", "RemovePermission")}
+
+
+def test_the_notify_role_allows_every_call_its_handler_makes_and_no_more(stack):
+    """Each boto3 call of lambda/notify_failure.py, on the resources it names for either pipeline, is allowed."""
+    project = stack["ModelPackageGroup"]["Properties"]["ModelPackageGroupName"].removesuffix("-models")
+    source = (ROOT / "lambda" / "notify_failure.py").read_text()
+    calls = {(variable, method) for variable, method in re.findall(r"\b(sagemaker|sns)\.([a-z_]+)\(", source)}
+    prefix = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}"
+    resources = {
+        "ListPipelineExecutionSteps": [f"{prefix}:pipeline/{project}-{p}/execution/x7k2m9q4p1ab" for p in ("pipeline", "deploy")],
+        "DescribePipelineExecution": [f"{prefix}:pipeline/{project}-{p}/execution/x7k2m9q4p1ab" for p in ("pipeline", "deploy")],
+        "DescribeTrainingJob": [f"{prefix}:training-job/pipelines-x7k2m9q4p1ab-trainmultiinstance-qz3fr8wlpk"],
+        "DescribeProcessingJob": [f"{prefix}:processing-job/pipelines-x7k2m9q4p1ab-preparedata-a1b2c3"],
+        "DescribeHyperParameterTuningJob": [f"{prefix}:hyper-parameter-tuning-job/x7k2m9q4p1ab-tunehyp-a1b2c3d4"],
+        "ListTrainingJobsForHyperParameterTuningJob": [f"{prefix}:hyper-parameter-tuning-job/x7k2m9q4p1ab-tunehyp-a1b2c3d4"],
+        "Publish": [f"arn:aws:sns:{REGION}:{ACCOUNT}:{project}-pipeline-failures"],
+    }
+    granted = role_statements(stack, "NotifyFunctionRole")
+    required = {(service, api_names(service)[method]) for service, method in calls}
+    assert {api for _, api in required} == set(resources)
+    missing = [f"{service}:{api} on {resource}" for service, api in sorted(required) for resource in resources[api]
+               if not allowed(granted, f"{service}:{api}", resource)]
+    assert missing == []
+    actions = {a for s in granted if s["Effect"] == "Allow" for a in as_list(s["Action"])}
+    kms = {"kms:GenerateDataKey", "kms:Decrypt"} if stack["FailureTopic"]["Properties"]["KmsMasterKeyId"] != "alias/aws/sns" else set()
+    assert actions == {f"{service}:{api}" for service, api in required} | {"logs:CreateLogStream", "logs:PutLogEvents"} | kms
+    assert not allowed(granted, "sns:Publish", f"arn:aws:sns:{REGION}:{ACCOUNT}:another-topic")
+    assert not allowed(granted, "sagemaker:ListPipelineExecutionSteps", f"{prefix}:pipeline/another-pipeline/execution/x7k2m9q4p1ab")

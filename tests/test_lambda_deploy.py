@@ -362,6 +362,17 @@ def test_the_model_gets_one_server_worker_per_threads_per_worker_vcpus(aws, inst
         ({"data_capture_s3_uri": "bucket/prefix"}, r"'data_capture_s3_uri' = 'bucket/prefix' is not an s3://"),
         ({"data_capture_percentage": "150"}, r"'data_capture_percentage' = 150 is above the maximum 100"),
         ({"threads_per_worker": -1}, r"'threads_per_worker' = -1 is below the minimum 0"),
+        ({"deployment_strategy": "blue-green"}, r"'deployment_strategy' = 'blue-green' is not one of all-at-once, canary, linear"),
+        ({"deployment_strategy": "linear", "initial_instance_count": 4, "deployment_step_percent": 5},
+         r"'deployment_step_percent' = 5 is below the minimum 10"),
+        ({"deployment_strategy": "canary", "initial_instance_count": 4, "deployment_step_percent": 60},
+         r"'deployment_step_percent' = 60 is above the maximum 50"),
+        ({"deployment_bake_seconds": 3601}, r"'deployment_bake_seconds' = 3601 is above the maximum 3600"),
+        ({"deployment_strategy": "canary"}, r"'canary' moves traffic between instances of the new fleet: initial_instance_count must be at least 2, got 1"),
+        ({"deployment_strategy": "linear", "initial_instance_count": 4, "deployment_step_percent": 10, "deployment_bake_seconds": 3600},
+         r"'linear' with 10 bakes of 3600 s takes longer than SageMaker lets an update run \(28800 s"),
+        ({"deployment_strategy": "linear", "initial_instance_count": 4, "deployment_bake_seconds": 900, "max_wait_minutes": 45},
+         r"'linear' bakes 4 x 900 s = 60 minutes, more than max_wait_minutes=45 \(EndpointWaitMinutes\): the wait would give up first"),
     ],
 )
 def test_a_bad_event_names_the_field(aws, change, message):
@@ -400,3 +411,69 @@ def test_an_aws_refusal_fails_with_the_aws_error(aws, update_endpoint_in_moto):
     with pytest.raises(deploy.AwsCallFailed, match=r"^ValidationException: Could not find endpoint configuration"):
         deploy.handler(deploy_event(model_package()), None)
     assert update_endpoint_in_moto == []
+
+
+def update_request_problems(update: dict) -> list[str]:
+    """What botocore's UpdateEndpoint input shape refuses in ``update``: its validator (required members, types)
+    and the limits in the shape's metadata (ranges, enums, lengths)."""
+    from botocore.validate import ParamValidator
+
+    from pipeline.constraints import Walk, check_value, input_member
+
+    shape = input_member("sagemaker", "UpdateEndpoint")
+    report = ParamValidator().validate(update, shape)
+    walk = Walk("UpdateEndpoint", {})
+    check_value(walk, update, shape, "")
+    return ([report.generate_report()] if report.has_errors() else []) + [str(finding) for finding in walk.findings]
+
+
+@pytest.mark.parametrize(("strategy", "step", "bake", "routing", "timeout"), [
+    ("all-at-once", 25, 120, {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 120}, 3600),
+    ("canary", 20, 600, {"Type": "CANARY", "WaitIntervalInSeconds": 600, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 20}}, 3600),
+    ("linear", 25, 900, {"Type": "LINEAR", "WaitIntervalInSeconds": 900, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25}},
+     4 * 900 + 1800),
+])
+def test_each_strategy_sends_an_update_endpoint_request_of_botocores_shape(aws, update_endpoint_in_moto, strategy, step, bake, routing, timeout):
+    deploy = load_handler("deploy_endpoint")
+    traffic = {"deployment_strategy": strategy, "deployment_step_percent": step, "deployment_bake_seconds": str(bake), "max_wait_minutes": 90}
+    first = deploy.handler(deploy_event(model_package(), initial_instance_count=4, **traffic), None)
+    assert first["action"] == "created"  # a new endpoint has no traffic to shift
+    result = deploy.handler(deploy_event(model_package(), initial_instance_count=4, **traffic), None)
+
+    assert result["action"] == "updated"
+    (update,) = update_endpoint_in_moto
+    assert update_request_problems(update) == []
+    policy = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy == {"TrafficRoutingConfiguration": routing, "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": timeout}
+    assert update["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "dogbreed-single-instance-5xx-errors"}]}
+
+
+def test_the_default_strategy_sends_the_same_update_as_before_strategies_existed(aws, update_endpoint_in_moto):
+    deploy = load_handler("deploy_endpoint")
+    deploy.handler(deploy_event(model_package()), None)
+    deploy.handler(deploy_event(model_package(), deployment_strategy="all-at-once", deployment_step_percent=25,
+                                deployment_bake_seconds=120), None)
+    deploy.handler(deploy_event(model_package()), None)
+
+    explicit, implicit = update_endpoint_in_moto
+    assert explicit == {**implicit, "EndpointConfigName": explicit["EndpointConfigName"]}
+    assert implicit["DeploymentConfig"]["BlueGreenUpdatePolicy"] == {
+        "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 120},
+        "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 3600}
+
+
+def test_the_deployment_parameters_are_what_the_deploy_function_takes():
+    """The pipeline's deployment parameters and the function's event fields are written on both sides of the
+    shipping boundary: their values, defaults and ranges must agree."""
+    from pipeline.settings import Settings
+    from steps.parameters import PARAMETER_RANGES, define_parameters
+
+    deploy = load_handler("deploy_endpoint")
+    parameters = define_parameters(Settings(), "s3://bucket/code.tar.gz")
+    assert parameters.deployment_strategy.enum_values == list(deploy.STRATEGIES)
+    defaults = {"deployment_strategy": parameters.deployment_strategy.default_value,
+                "deployment_step_percent": parameters.deployment_step_percent.default_value,
+                "deployment_bake_seconds": parameters.deployment_bake_seconds.default_value}
+    assert deploy.parse_traffic(defaults, 1) == deploy.TrafficShift()  # the defaults are today's all-at-once update
+    assert PARAMETER_RANGES["DeploymentStepPercent"][:2] == deploy.STEP_PERCENT_RANGE
+    assert PARAMETER_RANGES["DeploymentBakeSeconds"][:2] == (0, deploy.MAX_BAKE_SECONDS)

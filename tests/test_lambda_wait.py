@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend, use_test_credentials
+from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto, use_test_credentials  # noqa: F401
 from pipeline.local.callbacks import MotoWithCallbacks, callback_message, deliver, queue_arn, sqs_event
 
 ENDPOINT = "dogbreed-single-instance"
@@ -42,13 +42,13 @@ def queue(server):
     return sqs, sqs.create_queue(QueueName="dogbreed-endpoint-wait")["QueueUrl"]
 
 
-def deployed() -> dict:
+def deployed(**traffic) -> dict:
     deploy = load_handler("deploy_endpoint")
     with redirect_stdout(io.StringIO()):
         return deploy.handler({
             "model_package_arn": model_package(), "endpoint_name": ENDPOINT, "instance_type": "ml.m5.large",
             "initial_instance_count": 1, "model_role_arn": f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model",
-            "data_capture_s3_uri": "", "kms_key_id": "",
+            "data_capture_s3_uri": "", "kms_key_id": "", **traffic,
         }, None)
 
 
@@ -123,6 +123,52 @@ def test_rolled_back_update_fails_naming_both_configs(server, queue):
     deliver_once(queue, load_handler("wait_endpoint"))
     reason = server.api.callbacks[token].failure_reason
     assert "rolled back" in reason and "dogbreed-single-instance-0000000000" in reason and names["endpoint_config_name"] in reason
+
+
+ALARM = f"{ENDPOINT}-5xx-errors"
+ALARM_REASON = "Threshold Crossed: 2 datapoints [4.0 (07/12/26 21:40:00), 3.0 (07/12/26 21:39:00)] were greater than or equal to the threshold (1.0)."
+
+
+def canary_update_rolled_back_by_its_alarm() -> tuple[dict, dict]:
+    """A canary update guarded by the stack's 5xx alarm, which fires while the canary bakes; SageMaker then
+    routes all traffic back to the old config. Returns the two deployments."""
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION)
+    cloudwatch.put_metric_alarm(
+        AlarmName=ALARM, Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors", Statistic="Sum", Period=60,
+        Dimensions=[{"Name": "EndpointName", "Value": ENDPOINT}, {"Name": "VariantName", "Value": "AllTraffic"}],
+        EvaluationPeriods=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold")
+    canary = {"deployment_strategy": "canary", "deployment_step_percent": 25, "deployment_bake_seconds": 600, "initial_instance_count": 4}
+    old, new = deployed(**canary), deployed(**canary)
+    assert new["action"] == "updated"
+    cloudwatch.set_alarm_state(AlarmName=ALARM, StateValue="ALARM", StateReason=ALARM_REASON)
+    set_endpoint("InService", config=old["endpoint_config_name"])
+    return old, new
+
+
+def test_a_rollback_fails_the_wait_naming_the_alarm_that_fired(server, queue, update_endpoint_in_moto):
+    old, new = canary_update_rolled_back_by_its_alarm()
+    (update,) = update_endpoint_in_moto
+    assert update["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "CANARY"
+    token = wait_for(server, queue, new["endpoint_config_name"])
+    deliver_once(queue, load_handler("wait_endpoint"))
+
+    callback = server.api.callbacks[token]
+    assert callback.outcome == "Failed"
+    assert callback.failure_reason.startswith(
+        f"endpoint {ENDPOINT} rolled back to config {old['endpoint_config_name']}, not the deployed {new['endpoint_config_name']}: "
+        f"alarm {ALARM} ALARM (Threshold Crossed: 2 datapoints")
+    assert len(callback.failure_reason) <= 256
+
+
+def test_a_failed_rollback_names_the_alarm_and_the_reason(server, queue, update_endpoint_in_moto):
+    old, new = canary_update_rolled_back_by_its_alarm()
+    set_endpoint("UpdateRollbackFailed", reason="Rollback could not restore the old fleet.", config=new["endpoint_config_name"])
+    token = wait_for(server, queue, new["endpoint_config_name"])
+    deliver_once(queue, load_handler("wait_endpoint"))
+
+    reason = server.api.callbacks[token].failure_reason
+    assert reason.startswith(f"endpoint {ENDPOINT} is UpdateRollbackFailed: alarm {ALARM} ALARM (Threshold Crossed")
+    assert reason.endswith("): Rollback could not restore the old fleet.") or len(reason) == 256
 
 
 def test_creating_endpoint_leaves_the_message_for_a_later_look(server, queue):

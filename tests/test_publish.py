@@ -41,7 +41,10 @@ LAMBDA_TRUST = json.dumps({
 })
 UPSERT = ("--tag", "team=vision", "--max-parallel-steps", "3")  # what every upsert here passes unless it tests a change
 INVOKE = f"{PROJECT}-invoke-endpoint"
-RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 4  # the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the two pipelines
+NOTIFY = f"{PROJECT}-notify-failure"
+# the two assets, the functions, the wait queue's mapping, the provisioned concurrency, the failure rule's permission,
+# the two pipelines
+RESOURCES = 2 + len(LAMBDA_FUNCTIONS) + 5
 EXECUTION_ARN = re.compile(r"^arn:aws:sagemaker:us-east-1:[0-9]{12}:pipeline/dogbreed-pipeline/execution/[a-z0-9]+$")
 
 
@@ -219,6 +222,37 @@ def provisioned_count(aws, function: str) -> int | None:
     except aws("lambda").exceptions.ProvisionedConcurrencyConfigNotFoundException:
         return None
     return config["RequestedProvisionedConcurrentExecutions"]
+
+
+def rule_statement(aws) -> dict:
+    """The notify function's live-alias policy statement that lets the failure rule invoke it."""
+    policy = json.loads(aws("lambda").get_policy(FunctionName=NOTIFY, Qualifier="live")["Policy"])
+    (statement,) = [s for s in policy["Statement"] if s["Sid"] == "failed-executions-rule"]
+    return statement
+
+
+def test_upsert_lets_only_the_failure_rule_invoke_the_notify_function(first_upsert, account, aws):
+    code, out = first_upsert
+    assert code == 0, out
+    rule = f"arn:aws:events:{REGION}:{account}:rule/{PROJECT}-pipeline-failed"
+    statement = rule_statement(aws)
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"} and statement["Action"] == "lambda:InvokeFunction"
+    assert statement["Condition"]["ArnLike"]["AWS:SourceArn"] == rule
+    assert statement["Resource"].endswith(f":function:{NOTIFY}:live")
+    assert f"permission {NOTIFY}:live: added, rule {PROJECT}-pipeline-failed may invoke it" in out
+    environment = aws("lambda").get_function_configuration(FunctionName=NOTIFY)["Environment"]["Variables"]
+    assert environment == {"TOPIC_ARN": f"arn:aws:sns:{REGION}:{account}:{PROJECT}-pipeline-failures"}
+
+
+def test_a_permission_for_another_source_is_replaced(first_upsert, endpoint, deployed_tree, account, aws, capsys):
+    aws("lambda").remove_permission(FunctionName=NOTIFY, Qualifier="live", StatementId="failed-executions-rule")
+    aws("lambda").add_permission(FunctionName=NOTIFY, Qualifier="live", StatementId="failed-executions-rule",
+                                 Action="lambda:InvokeFunction", Principal="events.amazonaws.com",
+                                 SourceArn=f"arn:aws:events:{REGION}:{account}:rule/someone-elses-rule")
+    out = upsert_out(capsys, endpoint, deployed_tree["path"])
+    assert f"permission {NOTIFY}:live: replaced, rule {PROJECT}-pipeline-failed may invoke it" in out
+    assert rule_statement(aws)["Condition"]["ArnLike"]["AWS:SourceArn"].endswith(f":rule/{PROJECT}-pipeline-failed")
+    assert f"permission {NOTIFY}:live: unchanged" in upsert_out(capsys, endpoint, deployed_tree["path"])
 
 
 def test_deployed_definition_equals_the_synthesized_one(first_upsert, manifest, aws):

@@ -71,7 +71,12 @@ ALLOWED = [
             "setting one sends register() through its code upload (an S3 call at build time); both are optional labels "
             "of ModelPackageContainerDefinition: the image, model data and environment that serve the model are unchanged"),
     Allowed(rf"{STATIC}\.sagemaker_job_name", lambda d: d.new == MISSING,
-            "v2 wrote the tuning job's base name, which is not any trial's name; train.py does not read it"),
+            "v2 wrote the tuning job's base name, which is not any trial's name; train.py does not read it"),    # Added to the definition since the migration, not differences of the SDK.
+    Allowed(r"Parameters\.Deployment(Strategy|StepPercent|BakeSeconds)", lambda d: d.old == MISSING,
+            "the gradual traffic shifting parameters (README: Gradual traffic shifting), added after the migration"),
+    Allowed(r"Deploy(Single|Multi)Instance\.Arguments\.(deployment_strategy|deployment_step_percent|deployment_bake_seconds"
+            r"|max_wait_minutes)", lambda d: d.old == MISSING and str(d.new.get("Get", "")).startswith("Parameters."),
+            "the Deploy steps pass those parameters and EndpointWaitMinutes to the deploy function, added after the migration"),
 ]
 
 

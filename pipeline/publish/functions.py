@@ -1,10 +1,12 @@
 """Upsert's Lambda functions from ``lambda.zip``: created when missing, code updated when its SHA-256
 differs, configuration updated when it differs, then a version published and the alias ``live`` (which the
-definition calls) moved to it; and the provisioned concurrency of the invoke function's ``live`` alias:
-set when it differs from the setting, removed when the setting is 0."""
+definition calls) moved to it; the provisioned concurrency of the invoke function's ``live`` alias:
+set when it differs from the setting, removed when the setting is 0; and the resource-policy statement that lets
+the stack's rule on failed executions invoke the notify function's ``live`` alias."""
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,9 @@ from pipeline.settings import LAMBDA_ALIAS, Settings
 LAMBDA_RUNTIME = "python3.12"
 LAMBDA_ARCHITECTURE = "arm64"
 PROVISIONED_FUNCTION = "invoke-endpoint"  # the public function: its latency is what users wait for
+NOTIFY_FUNCTION = "notify-failure"
+RULE_STATEMENT_ID = "failed-executions-rule"
+EVENTS_PRINCIPAL = "events.amazonaws.com"
 WAITER = {"Delay": 2, "MaxAttempts": 150}
 
 
@@ -32,6 +37,8 @@ class FunctionSpec:
         """Variables upsert owns; others already set on the function (e.g. by the stack) are kept."""
         if self.function == "invoke-endpoint":
             return {"ENDPOINT_NAME": settings.invoke_endpoint_name, "ALLOWED_ORIGIN": settings.allowed_origin}
+        if self.function == NOTIFY_FUNCTION:
+            return {"TOPIC_ARN": settings.failure_topic_arn}
         return {}
 
 
@@ -46,6 +53,8 @@ FUNCTIONS = (
                  "Sets an InService endpoint's auto scaling and tests it with a real image (the pipeline's Check steps)."),
     FunctionSpec("invoke-endpoint", "invoke_endpoint.handler", 30, 512,
                  "Classifies a dog photo with the public endpoint and answers the top breeds as JSON."),
+    FunctionSpec(NOTIFY_FUNCTION, "notify_failure.handler", 60, 128,
+                 "Tells the failure topic which step of a failed pipeline execution failed, why, and what to run next."),
 )
 
 
@@ -184,3 +193,43 @@ def _provisioned_concurrency(clients: Clients, name: str) -> dict[str, Any] | No
         if error_code(error) == "ProvisionedConcurrencyConfigNotFoundException":
             return None
         raise
+
+
+def publish_rule_permission(clients: Clients, settings: Settings) -> tuple[str, bool]:
+    """Let the stack's rule on failed executions (and only it) invoke the notify function's alias; returns
+    (report line, changed).
+
+    The stack cannot hold this statement: the function is upsert's, and a resource policy needs the function
+    to exist. A statement of the same id that grants anything else is replaced.
+    """
+    name = settings.lambda_function_name(NOTIFY_FUNCTION)
+    target = f"{name}:{LAMBDA_ALIAS}"
+    rule = settings.failure_rule_arn
+    with explained(f"letting EventBridge rule {settings.failure_rule_name} invoke Lambda function {target}"):
+        current = _rule_statement(clients, name)
+        if current is not None and _grants_rule(current, rule):
+            return f"permission {target}: unchanged, rule {settings.failure_rule_name} may invoke it", False
+        if current is not None:
+            clients.lambda_.remove_permission(FunctionName=name, Qualifier=LAMBDA_ALIAS, StatementId=RULE_STATEMENT_ID)
+        clients.lambda_.add_permission(FunctionName=name, Qualifier=LAMBDA_ALIAS, StatementId=RULE_STATEMENT_ID,
+                                       Action="lambda:InvokeFunction", Principal=EVENTS_PRINCIPAL, SourceArn=rule)
+    done = "replaced" if current is not None else "added"
+    return f"permission {target}: {done}, rule {settings.failure_rule_name} may invoke it", True
+
+
+def _rule_statement(clients: Clients, name: str) -> dict[str, Any] | None:
+    """The alias's resource-policy statement RULE_STATEMENT_ID, or None when it has none."""
+    try:
+        policy = clients.lambda_.get_policy(FunctionName=name, Qualifier=LAMBDA_ALIAS)["Policy"]
+    except ClientError as error:
+        if error_code(error) == "ResourceNotFoundException":
+            return None
+        raise
+    return next((s for s in json.loads(policy).get("Statement", []) if s.get("Sid") == RULE_STATEMENT_ID), None)
+
+
+def _grants_rule(statement: dict[str, Any], rule_arn: str) -> bool:
+    """Whether the statement lets EventBridge invoke the function for ``rule_arn`` alone."""
+    source = (statement.get("Condition") or {}).get("ArnLike", {}).get("AWS:SourceArn")
+    return (statement.get("Effect") == "Allow" and statement.get("Principal") == {"Service": EVENTS_PRINCIPAL}
+            and statement.get("Action") == "lambda:InvokeFunction" and source == rule_arn)

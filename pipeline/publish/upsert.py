@@ -12,7 +12,13 @@ from pipeline.commands import UsageError
 from pipeline.constraints import Walk, check_value, input_member
 from pipeline.definition import synth
 from pipeline.publish.assets import publish_asset
-from pipeline.publish.functions import FUNCTIONS, desired_configuration, publish_function, publish_provisioned_concurrency
+from pipeline.publish.functions import (
+    FUNCTIONS,
+    desired_configuration,
+    publish_function,
+    publish_provisioned_concurrency,
+    publish_rule_permission,
+)
 from pipeline.publish.pipeline_resource import (
     DEFAULT_MAX_PARALLEL_STEPS,
     deploy_pipeline_attributes,
@@ -77,6 +83,7 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
         record(publish_function(clients, settings, spec, assets.lambdas))
     record(publish_wait_queue_mapping(clients, settings))
     record(publish_provisioned_concurrency(clients, settings))
+    record(publish_rule_permission(clients, settings))
     record(publish_pipeline(clients, settings, built.definition, built.document, settings.all_tags(), max_parallel_steps))
     record(publish_pipeline(clients, settings, built.deploy_definition, built.deploy_document, settings.all_tags(),
                             max_parallel_steps, deploy_only=True))
@@ -84,6 +91,6 @@ def upsert(clients: Clients, settings: Settings, *, max_parallel_steps: int = DE
         print(f"{report.changed} of {len(report.lines)} resources changed", file=out)
     else:
         print(f"no changes: the assets, the {len(FUNCTIONS)} functions, the wait queue's mapping, the invoke function's "
-              f"provisioned concurrency and pipelines {settings.pipeline_name} and {settings.deploy_pipeline_name} are up to "
-              "date", file=out)
+              "provisioned concurrency, the notify function's permission for the failure rule and pipelines "
+              f"{settings.pipeline_name} and {settings.deploy_pipeline_name} are up to date", file=out)
     return report
