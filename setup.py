@@ -13,7 +13,6 @@ DEV = [
     "scikit-learn",  # tests/real_images.py: the load_digits scans ship in its wheel
     "scikit-image",  # tests/real_images.py: the photos of skimage.data ship in its wheel (benchmarks/model_quality.py)
     "Pillow",
-    "matplotlib",
     "pytest",
     "jsonschema",
     "moto[server]>=5.1,<6",
