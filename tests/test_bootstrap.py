@@ -25,7 +25,7 @@ REGION = "us-east-1"
 STACK = "dogbreed"
 # The template's resource types moto's CloudFormation does not create (README "Setting up AWS from zero" names them).
 MOTO_LACKS = {"AWS::S3::BucketPolicy", "AWS::SQS::QueuePolicy", "AWS::SageMaker::ModelPackageGroup", "AWS::CloudWatch::Alarm",
-              "AWS::CodeBuild::Project"}
+              "AWS::CodeBuild::Project", "AWS::SNS::TopicPolicy", "AWS::SNS::Subscription"}
 NAME_PROPERTY = {"AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",
                  "AWS::CodeBuild::Project": "Name"}
 ARN_PREFIX = {"AWS::CloudWatch::Alarm": "arn:${AWS::Partition}:cloudwatch:${AWS::Region}:${AWS::AccountId}:alarm:"}
