@@ -20,6 +20,7 @@ from typing import Iterator
 from steps import environment, filter_sdk_warnings, offline_default_session  # imports the SDK without touching the network
 
 from sagemaker.core import image_uris
+from sagemaker.core.config.config_manager import SageMakerConfig
 from sagemaker.core.workflow.pipeline_context import PipelineSession
 from sagemaker.core.workflow.pipeline_definition_config import PipelineDefinitionConfig
 from sagemaker.mlops.workflow.condition_step import ConditionStep
@@ -72,6 +73,27 @@ def load_contract(source_dir: Path) -> ModuleType:
 
 
 @contextmanager
+def _config_validated_once() -> Iterator[None]:
+    """The SDK validates its configuration against a large JSON schema on every lookup
+    (``sagemaker/core/common_utils.py``, ``get_sagemaker_config_value``:
+    ``SageMakerConfig().validate_sagemaker_config(config_to_check)``; about 0.17 s each, some ninety lookups
+    per synth, nine tenths of its time). Ours is fixed: it is validated here, once, and inside the block a
+    lookup of an equal configuration skips the schema; any other configuration is still validated."""
+    validate = SageMakerConfig.validate_sagemaker_config
+    validate(SDK_CONFIG)
+
+    def validated_once(sagemaker_config: dict | None = None) -> None:
+        if sagemaker_config != SDK_CONFIG:
+            validate(sagemaker_config)
+
+    SageMakerConfig.validate_sagemaker_config = staticmethod(validated_once)
+    try:
+        yield
+    finally:
+        SageMakerConfig.validate_sagemaker_config = staticmethod(validate)
+
+
+@contextmanager
 def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
     """A PipelineSession that cannot reach AWS, installed as boto3's default while the SDK builds
     (some SDK objects create clients from the default session), with the SDK's documented switches set:
@@ -90,7 +112,8 @@ def offline_sdk(settings: Settings) -> Iterator[PipelineSession]:
     sdk_logger.setLevel(logging.ERROR)  # the SDK narrates what it leaves out of a pipeline definition
     try:
         with environment("SAGEMAKER_VALIDATE_ROLE", "false"), environment("AWS_EC2_METADATA_DISABLED", "true"), \
-                environment("AWS_DEFAULT_REGION", settings.region), offline_default_session(settings.region) as boto_session, warnings.catch_warnings():
+                environment("AWS_DEFAULT_REGION", settings.region), offline_default_session(settings.region) as boto_session, _config_validated_once(), \
+                warnings.catch_warnings():
             filter_sdk_warnings()
             yield PipelineSession(boto_session=boto_session, default_bucket=settings.bucket, sagemaker_config=SDK_CONFIG)
     finally:
