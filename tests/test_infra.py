@@ -678,6 +678,8 @@ NOT_IN_THE_PROJECT = {
     "AWS_ACCOUNT_ID": "the account comes from CODEBUILD_BUILD_ARN",
     "SAGEMAKER_PROJECT_ID": "only SageMaker Projects have a project id",
     "SPOT_TRAINING": "a choice per team; the setting's default applies",
+    "TUNING_MAX_JOBS": "a choice per team within the account's tuning quotas; the setting's default applies",
+    "TUNING_MAX_PARALLEL_JOBS": "as TUNING_MAX_JOBS",
     "ALLOWED_ORIGIN": "the invoke function's CORS origins are a choice per site; none by default",
     "INVOKE_PROVISIONED_CONCURRENCY": "the setting's default applies (one source of truth for the number)",
 }

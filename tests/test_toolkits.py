@@ -53,7 +53,7 @@ def step_hyperparameters() -> dict[str, Any]:
 # What each reference of the step resolves to in this test: a small, fast job whose backbone
 # weights come from the pretrained channel, as in the pipeline (random weights saved to a file).
 PLAIN_VALUES = {"backbone": "resnet18", "image_size": 32, "pretrained_weights": "imagenet",
-                "batch_size": 8, "epochs": 1, "learning_rate": 0.01}
+                "batch_size": 8, "epochs": 1, "learning_rate": 0.01, "flip": "true"}
 
 
 def resolved(value: Any, name: str) -> str:
