@@ -10,6 +10,7 @@ field is an ``HttpError`` 400 naming it) and shapes the response.
 """
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import http
@@ -61,13 +62,14 @@ class Request:
         return self.integration.is_proxy
 
 
-class Integration:
+class Integration(abc.ABC):
     """What every integration shares: the answer as API Gateway's payload 1.0 reads it."""
 
     is_proxy = True
 
+    @abc.abstractmethod
     def request(self, event: Mapping[str, Any], max_body_bytes: int) -> Request:
-        raise NotImplementedError
+        """The event parsed into a Request; an HttpError (400/413) names what is malformed."""
 
     def response(self, status: int, body: str, headers: Mapping[str, str]) -> dict[str, Any]:
         return {"statusCode": status, "body": body, "isBase64Encoded": False, **self.headers_field(headers)}
