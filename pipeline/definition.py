@@ -25,7 +25,7 @@ from sagemaker.core.workflow.pipeline_context import PipelineSession
 from sagemaker.core.workflow.pipeline_definition_config import PipelineDefinitionConfig
 from sagemaker.mlops.workflow.condition_step import ConditionStep
 from sagemaker.mlops.workflow.pipeline import Pipeline
-from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep
+from sagemaker.mlops.workflow.steps import ProcessingStep
 
 from pipeline.assets import Assets, build_assets
 from pipeline.dag import render
@@ -151,7 +151,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, c
     tuning = tune_step(ctx, prepare, extraction)
     trainings = {variant: train_step(ctx, variant, prepare, tuning) for variant in VARIANTS}
     evaluations = {variant: evaluate_step(ctx, variant, prepare, trainings[variant]) for variant in VARIANTS}
-    gates = [gated_branch(ctx, variant, prepare, trainings[variant], evaluations) for variant in VARIANTS]
+    gates = [gated_branch(ctx, variant, prepare, evaluations) for variant in VARIANTS]
     return Pipeline(
         name=settings.pipeline_name,
         parameters=ctx.parameters.as_list(),
@@ -162,7 +162,7 @@ def get_pipeline(settings: Settings, assets: Assets, session: PipelineSession, c
     )
 
 
-def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep, training: TrainingStep,
+def gated_branch(ctx: BuildContext, variant: Variant, prepare: ProcessingStep,
                  evaluations: dict[Variant, ProcessingStep]) -> ConditionStep:
     """One model's gate and all that follows it: register, deploy, wait, check; the twin rule of steps/gate.py
     decides where a model below the threshold fails the execution."""
