@@ -23,7 +23,7 @@ from pipeline.local.moto_server import ThreadedMotoServer  # noqa: E402  (needs 
 
 REGION = "us-east-1"
 STACK = "dogbreed"
-# The template's resource types moto's CloudFormation does not create (README "Setting up AWS from zero" names them).
+# The template's resource types moto's CloudFormation does not create (docs/aws-setup.md names them).
 MOTO_LACKS = {"AWS::S3::BucketPolicy", "AWS::SQS::QueuePolicy", "AWS::SageMaker::ModelPackageGroup", "AWS::CloudWatch::Alarm",
               "AWS::CodeBuild::Project", "AWS::SNS::TopicPolicy", "AWS::SNS::Subscription"}
 NAME_PROPERTY = {"AWS::SageMaker::ModelPackageGroup": "ModelPackageGroupName", "AWS::CloudWatch::Alarm": "AlarmName",

@@ -72,9 +72,9 @@ ALLOWED = [
             "of ModelPackageContainerDefinition: the image, model data and environment that serve the model are unchanged"),
     Allowed(rf"{STATIC}\.sagemaker_job_name", lambda d: d.new == MISSING,
             "v2 wrote the tuning job's base name, which is not any trial's name; train.py does not read it"),
-    # Changed in the definition since the migration, not differences of the SDK: each names the README section.
+    # Changed in the definition since the migration, not differences of the SDK: each names the docs section.
     Allowed(r"Parameters\.Deployment(Strategy|StepPercent|BakeSeconds)", lambda d: d.old == MISSING,
-            "the gradual traffic shifting parameters (README: Gradual traffic shifting), added after the migration"),
+            "the gradual traffic shifting parameters (docs/day-two.md: Gradual traffic shifting), added after the migration"),
     Allowed(r"Deploy(Single|Multi)Instance\.Arguments\.(deployment_strategy|deployment_step_percent|deployment_bake_seconds"
             r"|max_wait_minutes)", lambda d: d.old == MISSING and str(d.new.get("Get", "")).startswith("Parameters."),
             "the Deploy steps pass those parameters and EndpointWaitMinutes to the deploy function, added after the migration"),
@@ -83,19 +83,19 @@ ALLOWED = [
     Allowed(r"Evaluate(Single|Multi)Instance\.(Arguments\.AppSpecification\.(ContainerArguments|ImageUri)"
             r"|Arguments\.ProcessingOutputConfig\.Outputs|Description)", lambda d: d.old != MISSING and d.new != MISSING,
             "the Evaluate steps build the serving artifact on the inference image and write the model archive as a second "
-            "output (README: The serving artifact)"),
+            "output (docs/scripts.md: The serving artifact)"),
     Allowed(r"Register(Single|Multi)Instance\.Arguments\.InferenceSpecification\.Containers\[0\]\.ModelDataUrl\.(Get|Std:Join)",
             lambda d: (d.new == MISSING and "ModelArtifacts" in d.old) or (d.old == MISSING and "model.tar.gz" in d.new["Values"]),
             "the package holds the evaluation's archive (the measured serving artifact), not the training job's"),
     Allowed(r"Parameters\.HorizontalFlip|(Train(Single|Multi)Instance\.Arguments\.HyperParameters"
             rf"|{STATIC})\.flip", lambda d: d.old == MISSING,
-            "the training recipe's flip switch (README: The training recipe)"),
+            "the training recipe's flip switch (docs/scripts.md: The training recipe)"),
     Allowed(r"TuneHyperparameters\.Arguments\.HyperParameterTuningJobConfig\.ParameterRanges\.(Continuous|Integer)"
             r"ParameterRanges\[0\]\.(MinValue|MaxValue)", lambda d: d.old != MISSING and d.new != MISSING,
             "the search ranges follow the recipe (learning rate 0.001-0.05 on a log scale, epochs 4-15)"),
     Allowed(r"TuneHyperparameters\.(Arguments\.TrainingJobDefinition\.(InputDataConfig|StaticHyperParameters\.augment)|Description)",
             lambda d: d.old != MISSING and d.new != MISSING,
-            "the trials get the images too and train what the final trainings train (README: Tuning trains what the final "
+            "the trials get the images too and train what the final trainings train (docs/scripts.md: Tuning trains what the final "
             "trainings train)"),
 ]
 
@@ -178,7 +178,7 @@ def test_the_register_steps_keep_their_meaning_under_their_new_names(documents):
         assert {d.path for d in difference_list(old[name], new[name])} == {
             "Arguments.InferenceSpecification.Containers[0].Framework",
             "Arguments.InferenceSpecification.Containers[0].FrameworkVersion",
-            # the evaluation's archive since the migration (README: The serving artifact)
+            # the evaluation's archive since the migration (docs/scripts.md: The serving artifact)
             "Arguments.InferenceSpecification.Containers[0].ModelDataUrl.Get",
             "Arguments.InferenceSpecification.Containers[0].ModelDataUrl.Std:Join"}
     assert not any("-RegisterModel" in json.dumps(step) for step in new.values())
