@@ -1,52 +1,26 @@
-"""Shared fixtures: small real image data sets made on the fly, and paths to the sources."""
+"""Shared fixtures: small real image data sets made on the fly, and AWS stand-ins.
+
+Tests live in one folder per room of the project (code, lambda, synth for pipeline/ definition and checks, local, publish, infra). Helpers
+that several rooms use are plain modules here (``sources``, ``colour_images``, ``real_images``, ``models``,
+the moto stand-ins), imported by name; fixtures that several rooms use are here or in a plugin listed in
+``pytest_plugins``, requested by name and never imported.
+"""
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CODE_DIR = ROOT / "code"
-LAMBDA_DIR = ROOT / "lambda"
+from colour_images import make_dataset
+from sources import CODE_DIR
+
+pytest_plugins = ["lambda_harness"]
 
 # The container scripts import their siblings (contract, common) the way they do
 # inside SageMaker: from the script's own folder.
 if str(CODE_DIR) not in sys.path:
     sys.path.insert(0, str(CODE_DIR))
-
-
-def write_images(folder: Path, count: int, color: tuple[int, int, int], size=(40, 30), seed: int = 0, fmt: str = "JPEG") -> list[Path]:
-    """``count`` images that share a base colour (so a classifier can learn them) with noise."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.new("RGB", size, color)
-        pixels = image.load()
-        for _ in range(size[0] * size[1] // 8):
-            x, y = rng.randrange(size[0]), rng.randrange(size[1])
-            pixels[x, y] = tuple(max(0, min(255, c + rng.randint(-60, 60))) for c in color)
-        path = folder / f"img_{i:04d}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"
-        image.save(path, fmt)
-        paths.append(path)
-    return paths
-
-
-PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 40), (160, 40, 200), (40, 200, 200), (120, 120, 120)]
-
-
-def make_dataset(root: Path, classes: int = 3, per_split: dict[str, int] | None = None, size=(40, 30)) -> Path:
-    """A dogImages-like tree: ``root/{train,valid,test}/NNN.Name/*.jpg``."""
-    per_split = per_split or {"train": 12, "valid": 4, "test": 4}
-    for s, (split, count) in enumerate(per_split.items()):
-        for c in range(classes):
-            name = f"{c + 1:03d}.Breed_{chr(ord('A') + c)}"
-            write_images(root / split / name, count, PALETTE[c % len(PALETTE)], size=size, seed=100 * s + c)
-    return root
 
 
 @pytest.fixture

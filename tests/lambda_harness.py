@@ -26,8 +26,8 @@ import boto3
 import pytest
 
 from pipeline.local.http_server import LoopbackServer
+from sources import LAMBDA_DIR
 
-LAMBDA_DIR = Path(__file__).resolve().parents[1] / "lambda"
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
 SHARED_MODULES = ("events", "proxy_events", "url_fetch")

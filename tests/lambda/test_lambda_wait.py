@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto, use_test_credentials  # noqa: F401
+from lambda_harness import ACCOUNT, REGION, load_handler, model_package, sagemaker_backend, use_test_credentials
 from pipeline.local.callbacks import MotoWithCallbacks, callback_message, deliver, queue_arn, sqs_event
 
 ENDPOINT = "dogbreed-single-instance"

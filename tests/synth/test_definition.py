@@ -25,7 +25,7 @@ from pipeline.definition import load_contract, synth
 from pipeline.settings import Settings, SettingsError, load_settings
 from pipeline.artifact import load_artifact, read_definition
 from pipeline.validate import check_references, findings_of, iter_problems
-from conftest import ROOT
+from sources import ROOT
 
 SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {

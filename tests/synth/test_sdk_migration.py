@@ -16,7 +16,7 @@ from definition_forms import masked
 from pipeline.constraints import input_member, named_shape
 from pipeline.definition import synth
 from pipeline.settings import load_settings
-from conftest import ROOT
+from sources import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "definition-v2.json"
 RENAMED_STEPS = {  # v2's RegisterModel collection suffixed the step's name; v3's ModelStep keeps the name given

@@ -29,7 +29,8 @@ import common
 import contract
 import serving_model
 import train
-from conftest import CODE_DIR, make_dataset
+from colour_images import make_dataset
+from sources import CODE_DIR
 from pipeline.local.load_run import load_run, request_mix
 from pipeline.local.torchserve import ModelWorker, front_end
 

@@ -13,11 +13,16 @@ import pytest
 from PIL import Image
 
 from lambda_harness import ACCOUNT, LAMBDA_DIR, REGION, LambdaContext, changed, endpoint_answers, load_handler, model_package, sagemaker_backend
-from lambda_harness import aws_taking_images as aws  # noqa: F401  (a fixture: moto, yielding what its runtime received)
 
 ENDPOINT = "dogbreed-single-instance"
 RESOURCE_ID = f"endpoint/{ENDPOINT}/variant/AllTraffic"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+
+
+@pytest.fixture
+def aws(aws_taking_images):
+    """moto in this process; what the runtime was sent, one record per invocation."""
+    return aws_taking_images
 
 
 def class_names(count: int) -> list[str]:

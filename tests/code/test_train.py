@@ -20,7 +20,8 @@ import pytest
 import torch
 from torchvision import transforms
 
-from conftest import CODE_DIR, make_dataset, write_images
+from colour_images import make_dataset, write_images
+from sources import CODE_DIR
 from real_images import write_digits
 
 import common

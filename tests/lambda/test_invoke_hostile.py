@@ -21,7 +21,7 @@ import time
 import pytest
 from PIL import Image
 
-from lambda_harness import Behaviour, LambdaContext, Site, load_handler, make_certificates, network  # noqa: F401  (a fixture)
+from lambda_harness import Behaviour, LambdaContext, Site, load_handler, make_certificates
 
 PUBLIC = "93.184.215.14"  # routed by the test network to the local TLS site
 OTHER_PUBLIC = "151.101.1.1"

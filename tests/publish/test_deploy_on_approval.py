@@ -14,7 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, load_handler  # noqa: F401  (aws: moto in-process)
+from lambda_harness import ACCOUNT, REGION, LambdaContext, load_handler
 from pipeline.aws import Clients, Target
 from pipeline.dag import steps_of
 from pipeline.definition import synth

@@ -8,7 +8,7 @@ import traceback
 import boto3
 import pytest
 
-from lambda_harness import ACCOUNT, REGION, LambdaContext, aws, changed, load_handler, model_package, sagemaker_backend, update_endpoint_in_moto  # noqa: F401
+from lambda_harness import ACCOUNT, REGION, LambdaContext, changed, load_handler, model_package, sagemaker_backend
 
 MODEL_ROLE = f"arn:aws:iam::{ACCOUNT}:role/dogbreed-sagemaker-model"
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import contract
 import preprocess
-from conftest import make_dataset, write_images
+from colour_images import make_dataset, write_images
 
 RESIZE = 24
 

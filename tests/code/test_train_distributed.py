@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_dataset
+from colour_images import make_dataset
 from pipeline.local.jobs import free_port
 from real_images import write_digits
 from test_train import SMALL, TRAIN_SCRIPT, accuracy_on_test_split, clean_env, head_only, metric_lines, write_backbone_weights

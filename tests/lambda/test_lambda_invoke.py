@@ -21,9 +21,14 @@ from PIL import Image
 
 from lambda_harness import LambdaContext, QuietHandler, endpoint_answers, load_handler, local_runtime, log_lines, make_certificates
 from lambda_harness import function_url, rest_v1, use_test_credentials
-from lambda_harness import aws_taking_images as aws  # noqa: F401  (a fixture: moto, yielding what its runtime received)
 
 ENDPOINT = "dogbreed-single-instance"
+
+
+@pytest.fixture
+def aws(aws_taking_images):
+    """moto in this process; what the runtime was sent, one record per invocation."""
+    return aws_taking_images
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from sources import ROOT
 from pipeline import cli
 from pipeline.dag import steps_of
 from pipeline.local.sample import CORRUPT_NAME, make_sample, plant_corrupt_image
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["--param", "Backbone=resnet18", "--param", "ImageSize=32"]
 SOCKET_RECORDER = '''
 import os, socket, sys

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
 from lambda_harness import LambdaContext, load_handler, log_lines
+from sources import LAMBDA_DIR
 
-LAMBDA = Path(__file__).resolve().parents[1] / "lambda"
 HANDLERS = {"deploy_endpoint": "deploy-endpoint", "check_endpoint": "check-endpoint",
             "wait_endpoint": "wait-endpoint", "invoke_endpoint": "invoke-endpoint"}
 
 
 def decorator_names(module: str) -> list[str]:
     """The function names given to ``@request_handler`` on ``handler`` in ``lambda/<module>.py``."""
-    tree = ast.parse((LAMBDA / f"{module}.py").read_text())
+    tree = ast.parse((LAMBDA_DIR / f"{module}.py").read_text())
     (handler,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "handler"]
     return [decorator.args[0].value for decorator in handler.decorator_list
             if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "") == "request_handler"]
@@ -28,7 +27,7 @@ def test_each_handler_is_wrapped_once_with_its_function_name(module):
 
 @pytest.mark.parametrize("module", sorted(HANDLERS))
 def test_no_handler_writes_its_identity_by_hand(module):
-    calls = [node for node in ast.walk(ast.parse((LAMBDA / f"{module}.py").read_text()))
+    calls = [node for node in ast.walk(ast.parse((LAMBDA_DIR / f"{module}.py").read_text()))
              if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "log"]
     assert [keyword.arg for call in calls for keyword in call.keywords
             if keyword.arg in ("function", "request_id", "latency_ms")] == []

@@ -24,6 +24,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from sources import ROOT
 from pipeline.assets import zipball
 from pipeline.cli import main
 from pipeline.dag import steps_of
@@ -32,7 +33,6 @@ from pipeline.settings import LAMBDA_FUNCTIONS
 moto_server = pytest.importorskip("moto.server")
 from moto_provisioned_concurrency import ProvisionedConcurrency, Server  # noqa: E402  (needs moto)
 
-ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
 PROJECT = "dogbreed"
 LAMBDA_TRUST = json.dumps({

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CODE_DIR, write_images
+from colour_images import write_images
+from sources import CODE_DIR
 from pipeline.local import aws
 from pipeline.local.conditions import evaluate_all
 from pipeline.local.jobs import rewrite_opt_ml

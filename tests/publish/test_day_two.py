@@ -11,11 +11,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import boto3
 import pytest
 
+from sources import ROOT
 from pipeline.cli import main
 from pipeline.dag import steps_of
 from pipeline.local.jobs import script_error_line
@@ -24,7 +24,6 @@ from pipeline.local.sample import make_sample
 pytest.importorskip("moto.server")
 from moto_pipeline_executions import PipelineExecutions, Server  # noqa: E402  (needs moto)
 
-ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
 PIPELINE = "dogbreed-pipeline"
 GROUP = "dogbreed-models"

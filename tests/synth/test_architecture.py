@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from sources import ROOT
+
 PACKAGES = ("pipeline", "steps")
 FIRST_PARTY = {"pipeline", "steps", "code", "lambda"}
 

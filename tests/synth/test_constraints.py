@@ -15,7 +15,7 @@ from pipeline.definition import load_contract
 from pipeline.parameters import OUT_OF_RANGE, ParameterError, parameter_values
 from pipeline.validate import parameter_landings
 from steps.processing import bootstrap_command
-from conftest import ROOT
+from sources import ROOT
 
 BOOTSTRAP = bootstrap_command(load_contract(ROOT).PROCESSING_FAILURE_FILE)
 

@@ -19,7 +19,7 @@ from ts.context import Context, RequestProcessor
 
 import common
 import inference
-from conftest import CODE_DIR
+from sources import CODE_DIR
 
 CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C", "004.Breed_D"]
 IMAGE_SIZE = 64

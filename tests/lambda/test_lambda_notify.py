@@ -16,17 +16,7 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import pytest
 
-from lambda_harness import (  # noqa: F401
-    ACCOUNT,
-    REGION,
-    LambdaContext,
-    aws,
-    execution_steps_in_moto,
-    load_handler,
-    tuning_trials_in_moto,
-    log_lines,
-    sagemaker_backend,
-)
+from lambda_harness import ACCOUNT, REGION, LambdaContext, load_handler, log_lines, sagemaker_backend
 
 PIPELINE = "dogbreed-pipeline"
 TRAINING_REASON = "AlgorithmError: train.py: error: --image-size must be at least 32 pixels for a ResNet, got 16"

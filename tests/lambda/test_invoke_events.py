@@ -24,8 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lambda_harness import QuietHandler, Site, aws as aws_only, endpoint_answers, load_handler, local_runtime, make_certificates, network  # noqa: F401
-from lambda_harness import runtime_takes_images  # noqa: F401  (a fixture)
+from lambda_harness import QuietHandler, Site, endpoint_answers, load_handler, local_runtime, make_certificates
 from lambda_harness import INTEGRATIONS, alb_multi, http_api_v2, rest_v1
 
 ENDPOINT = "dogbreed-single-instance"
@@ -94,7 +93,7 @@ def invoke(monkeypatch, image_site, network, tmp_path):
 
 @pytest.mark.parametrize("integration", sorted(INTEGRATIONS))
 @pytest.mark.parametrize(("name", "body", "encoded", "headers", "query", "expected"), BODIES, ids=[row[0] for row in BODIES])
-def test_every_integration_and_body_reaches_the_endpoint(aws_only, runtime_takes_images, invoke, network, integration, name, body,
+def test_every_integration_and_body_reaches_the_endpoint(aws, runtime_takes_images, invoke, network, integration, name, body,
                                                          encoded, headers, query, expected):
     endpoint_answers(RANKED)
     event = INTEGRATIONS[integration](body, encoded, headers, query)

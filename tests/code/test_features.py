@@ -20,7 +20,8 @@ import pytest
 import torch
 from torchvision import models
 
-from conftest import CODE_DIR, ROOT, make_dataset
+from colour_images import make_dataset
+from sources import CODE_DIR, ROOT
 
 import contract
 import train

@@ -16,7 +16,7 @@ import common
 import contract
 import evaluate
 import preprocess
-from conftest import make_dataset
+from colour_images import make_dataset
 from models import json_get, trained_job
 
 IMAGE_SIZE = 32

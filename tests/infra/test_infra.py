@@ -14,12 +14,12 @@ import json
 import re
 import sys
 import types
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from sources import ROOT
+
 TEMPLATE = ROOT / "infra" / "template.yaml"
 ACCOUNT, REGION, PARTITION = "111122223333", "eu-west-1", "aws"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
