@@ -1,11 +1,15 @@
-"""Shared fixtures: small real image data sets made on the fly, and paths to the sources."""
+"""Shared fixtures: small real image data sets made on the fly, paths to the sources, the default synth."""
 from __future__ import annotations
 
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pipeline.definition import Synth
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_DIR = ROOT / "code"
@@ -77,3 +81,13 @@ def aws_environment(tmp_path_factory):
         patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
         yield
+
+
+@pytest.fixture(scope="session")
+def default_synth() -> Synth:
+    """Both definitions as ``dogbreed synth`` builds them with the default settings (no flags, no environment),
+    built once for the session; read-only: copy a document before changing it."""
+    from pipeline.definition import synth
+    from pipeline.settings import load_settings
+
+    return synth(load_settings({}, environ={}))
