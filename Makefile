@@ -8,7 +8,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV := $(VENV)/tools-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-.PHONY: run test synth clean
+.PHONY: run test synth golden clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP) $(CHECKOV_STAMP)
 
 synth: $(STAMP)
 	$(BIN)/dogbreed synth
+
+# Rewrite tests/golden/ (the definitions under review) from the current tree; the tests only compare with it.
+golden: $(STAMP)
+	DOGBREED_GOLDEN=update $(BIN)/python -m pytest tests/synth/test_golden_definition.py -q
 
 clean:
 	rm -rf build .pytest_cache

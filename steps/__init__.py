@@ -11,9 +11,8 @@ under ``offline_import``:
   is an offline one (static, unusable keys) for the duration of the import;
 - ``AWS_EC2_METADATA_DISABLED=true`` keeps any credential lookup that still
   happens from asking the EC2 metadata service;
-- the SDK's own deprecation warnings about its internal module moves
-  (``sagemaker/train/model_trainer.py``: ``from sagemaker.train import configs``,
-  a shim that warns) are filtered by category and module, nothing else.
+- the notices the SDK gives about itself (``SDK_NOTICES``) are filtered each by
+  category, message and the SDK's own modules; any other warning shows.
 
 The root logger is left as it was before the import.
 """
@@ -29,13 +28,26 @@ import boto3
 
 OFFLINE_CREDENTIALS = {"aws_access_key_id": "offline-synth", "aws_secret_access_key": "offline-synth"}
 OFFLINE_REGION = "us-east-1"  # only for the clients the SDK creates at import; synth passes its own region
-SDK_WARNING_MODULES = r"sagemaker\."  # warnings raised by the SDK's own modules
+SDK_MODULES = r"sagemaker\."  # a notice counts as the SDK's when one of its own modules raised it
+SDK_NOTICES = (  # (category, message regex): each warning the SDK gives on import or while synth builds
+    # its module moves, raised where one SDK module imports another through a shim
+    # (sagemaker/train/model_trainer.py: from sagemaker.train import configs); the same shim imported by
+    # this project's code is attributed to this project's module, and shows
+    (DeprecationWarning, r"sagemaker\.[\w.]+ has been moved to sagemaker\.[\w.]+\. Please update your imports"),
+    (DeprecationWarning, r"Importing from sagemaker\.[\w.]+ is deprecated"),
+    # pydantic on sagemaker/core/shapes/shapes.py's own field name
+    (UserWarning, r'Field name "json" in "MonitoringDatasetFormat" shadows an attribute in parent "Base"'),
+    # each job step built in a PipelineSession: what synth wants, no job started
+    (UserWarning, r"Running within a PipelineSession, there will be No Wait, No Logs, and No Job being started"),
+    # each Lambda step: the functions are published from lambda/ by dogbreed upsert, not by the SDK
+    (UserWarning, r"Lambda function won't be updated because zipped_code_dir\s+or script is not provided"),
+)
 
 
 def filter_sdk_warnings() -> None:
-    """The SDK's deprecation and experimental warnings about itself (each raised by a sagemaker module)."""
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=SDK_WARNING_MODULES)
+    """Ignore the notices of ``SDK_NOTICES`` when an SDK module raises them; nothing else."""
+    for category, message in SDK_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category, module=SDK_MODULES)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Shared fixtures: small real image data sets made on the fly, and AWS stand-ins.
+"""Shared fixtures: small real image data sets made on the fly, AWS stand-ins, the default synth.
 
 Tests live in one folder per room of the project (code, lambda, synth for pipeline/ definition and checks, local, publish, infra). Helpers
 that several rooms use are plain modules here (``sources``, ``colour_images``, ``real_images``, ``models``,
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from colour_images import make_dataset
 from sources import CODE_DIR
+
+if TYPE_CHECKING:
+    from pipeline.definition import Synth
 
 pytest_plugins = ["lambda_harness"]
 
@@ -51,3 +55,13 @@ def aws_environment(tmp_path_factory):
         patch.setenv("AWS_CONFIG_FILE", str(home / "config"))
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
         yield
+
+
+@pytest.fixture(scope="session")
+def default_synth() -> Synth:
+    """Both definitions as ``dogbreed synth`` builds them with the default settings (no flags, no environment),
+    built once for the session; read-only: copy a document before changing it."""
+    from pipeline.definition import synth
+    from pipeline.settings import load_settings
+
+    return synth(load_settings({}, environ={}))

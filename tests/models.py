@@ -7,7 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from conftest import CODE_DIR
+from sources import CODE_DIR
 
 # What a SageMaker job or a torchrun launch would set: a test's own process must not hand them to train.py.
 JOB_ENV_NAMES = ("MASTER_ADDR", "RANK", "WORLD_SIZE")

@@ -1,6 +1,6 @@
 """Concurrent clients against a model endpoint on 127.0.0.1: a fixed mix of good and bad requests, and what came back.
 
-Used by ``benchmarks/serving_load.py`` (timed) and ``tests/test_toolkits.py`` (statuses only).
+Used by ``benchmarks/serving_load.py`` (timed) and ``tests/code/test_toolkits.py`` (statuses only).
 Each client holds one keep-alive connection and sends a fixed number of requests, walking the
 mix from its own offset, so every kind of body is in flight at once. Every request names the
 status it must get: 200 for the valid bodies, the handler's 4xx for each bad one.

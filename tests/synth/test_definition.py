@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +27,7 @@ from pipeline.settings import Settings, SettingsError, load_settings
 from pipeline.artifact import load_artifact, read_definition
 from pipeline.validate import check_references, findings_of, iter_problems
 from sources import ROOT
+from steps import filter_sdk_warnings
 
 SCHEMA = json.loads((ROOT / "pipeline" / "definition.schema.json").read_text())
 EXPECTED_STEPS = {
@@ -48,10 +50,10 @@ def built_settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def document(built_settings) -> dict:
+def document(request) -> dict:
     if ARTIFACT:
         return read_definition(Path(ARTIFACT))[1]
-    return synth(built_settings).document
+    return request.getfixturevalue("default_synth").document
 
 
 @pytest.fixture
@@ -481,6 +483,7 @@ def test_synth_is_offline_and_byte_for_byte_deterministic(tmp_path):
     second = offline_synth(tmp_path, tmp_path / "b" / "pipeline.json")
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
+    assert first.stderr == "", "synth prints no warning"
     assert not (tmp_path / "sockets.log").exists(), (tmp_path / "sockets.log").read_text()
     for name in ("pipeline.json", "assets.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -490,6 +493,22 @@ def test_synth_is_offline_and_byte_for_byte_deterministic(tmp_path):
     for asset in manifest["assets"]:
         archive = tmp_path / "a" / "assets" / asset["sha256"][:16] / asset["filename"]
         assert archive.is_file() and asset["s3_uri"] in text + json.dumps(manifest)
+
+
+def test_the_sdk_notices_are_silenced_by_category_message_and_module_and_nothing_else():
+    moved = "sagemaker.train.configs has been moved to sagemaker.core.training.configs. Please update your imports."
+    raised = [(moved, DeprecationWarning, "sagemaker.train.model_trainer"),  # the SDK's own import: silenced
+              (moved, DeprecationWarning, "pipeline.definition"),  # the same shim imported here: shown
+              (moved, FutureWarning, "sagemaker.train.model_trainer"),
+              ("ModelTrainer(source_code=...) is deprecated", DeprecationWarning, "sagemaker.train.model_trainer"),
+              ("Running within a PipelineSession, there will be No Wait, No Logs, and No Job being started.",
+               UserWarning, "sagemaker.core.workflow.pipeline_context")]  # silenced
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_sdk_warnings()
+        for message, category, module in raised:
+            warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+    assert [(str(w.message), w.category) for w in caught] == [(m, c) for m, c, _ in raised[1:4]]
 
 
 def test_a_change_in_code_changes_only_the_code_asset_key(tmp_path):
