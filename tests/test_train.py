@@ -485,6 +485,25 @@ def test_the_pretrained_channel_supplies_weights_or_the_placeholder(monkeypatch:
         pretrained.pretrained_source("none")
 
 
+def test_the_weights_source_is_resolved_once_when_the_arguments_are_parsed(
+        monkeypatch: pytest.MonkeyPatch, no_run_env: None, data: Path, weights: Path, tmp_path: Path) -> None:
+    """The channel is listed once: a file added to it later (two state dicts, which a new listing refuses) changes
+    nothing for the run, and model_info.json names the file resolved then, not among the hyperparameters."""
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    (channel / "resnet18.pth").write_bytes(weights.read_bytes())
+    monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
+    args = train.parse_args([*SMALL[:2], *SMALL[4:], "--data", str(data), "--model-dir", str(tmp_path / "m"),
+                             "--epochs", "1", "--augment", "false", "--cache-features", "true", "--num-threads", "1"])
+    (channel / "other.pth").write_bytes(weights.read_bytes())
+    with pytest.raises(arguments.TrainingInputError, match=r"holds 2 .pth/.pt files"):
+        pretrained.pretrained_source("imagenet")
+    assert train.main(args)["epochs_trained"] == 1
+    info = json.loads((tmp_path / "m" / contract.MODEL_INFO_FILE).read_text())
+    assert info["pretrained_weights"] == str(channel / "resnet18.pth")
+    assert "weights_source" not in info["hyperparameters"] and info["hyperparameters"]["pretrained_weights"] is None
+
+
 # ---------------------------------------------------------------------------- the recipe
 
 def test_the_schedule_warms_up_linearly_then_falls_along_a_cosine() -> None:
