@@ -36,6 +36,7 @@ from PIL import Image, ImageFilter  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
+import arguments  # noqa: E402
 import common  # noqa: E402
 import preprocess  # noqa: E402
 import train  # noqa: E402
@@ -129,8 +130,8 @@ def main() -> None:
             history = training_epochs(folder, root / f"run{len(runs)}", options, cache)
             runs.append((images, cache, history))
 
-    print(f"\nmachine: {cpu_model()}, {train.usable_cpus()} usable cores, torch {torch.__version__}, "
-          f"{train.default_num_threads()} torch threads, {train.default_num_workers()} data workers; "
+    print(f"\nmachine: {cpu_model()}, {arguments.usable_cpus()} usable cores, torch {torch.__version__}, "
+          f"{arguments.default_num_threads()} torch threads, {arguments.default_num_workers()} data workers; "
           f"load average before and after: {load_before} / {os.getloadavg()[0]:.1f}")
     print(f"{options.backbone} frozen, {options.image_size} px, batch {options.batch_size}, augmentation off; "
           f"{options.train_images} training + {options.valid_images} validation images, {CLASSES} classes\n")

@@ -2,7 +2,8 @@
 
 As in torchvision's ``references/classification/utils.py`` (``init_distributed_mode``),
 one call reads the environment that torchrun or SageMaker sets and joins the
-process group (``process_group``). The rest is what every rank must agree on:
+process group (``process_group``); ``training_device``, ``autocast`` and ``to_device`` place the
+work on this process's GPU (mixed precision, channels-last) or the CPU. The rest is what every rank must agree on:
 seeds derived from (seed, epoch, rank or index), the shard of a global batch or
 of a split each rank takes (``GlobalBatchSampler``, ``shard_indices``), the
 collectives that sum or gather over ranks, and ``GlobalBatchNorm2d``, whose
@@ -147,6 +148,19 @@ def training_device(local_rank: int) -> torch.device:
         torch.backends.cudnn.benchmark = True
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    inputs = inputs.to(device, non_blocking=True)
+    if device.type == "cuda" and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
 
 
 def configure_logging(logger: logging.Logger, dist_info: DistInfo) -> None:

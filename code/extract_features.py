@@ -22,11 +22,14 @@ from typing import Any, Sequence
 
 import torch
 
+import arguments
 import common
 import contract
 import distributed
 import features
-import train
+import pretrained
+import training_data
+from arguments import TrainingInputError
 
 DEFAULT_ROOT = "/opt/ml/processing"
 
@@ -37,49 +40,50 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", default=f"{DEFAULT_ROOT}/input/{contract.TRAIN_CHANNEL}", help="training split, one folder per class")
     parser.add_argument("--valid", default=f"{DEFAULT_ROOT}/input/{contract.VALID_CHANNEL}", help="validation split, the same class folders")
     parser.add_argument("--output", default=f"{DEFAULT_ROOT}/output/features", help="where the features folder is written")
-    parser.add_argument("--backbone", type=train.text, choices=common.BACKBONES, default="resnet50")
-    parser.add_argument("--image-size", type=train.positive_int, default=common.DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--pretrained-weights", type=train.text, default="imagenet",
+    parser.add_argument("--backbone", type=arguments.text, choices=common.BACKBONES, default="resnet50")
+    parser.add_argument("--image-size", type=arguments.positive_int, default=common.DEFAULT_IMAGE_SIZE)
+    parser.add_argument("--pretrained-weights", type=arguments.text, default="imagenet",
                         help="a state dict file (or a folder with one), 'imagenet', or 'none' for random weights")
     parser.add_argument("--pretrained-channel", default=None,
                         help="the folder of the pipeline's pretrained weights channel; read by the rule a training job "
                              "reads its own (a state dict there replaces 'imagenet', the placeholder means none)")
-    parser.add_argument("--seed", type=train.non_negative_int, default=0,
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0,
                         help="the trials' seed: random weights (--pretrained-weights none) are drawn with it")
-    parser.add_argument("--batch-size", type=train.positive_int, default=64)
-    parser.add_argument("--num-workers", type=train.non_negative_int, default=train.default_num_workers())
-    parser.add_argument("--num-threads", type=train.positive_int, default=train.default_num_threads())
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=64)
+    parser.add_argument("--num-workers", type=arguments.non_negative_int, default=arguments.default_num_workers())
+    parser.add_argument("--num-threads", type=arguments.positive_int, default=arguments.default_num_threads())
     return parser
 
 
-def backbone_of(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The frozen backbone as train.py builds it before training (``train.initial_model``: seeded, then the weights loaded)."""
-    return train.feature_extractor(train.initial_model(args, num_classes)).eval()
+def backbone_of(args: argparse.Namespace, num_classes: int, source: str | None) -> torch.nn.Module:
+    """The frozen backbone as train.py builds it before training (``pretrained.initial_model``: seeded, then the
+    weights of the resolved ``source`` loaded)."""
+    return pretrained.feature_extractor(pretrained.initial_model(args.backbone, num_classes, args.seed, source)).eval()
 
 
 def extract(args: argparse.Namespace) -> dict[str, Any]:
     """Write the features folder; returns its header."""
     if args.image_size < 32:
-        raise train.TrainingInputError(f"--image-size must be at least 32 pixels for a ResNet, got {args.image_size}")
+        raise TrainingInputError(f"--image-size must be at least 32 pixels for a ResNet, got {args.image_size}")
     output = Path(args.output)
     if (output / contract.FEATURES_HEADER_FILE).exists():
-        raise train.TrainingInputError(f"{output} already holds features: write into an empty --output")
+        raise TrainingInputError(f"{output} already holds features: write into an empty --output")
     if args.pretrained_channel:
         os.environ[common.channel_variable(contract.PRETRAINED_CHANNEL)] = args.pretrained_channel
     torch.set_num_threads(args.num_threads)
     device = distributed.training_device(0)
-    train_set, valid_set = train.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)
-    source = train.resolved_weights(args.pretrained_weights)
-    backbone = backbone_of(args, len(train_set.classes)).to(device)
+    train_set, valid_set = training_data.load_data(Path(args.train), Path(args.valid), args.image_size, augment=False)
+    source = pretrained.pretrained_source(args.pretrained_weights)
+    backbone = backbone_of(args, len(train_set.classes), source).to(device)
     started, cpu_started = time.perf_counter(), time.process_time()
-    splits = {name: train.extract_features(backbone, dataset, args, distributed.DistInfo(), device, args.num_workers)
+    splits = {name: training_data.extract_features(backbone, dataset, args, distributed.DistInfo(), device, args.num_workers)
               for name, dataset in ((contract.TRAIN_CHANNEL, train_set), (contract.VALID_CHANNEL, valid_set))}
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     images = len(train_set) + len(valid_set)
     settings = {
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "weights": features.weights_id(source, args.backbone, args.seed),
+        "weights": features.weights_id(pretrained.resolved_weights(source), args.backbone, args.seed),
         "classes": train_set.classes,
         "transform": f"resize {common.resize_size(args.image_size)}, center crop {args.image_size}, ImageNet normalization",
         "content_sha256": features.images_sha256(
@@ -97,7 +101,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return common.run_script("extract_features.py", contract.PROCESSING_FAILURE_FILE, lambda: argument_parser().parse_args(argv),
-                             extract, (train.TrainingInputError, features.FeaturesError))
+                             extract, (TrainingInputError, features.FeaturesError))
 
 
 if __name__ == "__main__":

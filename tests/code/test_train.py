@@ -18,16 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision import transforms
+from torchvision import datasets, models, transforms
 
 from colour_images import make_dataset, write_images
 from sources import CODE_DIR
 from real_images import write_digits
 
+import arguments
 import common
 import contract
 import distributed
+import pretrained
 import train
+import training_data
 
 TRAIN_SCRIPT = CODE_DIR / "train.py"
 # Variables of the container contract and of torchrun that would change what a run does.
@@ -49,7 +52,7 @@ def write_backbone_weights(path: Path, seed: int = 1) -> Path:
     """A resnet18 state dict drawn with ``seed``, standing in for downloaded pretrained weights."""
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(train.models.resnet18(weights=None).state_dict(), path)
+    torch.save(models.resnet18(weights=None).state_dict(), path)
     return path
 
 
@@ -140,7 +143,7 @@ def test_saved_weights_are_the_best_epochs(reference: dict, data: Path) -> None:
     model, classes, info = common.load_model_dir(reference["job"] / "model")
     assert info["best_epoch"] == best["epoch"]
     assert info["metrics"] == pytest.approx({k: v for k, v in best.items() if k != "epoch"}, abs=1e-6)
-    valid_set = train.datasets.ImageFolder(str(data / "valid"), transform=common.eval_transform(32))
+    valid_set = datasets.ImageFolder(str(data / "valid"), transform=common.eval_transform(32))
     images = torch.stack([image for image, _ in valid_set])
     labels = torch.tensor(valid_set.targets)
     with torch.no_grad():
@@ -219,7 +222,7 @@ def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp
 
 def accuracy_on_test_split(model_dir: Path, test_dir: Path) -> float:
     model, classes, info = common.load_model_dir(model_dir)
-    test_set = train.datasets.ImageFolder(str(test_dir), transform=common.eval_transform(info["image_size"]))
+    test_set = datasets.ImageFolder(str(test_dir), transform=common.eval_transform(info["image_size"]))
     assert test_set.classes == classes
     with torch.no_grad():
         logits = model(torch.stack([image for image, _ in test_set]))
@@ -281,7 +284,7 @@ def test_checkpoint_of_other_settings_is_refused(no_run_env: None, data: Path, w
     common_args = head_only(weights) + ["--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "1",
                            "--checkpoint-dir", str(tmp_path / "ckpt"), "--augment", "false", "--cache-features"]
     in_process_run(capsys, common_args + ["--learning-rate", "0.05"])
-    with pytest.raises(train.TrainingInputError, match=r"other settings \(learning_rate 0.05 -> 0.1\).*empty folder"):
+    with pytest.raises(arguments.TrainingInputError, match=r"other settings \(learning_rate 0.05 -> 0.1\).*empty folder"):
         in_process_run(capsys, common_args + ["--learning-rate", "0.1"])
 
 
@@ -300,7 +303,7 @@ def test_defaults_come_from_the_container_variables(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SM_CHANNEL_TRAIN", "/in/train")
     monkeypatch.setenv("SM_MODEL_DIR", "/opt/model")
     args = train.parse_args([])
-    assert train.split_dirs(args) == (Path("/in/train"), Path("data/valid"))
+    assert training_data.split_dirs(args) == (Path("/in/train"), Path("data/valid"))
     assert args.model_dir == "/opt/model" and args.output_data_dir is None
     assert (args.backbone, args.freeze_backbone, args.augment, args.cache_features) == ("resnet50", True, True, False)
 
@@ -309,7 +312,7 @@ def test_threads_are_shared_between_local_processes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SM_HOSTS", json.dumps([f"algo-{i}" for i in range(1, 8)]))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert distributed.processes_on_this_machine() == 7
-    assert train.parse_args([]).num_threads == max(1, train.usable_cpus() // 7)
+    assert train.parse_args([]).num_threads == max(1, arguments.usable_cpus() // 7)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
     assert distributed.processes_on_this_machine() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -359,21 +362,21 @@ def test_missing_split_is_named(no_run_env: None, tmp_path: Path, capsys: pytest
 def test_empty_split_is_named(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "data", classes=2, per_split={"train": 2})
     (root / "valid").mkdir()
-    with pytest.raises(train.TrainingInputError, match=r"the valid split at .*valid is empty: it holds no class folders"):
-        train.load_data(root / "train", root / "valid", 32, False)
+    with pytest.raises(arguments.TrainingInputError, match=r"the valid split at .*valid is empty: it holds no class folders"):
+        training_data.load_data(root / "train", root / "valid", 32, False)
     for name in ("001.Breed_A", "002.Breed_B"):
         (root / "valid" / name).mkdir()
-    with pytest.raises(train.TrainingInputError, match=r"the valid split at .* has a class folder without images"):
-        train.load_data(root / "train", root / "valid", 32, False)
+    with pytest.raises(arguments.TrainingInputError, match=r"the valid split at .* has a class folder without images"):
+        training_data.load_data(root / "train", root / "valid", 32, False)
 
 
 def test_class_folders_that_differ_between_splits_are_named(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "data", classes=3, per_split={"train": 2, "valid": 2})
     write_images(root / "valid" / "004.Extra_Breed", 1, (10, 10, 10))
     (root / "valid" / "001.Breed_A").rename(root / "valid" / "001.Breed_a")
-    with pytest.raises(train.TrainingInputError,
+    with pytest.raises(arguments.TrainingInputError,
                        match=r"differ .* only in train: 001.Breed_A; only in valid: 001.Breed_a, 004.Extra_Breed"):
-        train.load_data(root / "train", root / "valid", 32, False)
+        training_data.load_data(root / "train", root / "valid", 32, False)
 
 
 def test_test_split_is_not_needed(no_run_env: None, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -389,38 +392,38 @@ def test_test_split_is_not_needed(no_run_env: None, weights: Path, tmp_path: Pat
 def test_backbone_weights_load_from_a_file_and_the_head_is_new(monkeypatch: pytest.MonkeyPatch, no_run_env: None,
                                                                tmp_path: Path) -> None:
     torch.manual_seed(1)
-    source = train.models.resnet18(weights=None)
+    source = models.resnet18(weights=None)
     channel = tmp_path / "pretrained"
     channel.mkdir()
     torch.save(source.state_dict(), channel / "resnet18.pth")
     monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
     model = common.build_model("resnet18", 5)
-    train.load_backbone_weights(model, train.pretrained_source(None), "resnet18")
+    pretrained.load_backbone_weights(model, pretrained.pretrained_source(None), "resnet18")
     assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert torch.equal(model.bn1.running_var, source.bn1.running_var)
     assert model.fc.out_features == 5
 
 
 def test_weights_of_another_backbone_are_refused(tmp_path: Path) -> None:
-    torch.save(train.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(train.TrainingInputError, match=r"r18.pth do not fit resnet34"):
-        train.load_backbone_weights(common.build_model("resnet34", 3), str(tmp_path / "r18.pth"), "resnet34")
+    torch.save(models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(arguments.TrainingInputError, match=r"r18.pth do not fit resnet34"):
+        pretrained.load_backbone_weights(common.build_model("resnet34", 3), str(tmp_path / "r18.pth"), "resnet34")
     (tmp_path / "other.pth").write_bytes(b"not a state dict")
-    with pytest.raises(train.TrainingInputError, match=r"holds 2 .pth/.pt files"):
-        train.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path), "resnet18")
-    with pytest.raises(train.TrainingInputError, match=r"cannot read the pretrained weights .*other.pth"):
-        train.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path / "other.pth"), "resnet18")
+    with pytest.raises(arguments.TrainingInputError, match=r"holds 2 .pth/.pt files"):
+        pretrained.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path), "resnet18")
+    with pytest.raises(arguments.TrainingInputError, match=r"cannot read the pretrained weights .*other.pth"):
+        pretrained.load_backbone_weights(common.build_model("resnet18", 3), str(tmp_path / "other.pth"), "resnet18")
 
 
 def test_imagenet_weights_come_from_the_torch_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub" / "checkpoints" / train.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    cached = tmp_path / "hub" / "checkpoints" / models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
     cached.parent.mkdir(parents=True)
     torch.manual_seed(2)
-    source = train.models.resnet18(weights=None)
+    source = models.resnet18(weights=None)
     torch.save(source.state_dict(), cached)
     model = common.build_model("resnet18", 3)
-    train.load_backbone_weights(model, "imagenet", "resnet18")
+    pretrained.load_backbone_weights(model, "imagenet", "resnet18")
     assert torch.equal(model.conv1.weight, source.conv1.weight)
 
 
@@ -431,9 +434,9 @@ def test_imagenet_weights_that_cannot_be_downloaded_say_how_to_supply_them(monke
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: the download fails at once
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    with pytest.raises(train.TrainingInputError,
+    with pytest.raises(arguments.TrainingInputError,
                        match=r"cannot download .*PretrainedWeightsS3Uri to its URI \(it becomes the 'pretrained' channel\).*PretrainedWeights=none"):
-        train.load_backbone_weights(common.build_model("resnet18", 3), "imagenet", "resnet18")
+        pretrained.load_backbone_weights(common.build_model("resnet18", 3), "imagenet", "resnet18")
 
 
 # ---------------------------------------------------------------------------- the frozen-backbone rule
@@ -470,17 +473,36 @@ def test_the_pretrained_channel_supplies_weights_or_the_placeholder(monkeypatch:
     channel.mkdir()
     monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
     (channel / contract.NO_WEIGHTS_PLACEHOLDER).write_bytes(b"\x1f\x8b code archive")
-    assert train.pretrained_source("imagenet") == "imagenet" and train.pretrained_source("none") is None
+    assert pretrained.pretrained_source("imagenet") == "imagenet" and pretrained.pretrained_source("none") is None
     assert train.parse_args(SMALL).freeze_backbone is False
     (channel / contract.NO_WEIGHTS_PLACEHOLDER).unlink()
     (channel / "notes.txt").write_text("not weights")
-    with pytest.raises(train.TrainingInputError, match=r"'pretrained' channel .* holds no state dict file \(notes.txt\)"):
-        train.pretrained_source("imagenet")
+    with pytest.raises(arguments.TrainingInputError, match=r"'pretrained' channel .* holds no state dict file \(notes.txt\)"):
+        pretrained.pretrained_source("imagenet")
     (channel / "resnet18.pth").write_bytes(weights.read_bytes())
-    assert train.pretrained_source("imagenet") == str(channel / "resnet18.pth")
+    assert pretrained.pretrained_source("imagenet") == str(channel / "resnet18.pth")
     assert train.parse_args(["--backbone", "resnet18"]).freeze_backbone is True
-    with pytest.raises(train.TrainingInputError, match=r"supplies resnet18.pth .* set PretrainedWeights=imagenet"):
-        train.pretrained_source("none")
+    with pytest.raises(arguments.TrainingInputError, match=r"supplies resnet18.pth .* set PretrainedWeights=imagenet"):
+        pretrained.pretrained_source("none")
+
+
+def test_the_weights_source_is_resolved_once_when_the_arguments_are_parsed(
+        monkeypatch: pytest.MonkeyPatch, no_run_env: None, data: Path, weights: Path, tmp_path: Path) -> None:
+    """The channel is listed once: a file added to it later (two state dicts, which a new listing refuses) changes
+    nothing for the run, and model_info.json names the file resolved then, not among the hyperparameters."""
+    channel = tmp_path / "pretrained"
+    channel.mkdir()
+    (channel / "resnet18.pth").write_bytes(weights.read_bytes())
+    monkeypatch.setenv("SM_CHANNEL_PRETRAINED", str(channel))
+    args = train.parse_args([*SMALL[:2], *SMALL[4:], "--data", str(data), "--model-dir", str(tmp_path / "m"),
+                             "--epochs", "1", "--augment", "false", "--cache-features", "true", "--num-threads", "1"])
+    (channel / "other.pth").write_bytes(weights.read_bytes())
+    with pytest.raises(arguments.TrainingInputError, match=r"holds 2 .pth/.pt files"):
+        pretrained.pretrained_source("imagenet")
+    assert train.main(args)["epochs_trained"] == 1
+    info = json.loads((tmp_path / "m" / contract.MODEL_INFO_FILE).read_text())
+    assert info["pretrained_weights"] == str(channel / "resnet18.pth")
+    assert "weights_source" not in info["hyperparameters"] and info["hyperparameters"]["pretrained_weights"] is None
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -513,6 +535,56 @@ def test_batch_norm_and_biases_get_no_weight_decay() -> None:
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def former_precise_batch_norm(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """The batch-norm pass train.py ran before it used torch's ``update_bn``, kept as the reference."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        for inputs in batches:
+            model(inputs)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
+def test_batch_norm_statistics_are_the_former_pass_over_the_first_global_batches(
+        no_run_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """update_bn over the first PRECISE_BN_BATCHES global batches gives the statistics of the pass it replaced:
+    on real scans, a resnet18 whose statistics had drifted; the mean of each batch's mean and unbiased variance."""
+    root = write_digits(tmp_path / "digits", per_class={"train": 5, "valid": 1, "test": 0}, classes=5)
+    args = train.parse_args([*SMALL, "--data", str(root), "--batch-size", "8", "--seed", "3"])
+    splits = training_data.load_splits(args, distributed.DistInfo())
+    loader = training_data.make_train_loader(splits.train, args, distributed.DistInfo(), torch.device("cpu"),
+                                             seeded=True, workers=0)
+    loader.batch_sampler.set_epoch(2)
+    monkeypatch.setattr(train, "PRECISE_BN_BATCHES", 2)  # of the epoch's 4 global batches (25 scans)
+    model = common.build_model("resnet18", len(splits.classes))
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.fill_(3.0)
+        norm.running_var.fill_(7.0)
+    reference = common.build_model("resnet18", len(splits.classes))
+    reference.load_state_dict(model.state_dict())
+    first_batches = [inputs for inputs, _ in list(loader)[:2]]
+
+    train.recompute_batch_norm_statistics(train.Parts(model, None), loader, torch.device("cpu"))
+    former_precise_batch_norm(reference, first_batches)
+
+    buffers, expected = dict(model.named_buffers()), dict(reference.named_buffers())
+    assert len(buffers) == 3 * 20  # running_mean, running_var and num_batches_tracked of resnet18's 20 norms
+    for name, value in expected.items():
+        torch.testing.assert_close(buffers[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert int(model.bn1.num_batches_tracked) == 2
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        stem = [model.conv1(inputs) for inputs in first_batches]
+    torch.testing.assert_close(model.bn1.running_mean, torch.stack([x.mean((0, 2, 3)) for x in stem]).mean(0))
+    torch.testing.assert_close(model.bn1.running_var,
+                               torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in stem]).mean(0))
+
+
 def test_label_smoothing_mixes_the_loss_with_the_mean_over_classes(no_run_env: None, data: Path, weights: Path,
                                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """At learning rate 0 the training loss with smoothing s is (1 - s) times the cross-entropy plus s times the
@@ -524,7 +596,7 @@ def test_label_smoothing_mixes_the_loss_with_the_mean_over_classes(no_run_env: N
             "--augment", "false", "--cache-features", "true", "--label-smoothing", str(smoothing)])
         losses[smoothing] = summary["history"][0]
     model, _, _ = common.load_model_dir(tmp_path / "0.0")
-    train_set = train.datasets.ImageFolder(str(data / "train"), transform=common.eval_transform(32))
+    train_set = datasets.ImageFolder(str(data / "train"), transform=common.eval_transform(32))
     with torch.no_grad():
         log_p = torch.log_softmax(model(torch.stack([image for image, _ in train_set])), dim=1)
     uniform = -log_p.mean(dim=1).mean().item()
@@ -536,7 +608,7 @@ def test_label_smoothing_mixes_the_loss_with_the_mean_over_classes(no_run_env: N
 
 def test_augmentation_settings_reach_the_transform(no_run_env: None, data: Path) -> None:
     def train_steps(*argv: str) -> list:
-        splits = train.load_splits(train.parse_args([*SMALL, "--data", str(data), *argv]), distributed.DistInfo())
+        splits = training_data.load_splits(train.parse_args([*SMALL, "--data", str(data), *argv]), distributed.DistInfo())
         return list(splits.train.transform.transforms)
 
     crop, flip, *_ = train_steps()

@@ -15,6 +15,7 @@ from pipeline.local.jobs import free_port
 from real_images import write_digits
 from test_train import SMALL, TRAIN_SCRIPT, accuracy_on_test_split, clean_env, head_only, metric_lines, write_backbone_weights
 
+import arguments
 import common
 import contract
 import train
@@ -60,7 +61,7 @@ def test_two_sagemaker_hosts_train_one_model(data: Path, tmp_path: Path) -> None
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     rank0, rank1 = finished_outputs(processes)
 
-    threads = max(1, train.usable_cpus() // 2)
+    threads = max(1, arguments.usable_cpus() // 2)
     for rank, output in enumerate((rank0, rank1)):
         assert f"[rank {rank}/2] device cpu, {threads} CPU threads" in output
         assert output.count("training 36 images (18 on this rank)") == 2

@@ -3,7 +3,9 @@
 - no import cycle among the package's modules (``pipeline/``, ``steps/``), counting the imports
   inside functions, so that none can hide one;
 - ``steps/`` never imports ``pipeline/`` (it may name its types for a type checker);
-- ``code/`` and ``lambda/`` are shipped to other machines and never import the package or each other.
+- ``code/`` and ``lambda/`` are shipped to other machines and never import the package or each other;
+- in ``code/`` no module imports a script (an entry point SageMaker runs), so no script imports another,
+  and the model archive's ``code/`` folder holds every module the inference script imports.
 """
 from __future__ import annotations
 
@@ -152,3 +154,79 @@ def test_the_name_and_role_patterns_are_the_same_in_lambda_and_settings():
     endpoint_name = botocore.session.get_session().get_service_model("sagemaker").shape_for("EndpointName")
     assert events.NAME_PATTERN.pattern == f"^{endpoint_name.metadata['pattern']}$"
     assert events.NAME_HINT.startswith(f"1 to {endpoint_name.metadata['max']} ")
+
+
+# --- code/: the scripts SageMaker runs and the modules they share ------------------
+
+CODE = ROOT / "code"
+
+
+def scripts() -> set[str]:
+    """The code/ files SageMaker runs as entry points: those with a ``__main__`` guard, and the inference script."""
+    import contract
+
+    guarded = {path.stem for path in CODE.glob("*.py") if 'if __name__ == "__main__":' in path.read_text()}
+    return guarded | {Path(contract.INFERENCE_SCRIPT).stem}
+
+
+def inference_files() -> set[str]:
+    """The module names of train.py's INFERENCE_FILES, read from its source (importing train.py would load torch)."""
+    import contract
+
+    tree = ast.parse((CODE / "train.py").read_text())
+    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(target, "id", None) == "INFERENCE_FILES" for target in node.targets)]
+    names = [getattr(contract, item.attr) if isinstance(item, ast.Attribute) else item.value for item in value.elts]
+    return {Path(name).stem for name in names if name.endswith(".py")}
+
+
+def code_imports(name: str) -> set[str]:
+    """The code/ modules ``code/<name>.py`` imports."""
+    return {top_level(imported) for imported, _ in imported_names(CODE / f"{name}.py")
+            if (CODE / f"{top_level(imported)}.py").is_file()} - {name}
+
+
+def imported_closure(name: str) -> set[str]:
+    """``name`` and every code/ module it imports, directly or through another."""
+    found, waiting = set(), [name]
+    while waiting:
+        module = waiting.pop()
+        if module not in found:
+            found.add(module)
+            waiting += code_imports(module)
+    return found
+
+
+def test_the_scripts_are_the_entry_points_the_definition_names():
+    import json
+    import re
+
+    from pipeline.definition import synth
+    from pipeline.settings import load_settings
+
+    named = set(re.findall(r"\b(\w+)\.py\b", json.dumps(synth(load_settings({}, environ={})).document)))
+    assert scripts() == named == {"preprocess", "extract_features", "train", "evaluate", "inference"}
+
+
+def test_no_code_module_imports_a_script():
+    """A script never imports another, not even through a shared module: what two scripts share is a module of its own."""
+    entry_points = scripts()
+    found = {path.stem: sorted(code_imports(path.stem) & entry_points) for path in sorted(CODE.glob("*.py"))}
+    assert {module: imported for module, imported in found.items() if imported} == {}
+
+
+def test_the_rule_catches_a_script_that_imports_another(tmp_path, monkeypatch):
+    for name, text in {"train.py": 'if __name__ == "__main__":\n    pass\n', "helpers.py": "import train\n",
+                       "extract.py": 'import helpers\nif __name__ == "__main__":\n    pass\n'}.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setitem(globals(), "CODE", tmp_path)
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert scripts() >= {"train", "extract"} and code_imports("helpers") & scripts() == {"train"}
+    assert imported_closure("extract") == {"extract", "helpers", "train"}
+
+
+def test_the_model_archive_code_folder_holds_every_module_inference_imports():
+    """train.py copies INFERENCE_FILES into the model's code/ folder, which the inference container imports from
+    (and evaluate.py packs into the archive it registers)."""
+    assert imported_closure("inference") == {"inference", "common", "contract", "serving_model"}
+    assert imported_closure("inference") <= inference_files()
