@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.commands import UsageError
 from pipeline.diagnosis import Diagnosis, FailedStep, last_lines
 from pipeline.local.jobs import script_error_line
+from pipeline.local.results import TuningResult
 from pipeline.status import Status
 
 SUMMARY = "summary.json"
@@ -32,8 +33,7 @@ def read_summary(workdir: Path) -> dict:
 
 
 def failed_trial_name(step: dict) -> str:
-    trials = step.get("details", {}).get("trials", [])
-    return next((trial["name"] for trial in trials if trial.get("failure")), "")
+    return next((trial.name for trial in TuningResult.trials_in(step.get("details", {})) if trial.failure), "")
 
 
 def explaining_log(step: dict, job_name: str) -> Path | None:
