@@ -12,7 +12,6 @@ caching is off: every step runs.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -29,7 +28,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 from pipeline.assets import Assets
-from pipeline.dag import DefinitionError, StepNode
+from pipeline.dag import DefinitionError, StepNode, render
 from pipeline.files import write_atomically
 from pipeline.local.environment import LocalServices, job_context, lambda_functions, local_services
 from pipeline.local.errors import LocalRunError
@@ -154,7 +153,7 @@ class LocalRun:
     def prepare(self) -> None:
         """Create the work dir, write the definition run, and publish the assets to local S3."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.workdir / "definition.json", json.dumps(self.document, indent=2, sort_keys=True) + "\n")
+        write_atomically(self.workdir / "definition.json", render(self.document))
         for asset in self.assets:
             self.s3.put(asset.s3_uri, asset.data)
         self.prepared = True
@@ -224,13 +223,13 @@ class LocalRun:
 
     def _ended(self, name: str, status: Status, reason: str) -> None:
         """Step ``name`` ended: its row, its properties' absence when it failed, and the schedule."""
-        self._finish(name, status, reason=reason, note=None if status == Status.FAILED else self.states[name].result.note)
         if status == Status.FAILED:
+            self._finish(name, status, reason=reason)
             self.schedule.fail(name, reason)
             return
         result = self.states[name].result
-        outcome = result.outcome if isinstance(result, ConditionResult) else None
-        self._never_run(self.schedule.succeed(name, outcome))
+        self._finish(name, status, note=result.note)
+        self._never_run(self.schedule.succeed(name, result.outcome if isinstance(result, ConditionResult) else None))
 
     def _never_run(self, changes: list[NeverRun]) -> None:
         for change in changes:
