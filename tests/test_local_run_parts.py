@@ -15,6 +15,7 @@ import pytest
 from conftest import CODE_DIR, write_images
 from pipeline.local import aws
 from pipeline.local.conditions import evaluate_all
+from pipeline.local.errors import LocalRunError
 from pipeline.local.jobs import rewrite_opt_ml
 from pipeline.local.model_container import ModelContainer
 from pipeline.local.runtime import RuntimeServer
@@ -31,6 +32,7 @@ from pipeline.local.results import (
     TuningResult,
 )
 from pipeline.local.s3 import LocalS3
+from pipeline.local.state import StepFailure, failing_with
 from pipeline.local.tuning import draw
 from pipeline.status import Status
 
@@ -171,8 +173,10 @@ def test_conditions_compare_numbers_and_combine():
 # ---------------------------------------------------------------- step results and whole files
 
 def test_step_results_are_the_summarys_details_and_the_tables_remarks():
-    failed_training = TrainingResult(7)  # what a training step knows before its job fails
-    assert failed_training.details() == {"instances": 7} and failed_training.note == ""
+    with pytest.raises(StepFailure, match="^AlgorithmError: out of memory$") as failure:
+        with failing_with(TrainingResult(7)):  # what a training step knows before its job fails
+            raise LocalRunError("AlgorithmError: out of memory")
+    assert failure.value.result.details() == {"instances": 7} and failure.value.result.note == ""
     training = TrainingResult(1, "/w/model.tar.gz", "toolkit: sagemaker-training is installed", {"val_accuracy": 0.93751})
     assert set(training.details()) == {"instances", "model", "runner", "final_metrics"} and training.note == "val_accuracy=0.9375"
     gate = ConditionResult(False, ["0.5 >= 0.7: False"])

@@ -28,7 +28,6 @@ from typing import Any, Callable
 from pipeline.local import aws
 from pipeline.local.callbacks import CallbackApi, callback_message, deliver
 from pipeline.local.conditions import evaluate_all
-from pipeline.local.errors import LocalRunError
 from pipeline.local.jobs import JobContext
 from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, function_name_of, output_parameters, register_model_package
 from pipeline.local.processing_job import run_processing_job
@@ -49,7 +48,7 @@ from pipeline.local.results import (
 )
 from pipeline.local.runtime import RuntimeServer
 from pipeline.local.s3 import LocalS3
-from pipeline.local.state import RunOptions, StepFailure, StepState
+from pipeline.local.state import RunOptions, StepFailure, StepState, failing_with
 from pipeline.local.training_job import TrainingSpec, run_training_job
 from pipeline.local.tuning import Trial, run_tuning_job
 from pipeline.progress import utc_now
@@ -101,11 +100,9 @@ def run_processing(state: StepState, resolver: Resolver, ctx: StepContext) -> Pr
     outputs = {item["OutputName"]: item["S3Output"]["S3Uri"]
                for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", [])}
     result = ProcessingResult({name: str(ctx.s3.path(uri)) for name, uri in outputs.items()})
-    try:
+    with failing_with(result):
         for item in state.node.document.get("PropertyFiles", []):
             ctx.scope.add_property_file(property_file(ctx.s3, state.name, item, outputs))
-    except StepFailure as error:
-        raise StepFailure(str(error), result) from None
     result.manifest = manifest_in(ctx, outputs)
     return result
 
@@ -150,10 +147,8 @@ def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> Trai
     def started(logs: list[Path]) -> None:
         state.logs = logs
 
-    try:
+    with failing_with(TrainingResult(spec.instance_count)):
         job = run_training_job(ctx.jobs, spec, on_started=started)
-    except LocalRunError as error:
-        raise StepFailure(str(error), TrainingResult(spec.instance_count)) from None
     state.logs = job.logs
     ctx.scope.set_properties(state.name, job.properties)
     final = {item["MetricName"]: item["Value"] for item in job.properties["FinalMetricDataList"]}
@@ -264,12 +259,10 @@ def run_callback(state: StepState, resolver: Resolver, ctx: StepContext) -> Call
         looks += deliver(ctx.sqs, queue, ctx.settings.region, lambda event: ctx.functions.invoke(arn, event, log, ctx.router))
         state.note = f"{looks} message deliveries to {ctx.settings.lambda_function_name(WAIT_FUNCTION)}"
     answer = CallbackRecord(token, looks, callback.outcome)
-    if callback.outcome != Status.SUCCEEDED:
-        raise StepFailure(callback.failure_reason or "the callback step was answered with a failure", CallbackResult(None, answer))
-    try:
+    with failing_with(CallbackResult(None, answer)):
+        if callback.outcome != Status.SUCCEEDED:
+            raise StepFailure(callback.failure_reason or "the callback step was answered with a failure")
         outputs = output_parameters(callback.outputs, document.get("OutputParameters", []), "the callback answer")
-    except LocalRunError as error:
-        raise StepFailure(str(error), CallbackResult(None, answer)) from None
     set_outputs(state, ctx, outputs)
     return CallbackResult(outputs, answer)
 

@@ -1,9 +1,10 @@
 """A local run's options, and a step's state in it: the progress table's row of the step, and what its runner found out."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from pipeline.dag import StepNode
 from pipeline.local.errors import LocalRunError
@@ -20,6 +21,15 @@ class StepFailure(LocalRunError):
     def __init__(self, message: str, result: StepResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+@contextmanager
+def failing_with(result: StepResult) -> Iterator[None]:
+    """A step that fails in the block fails with ``result``: what it had found out until then, which the summary keeps."""
+    try:
+        yield
+    except LocalRunError as error:
+        raise StepFailure(str(error), result) from None
 
 
 @dataclass
