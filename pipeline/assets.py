@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.files import write_atomically
 from pipeline.settings import Settings
 
 FIXED_MTIME = 315532800  # 1980-01-01, the earliest time a zip entry can carry
@@ -121,9 +122,9 @@ class Assets:
             target = build_dir / "assets" / asset.sha256[:16] / asset.filename
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists() or target.read_bytes() != asset.data:
-                _atomic_write(target, asset.data)
+                write_atomically(target, asset.data)
         path = build_dir / "assets.json"
-        _atomic_write(path, (json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n").encode())
+        write_atomically(path, (json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n").encode())
         return path
 
 
@@ -132,12 +133,6 @@ def build_assets(settings: Settings) -> Assets:
         code=build_asset(settings, "code", "code", "sourcedir.tar.gz"),
         lambdas=build_asset(settings, "lambda", "lambda", "lambda.zip"),
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
 
 
 class ArtifactError(ValueError):

@@ -17,6 +17,7 @@ from pipeline.assets import ArtifactError
 from pipeline.commands import UsageError, add_settings_arguments, settings_from_args
 from pipeline.dag import DefinitionError, steps_of
 from pipeline.definition import synth
+from pipeline.files import write_atomically
 from pipeline.graph import render_graph
 from pipeline.local import command as local_run
 from pipeline.settings import SettingsError
@@ -27,19 +28,13 @@ __all__ = ["UsageError", "add_settings_arguments", "build_parser", "main", "sett
 DEFAULT_OUT = Path("build") / "pipeline.json"
 
 
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
 def _synth(args: argparse.Namespace) -> int:
     result = synth(settings_from_args(args))
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out, result.definition)
+    write_atomically(out, result.definition)
     deploy = out.parent / DEPLOY_DEFINITION_NAME
-    _write(deploy, result.deploy_definition)
+    write_atomically(deploy, result.deploy_definition)
     manifest = result.assets.write(out.parent)
     steps = len(steps_of(result.document))
     print(f"wrote {out} ({steps} steps), {deploy} (the deploy-only pipeline, {len(steps_of(result.deploy_document))} "

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LOG_LINES = 20  # the log tail shown: enough for a Python traceback's last frames and the error
-SUCCEEDED, FAILED, STOPPED = "Succeeded", "Failed", "Stopped"
 # Step types whose failure is a job's, with its log
 JOB_STEP_TYPES = ("Training", "Processing", "Tuning")
 

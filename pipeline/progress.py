@@ -18,9 +18,10 @@ API::
         view.update(rows, status="Failed")                     # the execution's own status
 
 - ``StepRow(name, status="Pending", started=None, ended=None, reason="")``:
-  one step. ``status`` is one of SageMaker's step statuses (``Starting``,
-  ``Executing``, ``Stopping``, ``Stopped``, ``Failed``, ``Succeeded``) or
-  ``Pending`` for a step that has not started; other words are shown as given.
+  one step. ``status`` is a ``pipeline.status.Status`` (SageMaker's step
+  statuses ``Starting``, ``Executing``, ``Stopping``, ``Stopped``, ``Failed``,
+  ``Succeeded``, or ``Pending`` for a step that has not started, ``Skipped``,
+  ``Not run``) or the same word as a string; other words are shown as given.
   ``started``/``ended`` are timezone-aware datetimes; a step without ``ended``
   counts its duration up to now.
 - ``ProgressView(title, *, plain=None, file=None, clock=None, console=None)``: a context
@@ -47,23 +48,23 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-PENDING = "Pending"
-FINISHED = frozenset({"Succeeded", "Failed", "Stopped"})
+from pipeline.status import FINISHED, Status
+
 STYLES = {
-    PENDING: "dim",
-    "Starting": "cyan",
-    "Executing": "yellow",
-    "Stopping": "magenta",
-    "Stopped": "magenta",
-    "Failed": "bold red",
-    "Succeeded": "green",
+    Status.PENDING: "dim",
+    Status.STARTING: "cyan",
+    Status.EXECUTING: "yellow",
+    Status.STOPPING: "magenta",
+    Status.STOPPED: "magenta",
+    Status.FAILED: "bold red",
+    Status.SUCCEEDED: "green",
 }
 
 
 @dataclass(frozen=True)
 class StepRow:
     name: str
-    status: str = PENDING
+    status: str = Status.PENDING
     started: datetime | None = None
     ended: datetime | None = None
     reason: str = ""
@@ -105,7 +106,7 @@ def render_table(title: str, rows: Iterable[StepRow], now: datetime, status: str
             row.name,
             Text(row.status, style=STYLES.get(row.status, "")),
             format_duration(row.seconds(now)),
-            Text(row.reason, style="red" if row.status == "Failed" else ""),
+            Text(row.reason, style="red" if row.status == Status.FAILED else ""),
         )
     return table
 
@@ -169,7 +170,7 @@ class ProgressView:
     def _print_changes(self) -> None:
         now = self.clock()
         for row in self.rows:
-            if self._printed.get(row.name) != row.status and row.status != PENDING:
+            if self._printed.get(row.name) != row.status and row.status != Status.PENDING:
                 self._printed[row.name] = row.status
                 self._write(plain_line(row, now))
         if self.status and self.status != self._printed_status:

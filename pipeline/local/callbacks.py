@@ -36,6 +36,7 @@ from botocore.validate import ParamValidator
 
 from pipeline.constraints import input_member
 from pipeline.local.moto_server import StartResponse, ThreadedMotoServer, WsgiApp
+from pipeline.status import Status
 
 TARGET_PREFIX = "SageMaker."
 OPERATIONS = ("SendPipelineExecutionStepSuccess", "SendPipelineExecutionStepFailure")
@@ -46,7 +47,7 @@ TOKEN_ALPHABET = string.ascii_letters + string.digits
 class Callback:
     step: str
     execution_arn: str
-    outcome: str = ""  # "" while waiting, then "Succeeded" or "Failed"
+    outcome: str = ""  # "" while waiting, then Status.SUCCEEDED or Status.FAILED: the step's status
     outputs: dict[str, str] = field(default_factory=dict)
     failure_reason: str = ""
     answered: threading.Event = field(default_factory=threading.Event)
@@ -92,10 +93,10 @@ class CallbackApi:
                 return _error("ResourceNotFound", f"no callback step is waiting for token {token}")
             if operation == "SendPipelineExecutionStepSuccess":
                 callback.outputs = {item["Name"]: item["Value"] for item in request.get("OutputParameters", [])}
-                callback.outcome = "Succeeded"
+                callback.outcome = Status.SUCCEEDED
             else:
                 callback.failure_reason = request.get("FailureReason", "")
-                callback.outcome = "Failed"
+                callback.outcome = Status.FAILED
             callback.answered.set()
         return "200 OK", {"PipelineExecutionArn": callback.execution_arn}
 
@@ -180,6 +181,6 @@ def deliver(sqs: Any, queue_url: str, region: str, invoke: Callable[[dict[str, A
     return len(messages)
 
 
-def callback_message(token: str, execution_arn: str, arguments: dict[str, Any], status: str = "Executing") -> str:
+def callback_message(token: str, execution_arn: str, arguments: dict[str, Any], status: str = Status.EXECUTING) -> str:
     """The body SageMaker puts on a CallbackStep's queue."""
     return json.dumps({"token": token, "pipelineExecutionArn": execution_arn, "arguments": arguments, "status": status})

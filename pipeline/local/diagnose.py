@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from pipeline.commands import UsageError
-from pipeline.diagnosis import FAILED, SUCCEEDED, Diagnosis, FailedStep, last_lines
+from pipeline.diagnosis import Diagnosis, FailedStep, last_lines
 from pipeline.local.jobs import script_error_line
+from pipeline.local.results import TuningResult
+from pipeline.status import Status
 
 SUMMARY = "summary.json"
 
@@ -31,8 +33,7 @@ def read_summary(workdir: Path) -> dict:
 
 
 def failed_trial_name(step: dict) -> str:
-    trials = step.get("details", {}).get("trials", [])
-    return next((trial["name"] for trial in trials if trial.get("failure")), "")
+    return next((trial.name for trial in TuningResult.trials_in(step.get("details", {})) if trial.failure), "")
 
 
 def explaining_log(step: dict, job_name: str) -> Path | None:
@@ -57,7 +58,7 @@ def diagnose_workdir(workdir: Path) -> Diagnosis:
     status = summary.get("status", "Unknown")
     diagnosis = Diagnosis(summary.get("pipeline", "?"), f"local run {summary.get('execution_id', workdir.name)}",
                           status, summary.get("failure_reason") or "")
-    failed = next((step for step in summary.get("steps", []) if step.get("status") == FAILED), None)
+    failed = next((step for step in summary.get("steps", []) if step.get("status") == Status.FAILED), None)
     if failed is not None:
         step = FailedStep(failed["name"], failed.get("type", "Unknown"), failed.get("reason", ""))
         if step.type == "Fail":
@@ -69,7 +70,7 @@ def diagnose_workdir(workdir: Path) -> Diagnosis:
                 diagnosis.log_source = _relative(log)
                 diagnosis.log_lines = last_lines(log.read_text(errors="replace"))
         diagnosis.step = step
-    if status != SUCCEEDED:
+    if status != Status.SUCCEEDED:
         diagnosis.next_commands = [rerun_command(workdir, summary.get("data", {}))]
     return diagnosis
 

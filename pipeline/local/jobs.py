@@ -10,7 +10,6 @@ its script's one-line error. ``processing_job`` and ``training_job`` build on th
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.files import replacing
 from pipeline.local.errors import LocalRunError
 from pipeline.local.s3 import LocalS3
 from pipeline.progress import utc_now
@@ -278,13 +278,6 @@ def host_names(count: int) -> list[str]:
     return [f"algo-{index}" for index in range(1, count + 1)]
 
 
-def write_json(path: Path, document: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    temporary.replace(path)
-
-
 def s3_part(item: Mapping[str, Any], key: str, what: str) -> Mapping[str, Any]:
     """``item[key]`` (an S3Input, S3Output or S3DataSource): the only kind of input and output local-run has."""
     part = item.get(key)
@@ -312,13 +305,11 @@ def write_tar(target: Path, folders: Sequence[Path]) -> None:
     """The files under ``folders`` as one gzipped tarball at ``target``, written whole or not at all;
     a path in more than one folder comes from the first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
     added: set[str] = set()
-    with tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
+    with replacing(target) as temporary, tarfile.open(temporary, "w:gz", compresslevel=1) as tar:
         for folder in folders:
             for file in sorted(folder.rglob("*")):
                 relative = file.relative_to(folder).as_posix()
                 if file.is_file() and relative not in added:
                     tar.add(file, arcname=relative)
                     added.add(relative)
-    temporary.replace(target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.files import write_json
 from pipeline.local.errors import LocalRunError
 from pipeline.local.jobs import (
     HostProcess,
@@ -23,7 +24,6 @@ from pipeline.local.jobs import (
     s3_part,
     thread_limits,
     timestamp,
-    write_json,
 )
 from pipeline.progress import utc_now
 

@@ -2,9 +2,10 @@
 
 A runner takes the step's state, a resolver for its arguments and the run's
 ``StepContext``; it sets the step's properties in the scope (shaped like its
-Describe* API's answer, which later steps' references read), records what the
-summary shows in the state, and returns a short remark for the table. It raises
-``StepFailure`` (or another ``LocalRunError``) when the step fails.
+Describe* API's answer, which later steps' references read), keeps the step's
+job name and logs in the state, and returns what it found out (``results``:
+the table's remark, what the summary shows). It raises ``StepFailure`` (or
+another ``LocalRunError``) when the step fails.
 
 Local stand-ins: S3 is a folder, jobs are processes (``processing_job``,
 ``training_job``), tuning is a few seeded random trials (``tuning``), the model
@@ -31,13 +32,28 @@ from pipeline.local.jobs import JobContext
 from pipeline.local.lambdas import LambdaFunctions, ThreadOutput, function_name_of, output_parameters, register_model_package
 from pipeline.local.processing_job import run_processing_job
 from pipeline.local.references import PropertyFile, Resolver, Scope, as_text
+from pipeline.local.results import (
+    CallbackRecord,
+    CallbackResult,
+    ConditionResult,
+    FailResult,
+    Manifest,
+    OutputsResult,
+    ProcessingResult,
+    RegisterResult,
+    StepResult,
+    TrainingResult,
+    TrialRecord,
+    TuningResult,
+)
 from pipeline.local.runtime import RuntimeServer
 from pipeline.local.s3 import LocalS3
-from pipeline.local.state import RunOptions, StepFailure, StepState
+from pipeline.local.state import RunOptions, StepFailure, StepState, failing_with
 from pipeline.local.training_job import TrainingSpec, run_training_job
 from pipeline.local.tuning import Trial, run_tuning_job
 from pipeline.progress import utc_now
 from pipeline.settings import Settings
+from pipeline.status import Status
 
 WAIT_FUNCTION = "wait-endpoint"  # the function the endpoint-wait queue triggers (infra/template.yaml)
 CALLBACK_GRACE_SECONDS = 120  # beyond the step's max_wait_minutes, before local-run gives up on an unanswered token
@@ -62,7 +78,6 @@ class StepContext:
     manifest_file: str  # contract.py's MANIFEST_FILE: the data manifest a processing output may hold
     model_info_file: str  # contract.py's MODEL_INFO_FILE: what a model.tar.gz says about its training
     options: RunOptions = field(default_factory=RunOptions)
-    facts: dict[str, Any] = field(default_factory=dict)  # what the summary reads besides the steps
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def job_name(self, step: str) -> str:
@@ -72,23 +87,24 @@ class StepContext:
         return self.workdir / "lambda" / f"{step}.log"
 
 
-Runner = Callable[[StepState, Resolver, StepContext], str]
+Runner = Callable[[StepState, Resolver, StepContext], StepResult]
 
 
-def run_processing(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_processing(state: StepState, resolver: Resolver, ctx: StepContext) -> ProcessingResult:
     arguments = resolver.resolve(state.node.document["Arguments"])
     state.job_name = ctx.job_name(state.name)
     state.logs = [ctx.jobs.jobs_dir / state.job_name / "logs" / "algo-1.log"]
-    result = run_processing_job(ctx.jobs, state.job_name, arguments)
-    state.logs = result.logs
-    ctx.scope.set_properties(state.name, result.properties)
+    job = run_processing_job(ctx.jobs, state.job_name, arguments)
+    state.logs = job.logs
+    ctx.scope.set_properties(state.name, job.properties)
     outputs = {item["OutputName"]: item["S3Output"]["S3Uri"]
                for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", [])}
-    state.details["outputs"] = {name: str(ctx.s3.path(uri)) for name, uri in outputs.items()}
-    for item in state.node.document.get("PropertyFiles", []):
-        ctx.scope.add_property_file(property_file(ctx.s3, state.name, item, outputs))
-    note_manifest(ctx, outputs)
-    return ""
+    result = ProcessingResult({name: str(ctx.s3.path(uri)) for name, uri in outputs.items()})
+    with failing_with(result):
+        for item in state.node.document.get("PropertyFiles", []):
+            ctx.scope.add_property_file(property_file(ctx.s3, state.name, item, outputs))
+    result.manifest = manifest_in(ctx, outputs)
+    return result
 
 
 def property_file(s3: LocalS3, step: str, item: dict, outputs: dict[str, str]) -> PropertyFile:
@@ -107,8 +123,9 @@ def property_file(s3: LocalS3, step: str, item: dict, outputs: dict[str, str]) -
     return PropertyFile(step, name, uri, document)
 
 
-def note_manifest(ctx: StepContext, outputs: dict[str, str]) -> None:
-    """Remember a data manifest (classes, dropped files) for the summary."""
+def manifest_in(ctx: StepContext, outputs: dict[str, str]) -> Manifest | None:
+    """The data manifest (classes, dropped files) in one of the outputs, for the summary; the last one found."""
+    found = None
     for uri in outputs.values():
         manifest = ctx.s3.path(uri) / ctx.manifest_file
         if manifest.is_file():
@@ -117,27 +134,25 @@ def note_manifest(ctx: StepContext, outputs: dict[str, str]) -> None:
             except json.JSONDecodeError:
                 continue
             if isinstance(document, dict) and isinstance(document.get("classes"), list):
-                ctx.facts["manifest"] = {"path": str(manifest), "document": document}
+                found = Manifest(manifest, document)
+    return found
 
 
-def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_training(state: StepState, resolver: Resolver, ctx: StepContext) -> TrainingResult:
     arguments = resolver.resolve(state.node.document["Arguments"])
     state.job_name = ctx.job_name(state.name)
     spec = TrainingSpec(state.job_name, arguments)
-    state.details["metric_patterns"] = [item["Regex"] for item in spec.metric_definitions]
-    state.details["instances"] = spec.instance_count
+    state.metric_patterns = [item["Regex"] for item in spec.metric_definitions]
 
     def started(logs: list[Path]) -> None:
         state.logs = logs
 
-    result = run_training_job(ctx.jobs, spec, on_started=started)
-    state.logs = result.logs
-    ctx.scope.set_properties(state.name, result.properties)
-    state.details["model"] = str(result.model_artifact)
-    state.details["runner"] = result.runner
-    final = {item["MetricName"]: item["Value"] for item in result.properties["FinalMetricDataList"]}
-    state.details["final_metrics"] = final
-    return " ".join(f"{name}={value:.4g}" for name, value in final.items())
+    with failing_with(TrainingResult(spec.instance_count)):
+        job = run_training_job(ctx.jobs, spec, on_started=started)
+    state.logs = job.logs
+    ctx.scope.set_properties(state.name, job.properties)
+    final = {item["MetricName"]: item["Value"] for item in job.properties["FinalMetricDataList"]}
+    return TrainingResult(spec.instance_count, str(job.model_artifact), job.runner, final)
 
 
 def trained_on(model_artifact: Path | None, model_info_file: str) -> str | None:
@@ -153,7 +168,7 @@ def trained_on(model_artifact: Path | None, model_info_file: str) -> str | None:
         return json.load(member).get("trained_on") if member else None
 
 
-def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> TuningResult:
     arguments = resolver.resolve(state.node.document["Arguments"])
     state.job_name = ctx.job_name(state.name)
     done: list[Trial] = []
@@ -168,25 +183,26 @@ def run_tuning(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     state.logs = [log for trial in trials if trial.result for log in trial.result.logs]
     ctx.scope.set_properties(state.name, properties)
     metric = properties["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]
-    state.details["trials"] = [{"name": t.spec.name, "tuned": t.tuned, "failure": t.failure,
-                                "objective": t.objective(metric["MetricName"]),
-                                "seconds": t.result.properties["TrainingTimeInSeconds"] if t.result else None,
-                                "runner": t.result.runner if t.result else None,
-                                "trained_on": trained_on(t.result.model_artifact, ctx.model_info_file) if t.result else None}
-                               for t in trials]
     channels = {item["ChannelName"]: item.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
                 for item in arguments["TrainingJobDefinition"].get("InputDataConfig", [])}
-    state.details["channels"] = {name: str(ctx.s3.path(uri)) for name, uri in channels.items() if uri}
-    return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; winner {metric['MetricName']}={metric['Value']:.4g}"
+    return TuningResult([trial_record(trial, metric["MetricName"], ctx.model_info_file) for trial in trials],
+                        {name: str(ctx.s3.path(uri)) for name, uri in channels.items() if uri}, metric)
 
 
-def run_register_model(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def trial_record(trial: Trial, metric: str, model_info_file: str) -> TrialRecord:
+    job = trial.result
+    return TrialRecord(trial.spec.name, trial.tuned, trial.failure, trial.objective(metric),
+                       job.properties["TrainingTimeInSeconds"] if job else None, job.runner if job else None,
+                       trained_on(job.model_artifact, model_info_file) if job else None)
+
+
+def run_register_model(state: StepState, resolver: Resolver, ctx: StepContext) -> RegisterResult:
     properties = register_model_package(ctx.sagemaker, resolver.resolve(state.node.document["Arguments"]))
     ctx.scope.set_properties(state.name, properties)
-    return f"{properties.get('ModelPackageArn', '').split('/', 1)[-1]} {properties.get('ModelApprovalStatus', '')}"
+    return RegisterResult(properties.get("ModelPackageArn", ""), properties.get("ModelApprovalStatus", ""))
 
 
-def run_lambda(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_lambda(state: StepState, resolver: Resolver, ctx: StepContext) -> OutputsResult:
     event = resolver.resolve(state.node.document.get("Arguments", {}))
     arn = state.node.document["FunctionArn"]
     state.logs = [ctx.lambda_log(state.name)]
@@ -194,14 +210,13 @@ def run_lambda(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
     ctx.runtime.start_containers()  # an endpoint the function created or updated loads its model now
     outputs = output_parameters(answer, state.node.document.get("OutputParameters", []), function_name_of(arn))
     delay_endpoint(ctx, outputs)
-    return set_outputs(state, ctx, outputs)
+    set_outputs(state, ctx, outputs)
+    return OutputsResult(outputs)
 
 
-def set_outputs(state: StepState, ctx: StepContext, outputs: dict[str, Any]) -> str:
-    """A Lambda or Callback step's OutputParameters as its properties; returns them as the step's remark."""
+def set_outputs(state: StepState, ctx: StepContext, outputs: dict[str, Any]) -> None:
+    """A Lambda or Callback step's OutputParameters as its properties."""
     ctx.scope.set_properties(state.name, {"OutputParameters": outputs})
-    state.details["outputs"] = outputs
-    return " ".join(f"{name}={value}" for name, value in outputs.items())
 
 
 def delay_endpoint(ctx: StepContext, outputs: dict[str, Any]) -> None:
@@ -224,7 +239,7 @@ def queue_url(ctx: StepContext, sqs_queue_url: str) -> str:
         return ctx.sqs.create_queue(QueueName=name)["QueueUrl"]
 
 
-def run_callback(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_callback(state: StepState, resolver: Resolver, ctx: StepContext) -> CallbackResult:
     """Send SageMaker's callback message and let the wait function answer it, delivered as Lambda's SQS mapping does."""
     document = state.node.document
     arguments = resolver.resolve(document.get("Arguments", {}))
@@ -243,23 +258,24 @@ def run_callback(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
             raise StepFailure(f"no answer to the callback token within {limit:.0f} s: see {log}")
         looks += deliver(ctx.sqs, queue, ctx.settings.region, lambda event: ctx.functions.invoke(arn, event, log, ctx.router))
         state.note = f"{looks} message deliveries to {ctx.settings.lambda_function_name(WAIT_FUNCTION)}"
-    state.details["callback"] = {"token": token, "deliveries": looks, "outcome": callback.outcome}
-    if callback.outcome != "Succeeded":
-        raise StepFailure(callback.failure_reason or "the callback step was answered with a failure")
-    return set_outputs(state, ctx, output_parameters(callback.outputs, document.get("OutputParameters", []), "the callback answer"))
+    answer = CallbackRecord(token, looks, callback.outcome)
+    with failing_with(CallbackResult(None, answer)):
+        if callback.outcome != Status.SUCCEEDED:
+            raise StepFailure(callback.failure_reason or "the callback step was answered with a failure")
+        outputs = output_parameters(callback.outputs, document.get("OutputParameters", []), "the callback answer")
+    set_outputs(state, ctx, outputs)
+    return CallbackResult(outputs, answer)
 
 
-def run_condition(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_condition(state: StepState, resolver: Resolver, ctx: StepContext) -> ConditionResult:
     outcome, notes = evaluate_all(state.node.document.get("Arguments", {}).get("Conditions", []), resolver.resolve)
     ctx.scope.set_properties(state.name, {"Outcome": outcome})
-    state.details["notes"] = notes
-    return f"{'; '.join(notes)} -> {'if' if outcome else 'else'} branch"
+    return ConditionResult(outcome, notes)
 
 
-def run_fail(state: StepState, resolver: Resolver, ctx: StepContext) -> str:
+def run_fail(state: StepState, resolver: Resolver, ctx: StepContext) -> StepResult:
     message = as_text(resolver.resolve(state.node.document.get("Arguments", {}).get("ErrorMessage", "")))
-    state.details["message"] = message
-    raise StepFailure(message or "the pipeline reached a Fail step")
+    raise StepFailure(message or "the pipeline reached a Fail step", FailResult(message))
 
 
 RUNNERS: dict[str, Runner] = {

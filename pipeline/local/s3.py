@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from pipeline.files import replacing, write_atomically
 from pipeline.local.errors import LocalRunError
 
 _URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
@@ -60,9 +61,7 @@ class LocalS3:
     def put(self, uri: str, data: bytes) -> Path:
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(data)
-        temporary.replace(target)
+        write_atomically(target, data)
         return target
 
 
@@ -88,6 +87,5 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def copy_atomically(source: Path, target: Path) -> None:
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copy2(source, temporary)
-    temporary.replace(target)
+    with replacing(target) as temporary:
+        shutil.copy2(source, temporary)

@@ -1,20 +1,17 @@
-"""Run a pipeline definition on this machine: which step runs when, and the state of each.
+"""Run a pipeline definition on this machine: its steps in threads, as the schedule allows, and the state of each.
 
-Steps run in dependency order (``pipeline.dag``), independent ready steps at
-the same time up to ``parallel`` at once. A step's arguments are resolved when
-it starts, and its runner (``runners``, one per step type) does the work. A
-condition step decides which of its branches runs; steps of the other branch,
-and steps that depend on them, are skipped. When a step fails (a Fail step
-included) no further step starts, the running ones finish, and the run ends
-Failed naming every failed step: SageMaker does the same ("When a Fail step and
-other pipeline steps execute at the same time, the pipeline does not terminate
-until all concurrent steps are completed"). Retry policies are not applied and
-step caching is off: every step runs.
+The schedule (``schedule``: SageMaker's rules, with no I/O) says which steps
+are ready; they run at the same time up to ``parallel`` at once. A step's
+arguments are resolved when it starts, and its runner (``runners``, one per
+step type) does the work against the services of ``environment``. A condition
+step decides which of its branches runs; steps of the other branch, and steps
+that depend on them, are skipped. When a step fails (a Fail step included) no
+further step starts, the running ones finish, and the run ends Failed naming
+every failed step, as on SageMaker. Retry policies are not applied and step
+caching is off: every step runs.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 import secrets
@@ -24,32 +21,32 @@ import threading
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
 from pipeline.assets import Assets
-from pipeline.dag import DefinitionError, StepNode, topological_order
-from pipeline.local import aws
+from pipeline.dag import DefinitionError, StepNode, render
+from pipeline.files import write_atomically
+from pipeline.local.environment import LocalServices, job_context, lambda_functions, local_services
 from pipeline.local.errors import LocalRunError
-from pipeline.local.jobs import JobContext, check_usable_root, container_environment
-from pipeline.local.lambdas import LambdaFunctions, routed_stdout
+from pipeline.local.jobs import check_usable_root
+from pipeline.local.lambdas import routed_stdout
 from pipeline.local.references import Resolver, Scope, UnresolvableReference
-from pipeline.local.runners import RUNNERS, WAIT_FUNCTION, StepContext
-from pipeline.local.runtime import RuntimeServer
+from pipeline.local.results import ConditionResult, Manifest, ProcessingResult
+from pipeline.local.runners import RUNNERS, StepContext
 from pipeline.local.s3 import LocalS3
-from pipeline.local.state import EXECUTING, FAILED, NOT_RUN, SKIPPED, STOPPED, SUCCEEDED, RunOptions, StepState
-from pipeline.progress import PENDING, ProgressView, StepRow, utc_now
+from pipeline.local.schedule import NeverRun, Schedule
+from pipeline.local.state import RunOptions, StepFailure, StepState
+from pipeline.progress import ProgressView, StepRow, utc_now
 from pipeline.settings import Settings
+from pipeline.status import Status
 from pipeline.validate import check_references
 
 SUPPORTED_TYPES = tuple(RUNNERS)
-# Locally the wait function looks every second or two instead of SageMaker-scale intervals.
-WAIT_FUNCTION_ENVIRONMENT = {"INITIAL_POLL_SECONDS": "1", "MAX_POLL_SECONDS": "2"}
 REFRESH_SECONDS = 0.5
-LOG = logging.getLogger("dogbreed.local")
 
 
 @dataclass
@@ -57,17 +54,24 @@ class RunResult:
     execution_id: str
     pipeline_name: str
     workdir: Path
-    status: str
+    status: Status
     failure_reason: str
     started: datetime
     ended: datetime
     steps: dict[str, StepState]
     scope: Scope
-    facts: dict[str, Any]
+    invocations: list[dict[str, Any]] = field(default_factory=list)  # the endpoints' data plane's, in order
 
     @property
     def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
+        return self.status == Status.SUCCEEDED
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The data manifest a processing step found, the last in the steps' order."""
+        found = [state.result.manifest for state in self.steps.values()
+                 if isinstance(state.result, ProcessingResult) and state.result.manifest]
+        return found[-1] if found else None
 
     def properties(self, step: str) -> Any:
         return self.scope.properties.get(step)
@@ -121,14 +125,13 @@ class LocalRun:
         self.workdir = Path(workdir).resolve()
         check_usable_root(self.workdir)
         self.nodes = static_check(document)
-        self.order = topological_order(self.nodes)
+        self.schedule = Schedule(self.nodes)
         self.started = utc_now()
         self.execution_id = execution_id or new_execution_id(self.started)
         self.parameters = typed_parameters(document, self.options.parameters)
         self.s3 = LocalS3(self.workdir / "s3")
         self.scope = Scope(parameters=self.parameters, execution=self._execution_variables())
-        self.states = {name: StepState.pending(self.nodes[name]) for name in self.order}
-        self.facts: dict[str, Any] = {}
+        self.states = {name: StepState.pending(self.nodes[name]) for name in self.schedule.order}
         self.prepared = False
         self._lock = threading.Lock()
         self.ctx: StepContext | None = None
@@ -150,7 +153,7 @@ class LocalRun:
     def prepare(self) -> None:
         """Create the work dir, write the definition run, and publish the assets to local S3."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "definition.json").write_text(json.dumps(self.document, indent=2, sort_keys=True) + "\n")
+        write_atomically(self.workdir / "definition.json", render(self.document))
         for asset in self.assets:
             self.s3.put(asset.s3_uri, asset.data)
         self.prepared = True
@@ -161,57 +164,43 @@ class LocalRun:
             raise LocalRunError(f"the work dir {self.workdir} is not prepared: call prepare() before execute()")
         output = self.options.output or sys.stdout
         view = ProgressView(f"{self.settings.pipeline_name} {self.execution_id} (local)", plain=self.options.plain, file=output)
-        with aws.EmbeddedMoto() as moto:
-            sagemaker = aws.client("sagemaker", moto.url, self.settings.region)
-            with RuntimeServer(sagemaker, self.s3, self.workdir / "endpoints", self.workdir / "endpoints" / "invocations.log") as runtime:
-                environment = aws.run_environment(self.settings.region, moto.url, runtime.url, str(self.workdir))
-                with aws.aws_environment(environment), terminate_as_interrupt(), view, routed_stdout() as router:
-                    self.ctx = self._step_context(moto, sagemaker, runtime, environment, router)
-                    status, reason = self._schedule(view)
-                self.facts["invocations"] = list(runtime.invocations)
+        with local_services(self.settings.region, self.s3, self.workdir) as services, terminate_as_interrupt(), view, \
+                routed_stdout() as router:
+            self.ctx = self._step_context(services, router)
+            status, reason = self._run_steps(view)
         return RunResult(self.execution_id, self.settings.pipeline_name, self.workdir, status, reason, self.started,
-                         utc_now(), self.states, self.scope, self.facts)
+                         utc_now(), self.states, self.scope, list(services.runtime.invocations))
 
-    def _step_context(self, moto: aws.EmbeddedMoto, sagemaker: Any, runtime: RuntimeServer,
-                      environment: dict[str, str], router: Any) -> StepContext:
-        jobs = JobContext(self.s3, self.workdir / "jobs", self.settings.region, self.settings.account,
-                          container_environment(os.path.dirname(sys.executable), environment),
-                          failure_files=(self.contract.TRAINING_FAILURE_FILE, self.contract.PROCESSING_FAILURE_FILE),
-                          cpus_per_job=max(1, (os.cpu_count() or 1) // max(1, self.options.parallel)))
-        wait_function = self.settings.lambda_function_name(WAIT_FUNCTION)
-        functions = LambdaFunctions(self.settings, self.assets.lambdas.data, self.workdir / "lambda",
-                                    lambda name: WAIT_FUNCTION_ENVIRONMENT if name == wait_function else {})
+    def _step_context(self, services: LocalServices, router: Any) -> StepContext:
         return StepContext(
-            settings=self.settings, scope=self.scope, s3=self.s3, jobs=jobs, sagemaker=sagemaker,
-            sqs=aws.client("sqs", moto.url, self.settings.region), callbacks=moto.callbacks, functions=functions,
-            runtime=runtime, router=router, workdir=self.workdir, execution_id=self.execution_id,
-            manifest_file=self.contract.MANIFEST_FILE, model_info_file=self.contract.MODEL_INFO_FILE, options=self.options, facts=self.facts, lock=self._lock,
+            settings=self.settings, scope=self.scope, s3=self.s3,
+            jobs=job_context(self.settings, self.s3, self.workdir, services, self.contract, self.options.parallel),
+            sagemaker=services.sagemaker, sqs=services.sqs, callbacks=services.moto.callbacks,
+            functions=lambda_functions(self.settings, self.assets.lambdas.data, self.workdir),
+            runtime=services.runtime, router=router, workdir=self.workdir, execution_id=self.execution_id,
+            manifest_file=self.contract.MANIFEST_FILE, model_info_file=self.contract.MODEL_INFO_FILE,
+            options=self.options, lock=self._lock,
         )
 
     def _rows(self) -> list[StepRow]:
-        return [self.states[name].table_row() for name in self.order]
+        return [self.states[name].table_row() for name in self.schedule.order]
 
-    def _schedule(self, view: ProgressView) -> tuple[str, str]:
+    def _run_steps(self, view: ProgressView) -> tuple[Status, str]:
+        """Start what the schedule says is ready, up to ``parallel`` at once, and tell it how each step ended."""
         running: dict[Future, str] = {}
-        failures: list[str] = []
-        view.update(self._rows(), status=EXECUTING)
+        view.update(self._rows(), status=Status.EXECUTING)
         pool = ThreadPoolExecutor(max_workers=max(1, self.options.parallel), thread_name_prefix="step")
         try:
             while True:
-                self._skip_unreachable()
-                if not failures:
-                    for name in self._ready(exclude=set(running.values())):
-                        if len(running) >= self.options.parallel:
-                            break
-                        self.states[name].start()
-                        running[pool.submit(self._run_step, name)] = name
+                for name in self.schedule.ready()[: max(0, self.options.parallel - len(running))]:
+                    self.schedule.start(name)
+                    self.states[name].start()
+                    running[pool.submit(self._run_step, name)] = name
                 if not running:
                     break
                 done, _ = wait(list(running), timeout=REFRESH_SECONDS, return_when=FIRST_COMPLETED)
                 for future in done:
-                    name = running.pop(future)
-                    if self.states[name].status == FAILED:
-                        failures.append(name)
+                    self._ended(running.pop(future), *future.result())
                 self._refresh_notes()
                 view.update(self._rows())
         except KeyboardInterrupt:
@@ -219,86 +208,57 @@ class LocalRun:
             for future in running:
                 future.cancel()
             wait(list(running), timeout=30)
-            for name in running.values():
-                self._finish(name, STOPPED, reason="the run was interrupted")
-            self._mark_not_run("the run was interrupted")
-            view.update(self._rows(), status=STOPPED)
+            stopped, never_run = self.schedule.interrupt()
+            for name in stopped:
+                self._finish(name, Status.STOPPED, reason="the run was interrupted")
+            self._never_run(never_run)
+            view.update(self._rows(), status=Status.STOPPED)
             raise
         finally:
             pool.shutdown(wait=True)
-        if failures:
-            self._mark_not_run(f"the run failed at {failures[0]}")
-            status, reason = FAILED, "; ".join(f"step {name} failed: {self.states[name].reason}" for name in failures)
-        else:
-            self._mark_not_run("its dependencies did not run")
-            status, reason = SUCCEEDED, ""
-        view.update(self._rows(), status=status)
-        return status, reason
+        ending = self.schedule.end()
+        self._never_run(ending.never_run)
+        view.update(self._rows(), status=ending.status)
+        return ending.status, ending.reason
 
-    def _ready(self, exclude: set[str]) -> list[str]:
-        ready = []
-        for name in self.order:
-            state = self.states[name]
-            if state.status != PENDING or name in exclude:
-                continue
-            if all(self.states[dep].status == SUCCEEDED for dep in state.node.depends_on) and self._branch_taken(state.node):
-                ready.append(name)
-        return ready
+    def _ended(self, name: str, status: Status, reason: str) -> None:
+        """Step ``name`` ended: its row, its properties' absence when it failed, and the schedule."""
+        if status == Status.FAILED:
+            self._finish(name, status, reason=reason)
+            self.schedule.fail(name, reason)
+            return
+        result = self.states[name].result
+        self._finish(name, status, note=result.note)
+        self._never_run(self.schedule.succeed(name, result.outcome if isinstance(result, ConditionResult) else None))
 
-    def _branch_taken(self, node: StepNode) -> bool:
-        if node.branch_of is None:
-            return True
-        condition, branch = node.branch_of
-        outcome = self.scope.properties.get(condition, {}).get("Outcome")
-        return outcome is (branch == "if")
+    def _never_run(self, changes: list[NeverRun]) -> None:
+        for change in changes:
+            self.states[change.step].never_run(change.status, change.reason)
+            why = f"skipped: {change.reason}" if change.status == Status.SKIPPED else change.reason
+            self.scope.mark_not_run(change.step, why)
 
-    def _skip_unreachable(self) -> None:
-        """Pending steps on the untaken side of a condition, or after a skipped step, will never run."""
-        changed = True
-        while changed:
-            changed = False
-            for name in self.order:
-                state = self.states[name]
-                if state.status != PENDING:
-                    continue
-                why = ""
-                if state.node.branch_of and self.states[state.node.branch_of[0]].status == SUCCEEDED and not self._branch_taken(state.node):
-                    condition, branch = state.node.branch_of
-                    why = f"{condition} chose the {'else' if branch == 'if' else 'if'} branch"
-                else:
-                    skipped = sorted(dep for dep in state.node.depends_on if self.states[dep].status == SKIPPED)
-                    if skipped:
-                        why = f"{skipped[0]} was skipped"
-                if why:
-                    state.never_run(SKIPPED, why)
-                    self.scope.mark_not_run(name, f"skipped: {why}")
-                    changed = True
-
-    def _mark_not_run(self, why: str) -> None:
-        for state in self.states.values():
-            if state.status == PENDING:
-                state.never_run(NOT_RUN, why)
-                self.scope.mark_not_run(state.name, why)
-
-    def _finish(self, name: str, status: str, reason: str = "", note: str | None = None) -> None:
+    def _finish(self, name: str, status: Status, reason: str = "", note: str | None = None) -> None:
         state = self.states[name]
         state.finish(status, reason)
         if note is not None:
             state.note = note
-        if status != SUCCEEDED:
+        if status != Status.SUCCEEDED:
             self.scope.mark_not_run(name, f"it ended {status}")
 
-    def _run_step(self, name: str) -> None:
+    def _run_step(self, name: str) -> tuple[Status, str]:
+        """Run the step (in a thread of the pool); returns how it ended and why it failed. Its result is in its state."""
         state = self.states[name]
         try:
-            note = RUNNERS[state.node.type](state, Resolver(self.scope, name), self.ctx)
-        except LocalRunError as error:  # StepFailure, JobFailed, an unresolvable reference...
-            self._finish(name, FAILED, reason=str(error))
+            state.result = RUNNERS[state.node.type](state, Resolver(self.scope, name), self.ctx)
+        except StepFailure as error:  # what the step found out before it failed stays for the summary
+            state.result = error.result
+            return Status.FAILED, str(error)
+        except LocalRunError as error:  # JobFailed, an unresolvable reference...
+            return Status.FAILED, str(error)
         except Exception as error:  # a defect of local-run itself: keep the traceback
             self._write_traceback(name)
-            self._finish(name, FAILED, reason=f"local-run error: {type(error).__name__}: {error} (traceback in {self.workdir / 'run.log'})")
-        else:
-            self._finish(name, SUCCEEDED, note=note)
+            return Status.FAILED, f"local-run error: {type(error).__name__}: {error} (traceback in {self.workdir / 'run.log'})"
+        return Status.SUCCEEDED, ""
 
     def _write_traceback(self, step: str) -> None:
         with self._lock, open(self.workdir / "run.log", "a") as log:
@@ -307,8 +267,8 @@ class LocalRun:
     def _refresh_notes(self) -> None:
         """A running training step's note is the last metric line of its log."""
         for state in self.states.values():
-            if state.status == EXECUTING and state.node.type == "Training" and state.logs:
-                line = last_matching_line(state.logs[0], state.details.get("metric_patterns", []))
+            if state.status == Status.EXECUTING and state.node.type == "Training" and state.logs:
+                line = last_matching_line(state.logs[0], state.metric_patterns)
                 if line:
                     state.note = line
 

@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pipeline.files import write_json
+from pipeline.local.results import (
+    ConditionResult,
+    OutputsResult,
+    ProcessingResult,
+    StepResult,
+    TrainingResult,
+    TuningResult,
+)
 from pipeline.local.scheduler import RunResult
-from pipeline.local.state import SUCCEEDED, StepState
+from pipeline.local.state import StepState
 from pipeline.progress import format_duration
+from pipeline.status import Status
+
+Result = TypeVar("Result", bound=StepResult)
 
 
 def _relative(path: str | Path) -> str:
@@ -25,6 +38,11 @@ def _files(folder: str | None, limit: int = 6) -> list[str]:
     return [str(p) for p in files] if len(files) <= limit else []
 
 
+def results(result: RunResult, kind: type[Result]) -> list[tuple[StepState, Result]]:
+    """The steps whose runner's result is a ``kind``, with it, in the steps' order."""
+    return [(state, state.result) for state in result.steps.values() if isinstance(state.result, kind)]
+
+
 def step_record(state: StepState) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": state.name,
@@ -38,7 +56,7 @@ def step_record(state: StepState) -> dict[str, Any]:
         record["job_name"] = state.job_name
     if state.logs:
         record["logs"] = [str(log) for log in state.logs]
-    details = {k: v for k, v in state.details.items() if k != "metric_patterns"}
+    details = state.result.details() if state.result else {}
     if details:
         record["details"] = details
     return record
@@ -59,10 +77,10 @@ def accuracy_of(result: RunResult, accuracy_path: str) -> dict[str, float]:
 def feature_extractions(result: RunResult, header_file: str) -> dict[str, dict[str, Any]]:
     """By step: the features header a processing step wrote (what was extracted, how fast), read from its outputs."""
     found = {}
-    for state in result.steps.values():
-        if state.node.type != "Processing" or state.status != SUCCEEDED:
+    for state, processing in results(result, ProcessingResult):
+        if state.status != Status.SUCCEEDED:
             continue
-        for output in state.details.get("outputs", {}).values():
+        for output in processing.outputs.values():
             header = Path(output) / header_file
             if header.is_file():
                 try:
@@ -95,30 +113,28 @@ def summary_document(result: RunResult, applied: dict[str, str], data: dict[str,
         "steps": [step_record(state) for state in result.steps.values()],
         "test_accuracy": accuracy_of(result, accuracy_path),
     }
-    manifest = result.facts.get("manifest")
+    manifest = result.manifest
     if manifest:
-        document["manifest"] = {"path": manifest["path"], "classes": manifest["document"].get("classes"),
-                                "dropped": manifest["document"].get("dropped", [])}
-    for state in result.steps.values():
-        if state.node.type == "Tuning" and state.status == SUCCEEDED:
+        document["manifest"] = {"path": str(manifest.path), "classes": manifest.document.get("classes"),
+                                "dropped": manifest.document.get("dropped", [])}
+    for state, tuning in results(result, TuningResult):
+        if state.status == Status.SUCCEEDED:
             best = result.properties(state.name)["BestTrainingJob"]
             document.setdefault("tuning", {})[state.name] = {
                 "best_training_job": best["TrainingJobName"],
                 "hyperparameters": best["TunedHyperParameters"],
                 "objective": best["FinalHyperParameterTuningJobObjectiveMetric"],
-                "trials": state.details.get("trials", []),
-                "channels": state.details.get("channels", {}),
+                "trials": [asdict(trial) for trial in tuning.trials],
+                "channels": tuning.channels,
             }
     if features_header:
         document["feature_extraction"] = feature_extractions(result, features_header)
-    document["endpoint_invocations"] = result.facts.get("invocations", [])
+    document["endpoint_invocations"] = result.invocations
     return document
 
 
 def write_summary(document: dict[str, Any], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
-    temporary.replace(path)
+    write_json(path, document, default=str)
 
 
 def _decoded(value: str) -> str:
@@ -171,29 +187,29 @@ def summary_lines(result: RunResult, document: dict[str, Any]) -> list[str]:
                        else f"failed: {trial['failure']}")
             took = format_duration(trial["seconds"]) if trial.get("seconds") is not None else ""
             lines.append(f"    {trial['name']}  {took:>7}  {tuned}  {outcome}")
-    models = [state for state in result.steps.values() if state.node.type == "Training" and state.details.get("model")]
+    models = [(state, training) for state, training in results(result, TrainingResult) if training.model]
     if models:
         lines += ["", "Models"]
-        for state in models:
-            instances = state.details.get("instances", 1)
-            lines.append(f"  {state.name} ({instances} instance{'s' if instances != 1 else ''}): {_relative(state.details['model'])}")
+        for state, training in models:
+            instances = training.instances
+            lines.append(f"  {state.name} ({instances} instance{'s' if instances != 1 else ''}): {_relative(training.model)}")
     evaluations = [state for state in result.steps.values() if state.name in document["test_accuracy"]]
     if evaluations:
         lines += ["", "Test accuracy"]
         for state in evaluations:
             lines.append(f"  {state.name}: {document['test_accuracy'][state.name]:.4f}")
-            for output in state.details.get("outputs", {}).values():
+            outputs = state.result.outputs if isinstance(state.result, ProcessingResult) else {}
+            for output in outputs.values():
                 for file in _files(output):
                     lines.append(f"    {_relative(file)}")
-    gates = [state for state in result.steps.values() if state.node.type == "Condition" and state.details.get("notes")]
-    for state in gates:
-        lines.append(f"  {state.name}: {'; '.join(state.details['notes'])}")
-    checks = [state for state in result.steps.values() if state.node.type in ("Lambda", "Callback") and state.details.get("outputs")]
+    for state, condition in results(result, ConditionResult):
+        if condition.notes:
+            lines.append(f"  {state.name}: {'; '.join(condition.notes)}")
+    checks = [(state, answer) for state, answer in results(result, OutputsResult) if answer.outputs]
     if checks:
         lines += ["", "Lambda and callback steps"]
-        for state in checks:
-            answer = ", ".join(f"{key}={value}" for key, value in state.details["outputs"].items())
-            lines.append(f"  {state.name}: {answer}")
+        for state, answer in checks:
+            lines.append(f"  {state.name}: {', '.join(f'{key}={value}' for key, value in answer.outputs.items())}")
     manifest = document.get("manifest")
     data = document.get("data", {})
     lines += ["", "Data"]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from pipeline.files import write_json
 from pipeline.local.errors import LocalRunError
 from pipeline.local.jobs import (
     OPT_ML,
@@ -50,7 +51,6 @@ from pipeline.local.jobs import (
     stop_processes,
     thread_limits,
     timestamp,
-    write_json,
     write_tar,
 )
 from pipeline.local.s3 import LocalS3

@@ -10,8 +10,9 @@ from __future__ import annotations
 from botocore.exceptions import ClientError
 
 from pipeline.aws import Clients, explained, is_not_found
-from pipeline.diagnosis import FAILED, LOG_LINES, SUCCEEDED, Diagnosis, FailedStep, last_lines
-from pipeline.publish.executions import RUNNING_EXECUTION_STATUSES, execution_steps, start_time_of
+from pipeline.diagnosis import LOG_LINES, Diagnosis, FailedStep, last_lines
+from pipeline.publish.executions import execution_steps, start_time_of
+from pipeline.status import RUNNING, Status
 
 LOG_GROUPS = {"Training": "/aws/sagemaker/TrainingJobs", "Processing": "/aws/sagemaker/ProcessingJobs"}
 # ListPipelineExecutionSteps' Metadata member for each kind of step, and the step type it stands for
@@ -26,7 +27,7 @@ def job_name_of(arn: str) -> str:
 
 def first_failed(summaries: list[dict]) -> dict | None:
     """The step that failed first (by start time); None when no step failed."""
-    failed = [summary for summary in summaries if summary.get("StepStatus") == FAILED]
+    failed = [summary for summary in summaries if summary.get("StepStatus") == Status.FAILED]
     return min(failed, key=start_time_of, default=None)
 
 
@@ -88,9 +89,9 @@ def log_tail(clients: Clients, group: str, stream: str, count: int = LOG_LINES) 
 
 def next_commands(arn: str, status: str, step: FailedStep | None) -> list[str]:
     """What to run after reading the diagnosis."""
-    if status in RUNNING_EXECUTION_STATUSES:
+    if status in RUNNING:
         return [f"dogbreed diagnose {arn}   # again once it has ended"]
-    if status == SUCCEEDED:
+    if status == Status.SUCCEEDED:
         return []
     if step is not None and step.type == "Fail":
         return ["dogbreed start   # a new execution, after changing what the gate judged (data, parameters, threshold)"]

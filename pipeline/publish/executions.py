@@ -16,14 +16,12 @@ from pipeline.commands import parse_parameters
 from pipeline.constraints import parameter_text
 from pipeline.dag import steps_of, topological_order
 from pipeline.parameters import MALFORMED, OUT_OF_RANGE, UNKNOWN, WRONG_TYPE, ParameterError
-from pipeline.progress import PENDING, ProgressView, StepRow
+from pipeline.progress import ProgressView, StepRow
 from pipeline.publish.pipeline_resource import deployed_definition
 from pipeline.settings import Settings
+from pipeline.status import FINISHED, Status
 
 DEFAULT_POLL_SECONDS = 20.0
-TERMINAL_EXECUTION_STATUSES = frozenset({"Succeeded", "Failed", "Stopped"})
-RUNNING_EXECUTION_STATUSES = frozenset({"Executing", "Stopping"})
-NOT_RUN = "Not run"
 
 
 def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str, str]]:
@@ -75,10 +73,10 @@ class ExecutionSnapshot:
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL_EXECUTION_STATUSES
+        return self.status in FINISHED
 
     def failed_steps(self) -> list[StepRow]:
-        return [row for row in self.rows if row.status == "Failed"]
+        return [row for row in self.rows if row.status == Status.FAILED]
 
 
 def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -> ExecutionSnapshot:
@@ -92,16 +90,16 @@ def snapshot_of(execution: dict, step_summaries: list[dict], order: list[str]) -
         name = summary["StepName"]
         if name not in latest or start_time_of(summary) >= start_time_of(latest[name]):
             latest[name] = summary
-    status = execution.get("PipelineExecutionStatus", "Executing")
-    finished = status in TERMINAL_EXECUTION_STATUSES
+    status = execution.get("PipelineExecutionStatus", Status.EXECUTING)
+    finished = status in FINISHED
     rows = []
     for name in [*order, *(n for n in latest if n not in order)]:
         summary = latest.get(name)
         if summary is None:
-            rows.append(StepRow(name, NOT_RUN if finished else PENDING))
+            rows.append(StepRow(name, Status.NOT_RUN if finished else Status.PENDING))
             continue
         rows.append(StepRow(
-            name, summary.get("StepStatus", "Executing"), summary.get("StartTime"), summary.get("EndTime"),
+            name, summary.get("StepStatus", Status.EXECUTING), summary.get("StartTime"), summary.get("EndTime"),
             (summary.get("FailureReason") or "").strip(),
         ))
     return ExecutionSnapshot(status, (execution.get("FailureReason") or "").strip(), rows)
@@ -180,7 +178,7 @@ def follow(args: argparse.Namespace, clients: Clients, settings: Settings, arn: 
     except KeyboardInterrupt:
         print(f"stopped watching; the execution goes on: {arn}", file=sys.stderr)
         raise
-    if snapshot.status == "Succeeded":
+    if snapshot.status == Status.SUCCEEDED:
         return 0
     print(f"dogbreed {args.command}: {failure_message(arn, snapshot)}", file=sys.stderr)
     return 1

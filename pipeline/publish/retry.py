@@ -22,13 +22,13 @@ from pipeline.aws import Clients, explained
 from pipeline.commands import UsageError
 from pipeline.constraints import input_member
 from pipeline.dag import StepNode, steps_of, topological_order
-from pipeline.diagnosis import FAILED, STOPPED, SUCCEEDED
-from pipeline.publish.executions import RUNNING_EXECUTION_STATUSES, execution_steps
+from pipeline.publish.executions import execution_steps
 from pipeline.publish.lookup import chosen_execution, execution_arn, latest_execution
 from pipeline.settings import Settings
+from pipeline.status import RUNNING, Status
 
-RETRYABLE = frozenset({FAILED, STOPPED})
-REFERENCE_STATUSES = frozenset({SUCCEEDED, FAILED})  # SelectiveExecutionConfig.SourcePipelineExecutionArn's rule
+RETRYABLE = frozenset({Status.FAILED, Status.STOPPED})
+REFERENCE_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED})  # SelectiveExecutionConfig.SourcePipelineExecutionArn's rule
 
 
 def max_selected_steps() -> int:
@@ -45,7 +45,7 @@ def retry_execution(clients: Clients, settings: Settings, given: str | None) -> 
     arn = chosen_execution(clients, settings, given)
     with explained(f"retrying execution {arn}"):
         status = execution_status(clients, arn)
-        if status in RUNNING_EXECUTION_STATUSES:
+        if status in RUNNING:
             raise UsageError(f"execution {arn} is {status}: only an execution that has ended can be retried; "
                              f"follow it with dogbreed diagnose {arn}")
         if status not in RETRYABLE:
@@ -76,7 +76,7 @@ def needed_from_reference(nodes: dict[str, StepNode], selected: list[str]) -> li
 def reference_execution(clients: Clients, settings: Settings, given: str | None) -> str:
     if given:
         return execution_arn(settings, given)
-    return latest_execution(clients, settings.pipeline_name, SUCCEEDED)["PipelineExecutionArn"]
+    return latest_execution(clients, settings.pipeline_name, Status.SUCCEEDED)["PipelineExecutionArn"]
 
 
 def check_reference(clients: Clients, arn: str, nodes: dict[str, StepNode], needed: list[str]) -> None:
@@ -95,7 +95,7 @@ def check_reference(clients: Clients, arn: str, nodes: dict[str, StepNode], need
                              f"{nodes[name].type} step {name}, and that version {found}; choose a reference that ran "
                              "the deployed version, or start from an earlier step")
     statuses = {summary["StepName"]: summary.get("StepStatus", "") for summary in execution_steps(clients, arn)}
-    missing = [name for name in needed if statuses.get(name) != SUCCEEDED]
+    missing = [name for name in needed if statuses.get(name) != Status.SUCCEEDED]
     if missing:
         said = ", ".join(f"{name} ({statuses.get(name) or 'not run'})" for name in missing)
         raise UsageError(f"--reference {arn} has no outputs of {said}, which the selection needs: choose a reference in "

@@ -11,7 +11,7 @@ from pipeline.aws import Clients, Target, add_aws_arguments, explained
 from pipeline.changes import DefinitionDiff, diff_definitions
 from pipeline.commands import UsageError, add_settings_arguments, positive_float, positive_int, settings_from_args
 from pipeline.definition import synth
-from pipeline.diagnosis import SUCCEEDED, diagnosis_lines
+from pipeline.diagnosis import diagnosis_lines
 from pipeline.publish.approve import approve_package
 from pipeline.publish.bootstrap import add_bootstrap_arguments, bootstrap_command
 from pipeline.publish.diagnose import diagnose_execution
@@ -21,6 +21,7 @@ from pipeline.publish.pipeline_resource import DEFAULT_MAX_PARALLEL_STEPS, deplo
 from pipeline.publish.retry import retry_execution, selective_execution
 from pipeline.publish.upsert import upsert
 from pipeline.settings import PLACEHOLDER_ACCOUNT, Settings
+from pipeline.status import Status
 
 def publishing_settings(args: argparse.Namespace, clients_for: Callable[[Settings], Clients]) -> tuple[Settings, Clients]:
     """Settings for a command that talks to AWS: the account comes from the caller's identity
@@ -70,7 +71,7 @@ def _diagnose_command(args: argparse.Namespace) -> int:
         settings, clients = publishing_settings(args, clients_from_args(args))
         diagnosis = diagnose_execution(clients, settings.pipeline_name, chosen_execution(clients, settings, args.execution))
     print("\n".join(diagnosis_lines(diagnosis)))
-    return 0 if diagnosis.status == SUCCEEDED else 1
+    return 0 if diagnosis.status == Status.SUCCEEDED else 1
 
 
 def _retry_command(args: argparse.Namespace) -> int:

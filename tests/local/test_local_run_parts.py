@@ -16,13 +16,26 @@ from colour_images import write_images
 from sources import CODE_DIR
 from pipeline.local import aws
 from pipeline.local.conditions import evaluate_all
+from pipeline.local.errors import LocalRunError
 from pipeline.local.jobs import rewrite_opt_ml
 from pipeline.local.model_container import ModelContainer
 from pipeline.local.runtime import RuntimeServer
 from pipeline.local.training_job import decoded_hyperparameters, parse_metrics, user_arguments
+from pipeline.files import replacing, write_atomically, write_json
 from pipeline.local.references import PropertyFile, Resolver, Scope, UnresolvableReference
+from pipeline.local.results import (
+    CallbackRecord,
+    CallbackResult,
+    ConditionResult,
+    RegisterResult,
+    TrainingResult,
+    TrialRecord,
+    TuningResult,
+)
 from pipeline.local.s3 import LocalS3
+from pipeline.local.state import StepFailure, failing_with
 from pipeline.local.tuning import draw
+from pipeline.status import Status
 
 import contract
 
@@ -156,6 +169,42 @@ def test_conditions_compare_numbers_and_combine():
                                       "Values": [{"Get": "Steps.Tune.BestTrainingJob.TunedHyperParameters['batch_size']"}]}},
     ]}], resolve)
     assert outcome is False
+
+
+# ---------------------------------------------------------------- step results and whole files
+
+def test_step_results_are_the_summarys_details_and_the_tables_remarks():
+    with pytest.raises(StepFailure, match="^AlgorithmError: out of memory$") as failure:
+        with failing_with(TrainingResult(7)):  # what a training step knows before its job fails
+            raise LocalRunError("AlgorithmError: out of memory")
+    assert failure.value.result.details() == {"instances": 7} and failure.value.result.note == ""
+    training = TrainingResult(1, "/w/model.tar.gz", "toolkit: sagemaker-training is installed", {"val_accuracy": 0.93751})
+    assert set(training.details()) == {"instances", "model", "runner", "final_metrics"} and training.note == "val_accuracy=0.9375"
+    gate = ConditionResult(False, ["0.5 >= 0.7: False"])
+    assert gate.details() == {"notes": ["0.5 >= 0.7: False"]} and gate.note == "0.5 >= 0.7: False -> else branch"
+    registered = RegisterResult("arn:aws:sagemaker:us-east-1:111122223333:model-package/dogbreed-models/1", "Approved")
+    assert registered.details() == {} and registered.note == "dogbreed-models/1 Approved"
+    refused = CallbackResult(None, CallbackRecord("token1", 3, Status.FAILED))
+    assert json.loads(json.dumps(refused.details())) == {"callback": {"token": "token1", "deliveries": 3, "outcome": "Failed"}}
+    answered = CallbackResult({"status": "InService"}, CallbackRecord("token2", 1, Status.SUCCEEDED))
+    assert answered.note == "status=InService" and set(answered.details()) == {"outputs", "callback"}
+    trials = [TrialRecord("job-001", {"lr": "0.1"}, None, 0.25, 40.0, "toolkit", "images"),
+              TrialRecord("job-002", {"lr": "9"}, "AlgorithmError: nan loss", None, None, None, None)]
+    tuning = TuningResult(trials, {"train": "/w/train"}, {"MetricName": "best_val_loss", "Value": 0.25})
+    assert set(tuning.details()) == {"trials", "channels"} and tuning.note == "2 trials; winner best_val_loss=0.25"
+    assert TuningResult.trials_in(json.loads(json.dumps(tuning.details()))) == trials  # as diagnose --local reads them
+
+
+def test_a_file_is_written_whole_or_left_as_it_was(tmp_path: Path):
+    target = tmp_path / "summary.json"
+    write_atomically(target, "before")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with replacing(target) as temporary:
+            temporary.write_text("half of it")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "before" and list(tmp_path.iterdir()) == [target]
+    write_json(tmp_path / "new" / "a.json", {"b": 1, "a": Status.SKIPPED})
+    assert (tmp_path / "new" / "a.json").read_text() == '{\n  "a": "Skipped",\n  "b": 1\n}\n'
 
 
 # ---------------------------------------------------------------- the endpoint data plane

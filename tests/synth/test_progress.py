@@ -86,3 +86,19 @@ def test_render_table_alone_has_one_row_per_step():
     table = render_table("p", [StepRow("A"), StepRow("B", "Executing", started=at(0))], at(5))
     assert table.row_count == 2
     assert [column.header for column in table.columns] == ["Step", "Status", "Duration", "Reason"]
+
+
+def test_the_status_type_spells_sagemakers_statuses_as_the_service_returns_them():
+    """start --wait, diagnose and retry compare the API's strings with ``Status``: botocore's enums pin its words."""
+    import json
+
+    import botocore.session
+
+    from pipeline.status import LOCAL_ONLY, Status
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    sagemaker = set(model.shape_for("StepStatus").enum) | set(model.shape_for("PipelineExecutionStatus").enum)
+    assert {status.value for status in Status if status not in LOCAL_ONLY} == sagemaker
+    assert not {status.value for status in LOCAL_ONLY} & sagemaker
+    assert Status("Not run") is Status.NOT_RUN and Status.FAILED == "Failed"
+    assert (f"{Status.NOT_RUN:<9}|", str(Status.SKIPPED), json.dumps([Status.SUCCEEDED])) == ("Not run  |", "Skipped", '["Succeeded"]')
