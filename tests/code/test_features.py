@@ -273,11 +273,12 @@ def test_trials_run_on_their_own_instance_type_and_the_final_trainings_on_images
 
 # ---------------------------------------------------------------- local-run
 
-@pytest.mark.parametrize("pretrained, trained_on", [("file", "features"), ("none", "images")])
+@pytest.mark.parametrize("pretrained, trained_on", [("file", "features")])
 def test_local_run_trials_train_the_head_on_the_features_or_the_whole_network_on_the_images(
         tmp_path: Path, weights: Path, pretrained: str, trained_on: str) -> None:
     """With a weights file the backbone is frozen and every trial trains the head on the features extracted
-    once; with PretrainedWeights=none (local-run's default) it trains the whole network on the images."""
+    once; with PretrainedWeights=none (local-run's default) it trains the whole network on the images, which
+    tests/local/test_local_run.py's full run shows (``test_without_weights_the_trials_train_the_whole_network``)."""
     from pipeline import cli
     from pipeline.local.sample import make_sample
 

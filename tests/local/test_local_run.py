@@ -160,6 +160,19 @@ def test_training_steps_take_the_best_trial_hyperparameters(full_run):
         assert f"--batch_size {json.loads(best['batch_size'])}" in command and f"--epochs {best['epochs']}" in command
 
 
+def test_without_weights_the_trials_train_the_whole_network_on_the_images(full_run):
+    """local-run's default, PretrainedWeights=none: every trial trains the whole network on the train channel, with
+    the features channel given (one tuning step either way) and left unread."""
+    tuning = full_run["summary"]["tuning"]["TuneHyperparameters"]
+    assert {"features", "train", "valid"} <= set(tuning["channels"])
+    assert len(tuning["trials"]) == 2 and [t["trained_on"] for t in tuning["trials"]] == ["images", "images"]
+    for log in steps_by_name(full_run["summary"])["TuneHyperparameters"]["logs"]:
+        text = Path(log).read_text()
+        assert re.search(r"training images in \S*/input/data/train\b", text), text[-2000:]
+        assert "computed backbone features" not in text
+    assert "trials, each training the whole network on the images" in full_run["out"]
+
+
 def test_training_jobs_run_through_the_training_toolkit(full_run):
     """Each training job says which path ran it; one host always goes through sagemaker-training."""
     summary = full_run["summary"]

@@ -694,7 +694,7 @@ def test_codebuild_synthesizes_offline_tests_and_publishes_one_artifact(
     assert f"arn:aws:lambda:{REGION}:{codebuild_account}:function:{CODEBUILD_PROJECT}-deploy-endpoint:live" in text
 
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_definition.py"), "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "synth" / "test_definition.py"), "-q", "-p", "no:cacheprovider",
          "-k", "service_limits or publishable or botocore_input or every_reference_resolves or lambda_steps_call"],
         cwd=sources, env={**env, "DOGBREED_DEFINITION": str(out)}, capture_output=True, text=True, timeout=300)
     assert tests.returncode == 0, tests.stdout + tests.stderr
