@@ -30,6 +30,20 @@ def pipeline_parameters(pairs: Iterable[str], definition: dict) -> list[dict[str
     return [{"Name": name, "Value": parameter_text(value)} for name, value in values.items()]
 
 
+def trial_instance_note(parameters: list[dict[str, str]], definition: dict) -> str | None:
+    """What ``start`` says when the tuning trials will train the whole network on another instance type than the
+    final trainings: with ``PretrainedWeights=none`` train.py trains every trial whole (the frozen-backbone rule),
+    and a definition cannot choose the trials' instance type from a parameter's value."""
+    values = {item["Name"]: str(item["DefaultValue"]) for item in definition.get("Parameters", []) if "DefaultValue" in item}
+    values.update({item["Name"]: item["Value"] for item in parameters})
+    tuning, training = values.get("TuningInstanceType"), values.get("TrainingInstanceType")
+    if values.get("PretrainedWeights") != "none" or tuning is None or tuning == training:
+        return None
+    return (f"note: PretrainedWeights=none makes each tuning trial train the whole network, on TuningInstanceType={tuning}, "
+            f"while the final trainings run on TrainingInstanceType={training}; add --param TuningInstanceType={training} "
+            "to give the trials what the trainings get")
+
+
 def _refusal(error: ParameterError) -> str:
     """The refusal worded for ``start``, which checks against the deployed pipeline."""
     if error.problem == MALFORMED:
@@ -58,6 +72,9 @@ def start_execution(clients: Clients, settings: Settings, parameters: list[str],
             "PipelineParameters": pipeline_parameters(parameters, deployed),
             "ClientRequestToken": str(uuid.uuid4()),  # a retried call cannot start a second execution
         }
+        note = trial_instance_note(request["PipelineParameters"], deployed)
+        if note:
+            print(note, file=sys.stderr, flush=True)
         if display_name:
             request["PipelineExecutionDisplayName"] = display_name
         if selective is not None:

@@ -405,6 +405,21 @@ def test_start_returns_an_execution_arn_with_the_parameters(first_upsert, endpoi
     assert {(p["Name"], p["Value"]) for p in parameters} == {("AccuracyThreshold", "0.85"), ("Backbone", "resnet18")}
 
 
+@pytest.mark.parametrize("params, note", [
+    ([], ""),
+    (["PretrainedWeights=none"], "note: PretrainedWeights=none makes each tuning trial train the whole network, on "
+     "TuningInstanceType=ml.m5.large, while the final trainings run on TrainingInstanceType=ml.m5.2xlarge; add --param "
+     "TuningInstanceType=ml.m5.2xlarge to give the trials what the trainings get\n"),
+    (["PretrainedWeights=none", "TuningInstanceType=ml.m5.2xlarge"], ""),
+    (["PretrainedWeights=none", "TrainingInstanceType=ml.m5.large"], ""),
+])
+def test_start_says_when_whole_network_trials_run_on_another_instance_type(first_upsert, endpoint, sources, capsys,
+                                                                           params, note):
+    code, out, err = run(capsys, *cli(endpoint, sources, "start", *(item for pair in params for item in ("--param", pair))))
+    assert code == 0 and EXECUTION_ARN.match(out.strip()), err
+    assert err == note
+
+
 @pytest.mark.parametrize("param, message", [
     ("Nope=1", "--param Nope: the pipeline has no such parameter; it has "),
     ("AccuracyThreshold=high", "--param AccuracyThreshold='high' is not a float"),
