@@ -8,7 +8,7 @@ CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV := $(VENV)/tools-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
-.PHONY: run test synth golden clean
+.PHONY: run test check synth golden clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,19 @@ $(CHECKOV_STAMP): | $(STAMP)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
+# Two pytest workers (pytest-xdist), each taking whole test files, so a file's module fixtures are built once;
+# most tests wait on processes, servers or sockets, so two workers keep both cores busy.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+
 test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+# The fast tier while developing: every test not marked slow (under two minutes here). `make test` runs them all.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(PYTEST) -m "not slow" -q
 
 synth: $(STAMP)
 	$(BIN)/dogbreed synth

@@ -14,6 +14,7 @@ DEV = [
     "scikit-image",  # tests/real_images.py: the photos of skimage.data ship in its wheel (benchmarks/model_quality.py)
     "Pillow",
     "pytest",
+    "pytest-xdist",  # `make test` and `make check` run two workers
     "jsonschema",
     "moto[server]>=5.1,<6",
     "cfn-lint",

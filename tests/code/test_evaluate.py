@@ -19,6 +19,8 @@ import preprocess
 from colour_images import make_dataset
 from models import json_get, trained_job
 
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 32
 
 METRIC = {

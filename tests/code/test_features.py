@@ -79,6 +79,7 @@ def extracted(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactor
     return output
 
 
+@pytest.mark.slow
 def test_the_header_describes_the_features(extracted: Path, data: Path, weights: Path) -> None:
     header = json.loads((extracted / contract.FEATURES_HEADER_FILE).read_text())
     assert (header["format"], header["version"]) == ("dogbreed-features", 1)
@@ -171,6 +172,7 @@ def test_features_with_augmentation_are_refused(no_run_env: None, extracted: Pat
     assert "--augment false" in line and "--augment true" in line
 
 
+@pytest.mark.slow
 def test_extraction_refuses_a_folder_that_holds_features(data: Path, weights: Path, extracted: Path) -> None:
     before = (extracted / contract.FEATURES_HEADER_FILE).read_bytes()
     result = extract(data, extracted, weights)
@@ -180,6 +182,7 @@ def test_extraction_refuses_a_folder_that_holds_features(data: Path, weights: Pa
     assert (extracted / contract.FEATURES_HEADER_FILE).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_weights_of_the_pretrained_channel_fit_a_trial_given_the_same_channel(
         no_run_env: None, data: Path, weights: Path, extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     channel = tmp_path / "pretrained"
@@ -207,6 +210,7 @@ def steps() -> dict[str, dict]:
     return {step["Name"]: step for step in document["Steps"]} | {"Parameters": document["Parameters"]}
 
 
+@pytest.mark.slow
 def test_tuning_trials_get_the_features_and_the_images_with_the_final_trainings_settings(steps: dict) -> None:
     """train.py picks from them: the features with a frozen backbone, the images when the backbone trains."""
     tuning = steps["TuneHyperparameters"]["Arguments"]["TrainingJobDefinition"]
@@ -273,6 +277,7 @@ def test_trials_run_on_their_own_instance_type_and_the_final_trainings_on_images
 
 # ---------------------------------------------------------------- local-run
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pretrained, trained_on", [("file", "features")])
 def test_local_run_trials_train_the_head_on_the_features_or_the_whole_network_on_the_images(
         tmp_path: Path, weights: Path, pretrained: str, trained_on: str) -> None:

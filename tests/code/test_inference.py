@@ -310,6 +310,7 @@ def test_a_prediction_with_fewer_class_names_than_outputs_gives_a_short_500_from
     assert_logged_with_traceback(caplog, "list index out of range")
 
 
+@pytest.mark.slow
 def test_the_packed_code_folder_imports_its_siblings(model_dir, tmp_path):
     """As in the container: model_dir/code/inference.py loaded by path, common and contract beside it."""
     packed = tmp_path / "model"

@@ -26,6 +26,8 @@ from models import json_get, trained_job
 from pipeline.local.torchserve import ModelWorker
 from real_images import write_digits
 
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 32
 
 

@@ -30,6 +30,7 @@ def job_arguments(node) -> dict:
     return arguments.get("TrainingJobDefinition", arguments)
 
 
+@pytest.mark.slow
 def test_weights_input_reaches_tuning_both_trainings_and_evaluations(built) -> None:
     result, document = built
     (parameter,) = [p for p in document["Parameters"] if p["Name"] == "PretrainedWeightsS3Uri"]

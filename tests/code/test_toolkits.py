@@ -34,6 +34,8 @@ from sources import CODE_DIR
 from pipeline.local.load_run import load_run, request_mix
 from pipeline.local.torchserve import ModelWorker, front_end
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ["001.Breed_A", "002.Breed_B", "003.Breed_C"]
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

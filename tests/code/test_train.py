@@ -113,6 +113,7 @@ def reference(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactor
     return {"job": job, "args": args, "stdout": result.stdout}
 
 
+@pytest.mark.slow
 def test_run_writes_the_model_classes_info_and_inference_code(reference: dict, data: Path) -> None:
     model_dir = reference["job"] / "model"
     model, classes, info = common.load_model_dir(model_dir)
@@ -172,6 +173,7 @@ def synthesized_metric_definitions() -> list[dict[str, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_definitions_metric_regexes_parse_the_real_output(reference: dict) -> None:
     output = reference["stdout"]
     printed = parsed_metrics(output)
@@ -186,6 +188,7 @@ def test_the_definitions_metric_regexes_parse_the_real_output(reference: dict) -
             assert line.startswith("epoch=")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(reference: dict, data: Path, tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     args = [*reference["args"][:-2], "--checkpoint_dir", str(checkpoints)]
@@ -239,6 +242,7 @@ def in_process_run(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict
     return summary, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     results = {}
@@ -253,6 +257,7 @@ def test_validation_loss_does_not_depend_on_batch_size(no_run_env: None, data: P
     assert results[4]["val_accuracy"] == results[16]["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_cached_features_train_the_same_head(no_run_env: None, data: Path, weights: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     states, histories = [], []
@@ -441,6 +446,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_say_how_to_supply_them(monke
 
 # ---------------------------------------------------------------------------- the frozen-backbone rule
 
+@pytest.mark.slow
 def test_random_weights_train_the_whole_network(no_run_env: None, data: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     """--pretrained-weights none and no freeze flag: every backbone layer learns, batch-norm statistics too."""
@@ -636,6 +642,7 @@ FLOOR_SPLIT = {"train": 30, "valid": 10, "test": 30}
 ACCURACY_FLOOR = 0.8
 
 
+@pytest.mark.slow
 def test_the_recipe_defaults_learn_the_digit_scans(no_run_env: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = write_digits(tmp_path / "digits", per_class=FLOOR_SPLIT)
     in_process_run(capsys, SMALL + ["--data", str(data), "--model-dir", str(tmp_path / "model"), "--epochs", "8",

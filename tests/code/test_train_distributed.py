@@ -20,6 +20,8 @@ import common
 import contract
 import train
 
+pytestmark = pytest.mark.slow
+
 HOSTS = ["algo-1", "algo-2"]
 
 

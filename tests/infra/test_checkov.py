@@ -28,6 +28,8 @@ import pytest
 
 from test_infra import KMS_KEY, NO_VALUE, PARAMETER_SETS, ROOT, TEMPLATE, UNRESOLVED, Resolver, load_template, resolve_node
 
+pytestmark = pytest.mark.slow
+
 CHECKOV = ROOT / ".venv" / "tools-checkov" / "bin" / "checkov"
 
 # (check id, resource (a glob), variant or "*") -> why the template keeps this finding. The only place a finding is accepted.

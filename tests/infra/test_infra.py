@@ -208,6 +208,7 @@ def role_statements(resources: dict[str, dict], role: str) -> list[dict]:
 
 # --- cfn-lint ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cfn_lint_finds_nothing():
     from cfnlint.api import ManualArgs, lint
 
@@ -592,6 +593,7 @@ def required_permissions(handler_file: str, endpoint: str, model_role: str) -> s
     return required
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("role", "handler_file"), [("DeployFunctionRole", "deploy_endpoint.py"), ("WaitFunctionRole", "wait_endpoint.py"),
                                                     ("CheckFunctionRole", "check_endpoint.py")])
 def test_the_endpoint_roles_allow_every_call_their_handler_makes(stack, role, handler_file):

@@ -253,6 +253,7 @@ def trickle(prefix: bytes, drip: bytes, every: float = 0.1) -> Behaviour:
     return send
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "behaviour", "options"), [
     ("a trickled body", trickle(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 40000\r\n\r\n" + JPEG[:50], b"\x00"), {}),
     ("trickled headers", trickle(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n", b"X"), {}),

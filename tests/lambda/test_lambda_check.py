@@ -101,6 +101,7 @@ def test_a_healthy_endpoint_passes_and_gets_auto_scaling(aws):
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
 
 
+@pytest.mark.slow
 def test_the_endpoint_receives_the_real_sample_image_and_is_asked_for_every_class(aws):
     deployed_endpoint()
     check = load_handler("check_endpoint")
@@ -183,6 +184,7 @@ def test_the_check_waits_for_an_endpoint_that_comes_up(aws):
     assert time.monotonic() - started >= 0.3
 
 
+@pytest.mark.slow
 def test_an_endpoint_still_creating_fails_before_the_lambda_timeout(aws):
     deployed_endpoint()
     sagemaker_backend().endpoints[ENDPOINT].endpoint_status = "Creating"
@@ -251,6 +253,7 @@ def _reorder(items: list[dict]) -> list[dict]:
     return [items[1], items[0], *items[2:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "content_type", "message"),
     [

@@ -77,6 +77,7 @@ def test_first_deploy_creates_model_config_and_endpoint(aws):
         assert SAGEMAKER_NAME.match(name) and name.startswith("dogbreed-single-instance-")
 
 
+@pytest.mark.slow
 def test_second_deploy_with_the_same_event_changes_nothing(aws):
     deploy = load_handler("deploy_endpoint")
     event = deploy_event(model_package())
@@ -108,6 +109,7 @@ def test_names_follow_the_content_and_fit_sagemaker_limits(aws):
     assert {option["CaptureMode"] for option in capture["CaptureOptions"]} == {"Input", "Output"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("instance_type", ["ml.g4dn.xlarge", "ml.m5d.large", "ml.c5d.2xlarge", "ml.r5d.large"])  # the ones moto accepts
 def test_the_kms_key_is_left_out_for_instance_types_with_local_storage(aws, capsys, instance_type):
     deploy = load_handler("deploy_endpoint")
@@ -156,6 +158,7 @@ def test_a_new_version_that_serves_the_same_artifacts_changes_nothing(aws, updat
     assert changed["action"] == "updated" and changed["model_name"] == first["model_name"]  # same model, new instance settings
 
 
+@pytest.mark.slow
 def test_a_new_model_version_updates_the_endpoint_blue_green(aws, update_endpoint_in_moto, monkeypatch):
     monkeypatch.setenv("ROLLBACK_ALARM_NAME_PATTERN", "{endpoint_name}-5xx-errors")
     deploy = load_handler("deploy_endpoint")
@@ -346,6 +349,7 @@ def test_the_model_gets_one_server_worker_per_threads_per_worker_vcpus(aws, inst
     assert other["model_name"].rsplit("-", 1)[1] != result["model_name"].rsplit("-", 1)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -427,6 +431,7 @@ def update_request_problems(update: dict) -> list[str]:
     return ([report.generate_report()] if report.has_errors() else []) + [str(finding) for finding in walk.findings]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "step", "bake", "routing", "timeout"), [
     ("all-at-once", 25, 120, {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 120}, 3600),
     ("canary", 20, 600, {"Type": "CANARY", "WaitIntervalInSeconds": 600, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 20}}, 3600),

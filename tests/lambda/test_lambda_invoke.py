@@ -121,6 +121,7 @@ def test_a_direct_invocation_and_the_top_k_setting(aws, invoke, monkeypatch):
     assert "Access-Control-Allow-Origin" not in response["headers"]
 
 
+@pytest.mark.slow
 def test_top_k_from_the_query_string(aws, invoke):
     endpoint_answers(ranked(10))
     response = invoke.handler(rest_event(image_bytes(), "image/jpeg", query={"top_k": "1"}), None)
@@ -230,6 +231,7 @@ def test_the_log_never_holds_the_image(aws, invoke, capsys):
 
 # --- endpoint failures: 502, and the container's own refusals ----------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("answer", "content_type", "message"),
     [
@@ -276,6 +278,7 @@ def fake_runtime(monkeypatch):
         yield Handler
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("container_status", "expected"), [(400, 400), (413, 413), (415, 415), (500, 502), (406, 502)])
 def test_the_container_refusing_the_image_is_passed_on_and_its_failures_are_502(fake_runtime, invoke, container_status, expected):
     fake_runtime.container_status = container_status

@@ -167,6 +167,7 @@ def test_a_fail_step_is_told_with_its_error_message(aws, topic, execution_steps_
     assert "Console:" not in notification["Message"]  # a Fail step runs no job
 
 
+@pytest.mark.slow
 def test_a_failed_lambda_step_links_its_functions_log_group(aws, topic, execution_steps_in_moto):
     notify = load_handler("notify_failure")
     arn = execution()
@@ -231,6 +232,7 @@ def test_a_stopped_execution_without_a_failed_step_is_told_with_the_executions_r
     assert "Step:" not in notification["Message"] and result["step"] == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "error"), [
     (lambda event: {**event, "detail-type": "SageMaker Training Job State Change"}, "not 'aws.sagemaker' / 'SageMaker Model Building"),
     (lambda event: {**event, "detail": {**event["detail"], "currentPipelineExecutionStatus": "Succeeded"}},

@@ -171,6 +171,7 @@ def test_a_failed_rollback_names_the_alarm_and_the_reason(server, queue, update_
     assert reason.endswith("): Rollback could not restore the old fleet.") or len(reason) == 256
 
 
+@pytest.mark.slow
 def test_creating_endpoint_leaves_the_message_for_a_later_look(server, queue):
     names = deployed()
     set_endpoint("Creating")
@@ -210,6 +211,7 @@ def test_past_the_maximum_wait_fails_naming_it(server, queue):
     assert reason.startswith(f"endpoint {ENDPOINT} is still Creating after 31 minutes, past EndpointWaitMinutes=30")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, error", [
     ("not json", "the message body is not JSON"),
     (json.dumps({"arguments": {"endpoint_name": ENDPOINT}}), "the message has no callback token"),
@@ -245,6 +247,7 @@ def test_a_stopping_execution_ends_the_wait(server, queue):
     assert server.api.callbacks[token].failure_reason == f"the execution is stopping; stopped waiting for endpoint {ENDPOINT}"
 
 
+@pytest.mark.slow
 def test_callback_api_applies_the_limits_of_botocores_model(server):
     """What the stand-in refuses is what SageMaker's API model says SageMaker refuses (lengths the client does not check)."""
     sagemaker = boto3.client("sagemaker", region_name=REGION)

@@ -27,6 +27,8 @@ from pipeline import cli
 from pipeline.dag import steps_of
 from pipeline.local.sample import CORRUPT_NAME, make_sample, plant_corrupt_image
 
+pytestmark = pytest.mark.slow
+
 SMALL_MODEL = ["--param", "Backbone=resnet18", "--param", "ImageSize=32"]
 SOCKET_RECORDER = '''
 import os, socket, sys

@@ -235,6 +235,7 @@ def _jpeg(tmp_path: Path) -> bytes:
     return write_images(tmp_path / "img", 1, (200, 30, 30), size=(40, 30))[0].read_bytes()
 
 
+@pytest.mark.slow
 def test_model_container_answers_ping_and_invocations(tmp_path: Path, model_archive: Path):
     environment = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
     container = ModelContainer(tmp_path / "container", model_archive, environment)
@@ -257,6 +258,7 @@ def test_model_container_answers_ping_and_invocations(tmp_path: Path, model_arch
     assert not container.model_dir.exists()
 
 
+@pytest.mark.slow
 def test_runtime_api_finds_the_model_through_the_registry(tmp_path: Path, model_archive: Path):
     s3 = LocalS3(tmp_path / "s3")
     s3.put("s3://bucket/models/model.tar.gz", model_archive.read_bytes())

@@ -21,6 +21,8 @@ from test_infra import ROOT, TEMPLATE, Resolver, load_template
 moto_parsing = pytest.importorskip("moto.cloudformation.parsing")
 from pipeline.local.moto_server import ThreadedMotoServer  # noqa: E402  (needs moto)
 
+pytestmark = pytest.mark.slow
+
 REGION = "us-east-1"
 STACK = "dogbreed"
 # The template's resource types moto's CloudFormation does not create (docs/aws-setup.md names them).

@@ -24,6 +24,8 @@ from pipeline.local.sample import make_sample
 pytest.importorskip("moto.server")
 from moto_pipeline_executions import PipelineExecutions, Server  # noqa: E402  (needs moto)
 
+pytestmark = pytest.mark.slow
+
 REGION = "us-east-1"
 PIPELINE = "dogbreed-pipeline"
 GROUP = "dogbreed-models"

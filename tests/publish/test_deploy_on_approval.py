@@ -25,6 +25,8 @@ from pipeline.publish.executions import pipeline_parameters
 from pipeline.settings import Settings
 from test_infra import ROOT, Resolver as TemplateResolver, load_template
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("moto")
 GROUP = "dogbreed-models"
 MODEL_DATA = "s3://bucket/executions/abc/TrainMultiInstance/output/model.tar.gz"

@@ -33,6 +33,8 @@ from pipeline.settings import LAMBDA_FUNCTIONS
 moto_server = pytest.importorskip("moto.server")
 from moto_provisioned_concurrency import ProvisionedConcurrency, Server  # noqa: E402  (needs moto)
 
+pytestmark = pytest.mark.slow
+
 REGION = "us-east-1"
 PROJECT = "dogbreed"
 LAMBDA_TRUST = json.dumps({

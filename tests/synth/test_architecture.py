@@ -197,6 +197,7 @@ def imported_closure(name: str) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_the_scripts_are_the_entry_points_the_definition_names():
     import json
     import re

@@ -174,6 +174,7 @@ def definition(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pairs, message", [
     (["ImageSize=0"], "--param ImageSize=0: ImageSize must be 32 to 1024, since train.py refuses a side under 32 pixels"),
     (["EndpointMinCapacity=3", "EndpointMaxCapacity=2"],
@@ -198,6 +199,7 @@ def test_every_numeric_parameter_lands_somewhere_or_has_a_range(definition):
             assert parameter["Name"] in PARAMETER_RANGES or landings.get(parameter["Name"]), parameter["Name"]
 
 
+@pytest.mark.slow
 def test_local_run_refuses_an_out_of_range_value_before_anything_starts(definition, tmp_path, capsys):
     path, _ = definition
     workdir = tmp_path / "run"

@@ -80,6 +80,7 @@ def all_messages(errors):
 
 # --- shape -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_definition_validates_against_the_project_schema(document):
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     errors = [e.message for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(document)]
@@ -119,6 +120,7 @@ def test_no_value_is_beyond_the_service_limits(document):
             assert len(text) <= 256, node.name
 
 
+@pytest.mark.slow
 def test_the_tested_definition_is_publishable_as_it_is(built_settings, tmp_path):
     """The artifact's archives match its manifest and the source tree, and it targets the settings' account."""
     path = Path(ARTIFACT) if ARTIFACT else tmp_path / "pipeline.json"
@@ -278,6 +280,7 @@ def test_tuning_is_bayesian_over_log_learning_rate_batch_size_and_epochs(nodes):
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 8, "MaxParallelTrainingJobs": 2}
 
 
+@pytest.mark.slow
 def test_tuning_limits_are_settings_from_flags_or_environment_within_the_tuning_quotas():
     """ResourceLimits is typed int in sagemaker-core's shapes: the limits are fixed when the definition is built."""
     from pipeline.cli import build_parser
@@ -389,6 +392,7 @@ def test_the_deploy_steps_shift_traffic_as_the_deployment_parameters_say(nodes, 
     assert parameter_default(document, "DeploymentStrategy") == "all-at-once"
 
 
+@pytest.mark.slow
 def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
     assert nodes["TrainMultiInstance"].document["Arguments"]["EnableInterContainerTrafficEncryption"] is True
     assert "EnableInterContainerTrafficEncryption" not in nodes["TrainSingleInstance"].document["Arguments"] or \
@@ -401,6 +405,7 @@ def test_multi_instance_traffic_is_encrypted_and_kms_applies_when_set(nodes):
     assert encrypted["PrepareData"].document["Arguments"]["ProcessingOutputConfig"]["KmsKeyId"] == key
 
 
+@pytest.mark.slow
 def test_spot_training_is_a_setting_that_keeps_checkpoints(nodes):
     # SageMaker's cache key includes CheckpointConfig, whose URI is unique to an execution:
     # on-demand training goes without, so that an unchanged step can be a cache hit.
@@ -478,6 +483,7 @@ def offline_synth(tmp_path: Path, out: Path, *extra: str) -> subprocess.Complete
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_synth_is_offline_and_byte_for_byte_deterministic(tmp_path):
     first = offline_synth(tmp_path, tmp_path / "a" / "pipeline.json")
     second = offline_synth(tmp_path, tmp_path / "b" / "pipeline.json")
@@ -511,6 +517,7 @@ def test_the_sdk_notices_are_silenced_by_category_message_and_module_and_nothing
     assert [(str(w.message), w.category) for w in caught] == [(m, c) for m, c, _ in raised[1:4]]
 
 
+@pytest.mark.slow
 def test_a_change_in_code_changes_only_the_code_asset_key(tmp_path):
     tree = tmp_path / "tree"
     for folder in ("code", "lambda"):
@@ -525,6 +532,7 @@ def test_a_change_in_code_changes_only_the_code_asset_key(tmp_path):
     assert after.definition.replace(after.assets.code.s3_uri, before.assets.code.s3_uri) == before.definition
 
 
+@pytest.mark.slow
 def test_synth_command_writes_definition_and_manifest(tmp_path, capsys):
     out = tmp_path / "out" / "pipeline.json"
     assert main(["synth", "--out", str(out)]) == 0
@@ -535,6 +543,7 @@ def test_synth_command_writes_definition_and_manifest(tmp_path, capsys):
     assert "train.py" in code["files"] and "contract.py" in code["files"]
 
 
+@pytest.mark.slow
 def test_graph_command_draws_every_step_in_mermaid_and_dot(capsys):
     assert main(["graph"]) == 0
     mermaid = capsys.readouterr().out
