@@ -29,5 +29,6 @@ class Status(str, Enum):
 
 
 LOCAL_ONLY = frozenset({Status.PENDING, Status.SKIPPED, Status.NOT_RUN})
-FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED})  # a step or execution that has ended
+# a step or execution that has ended (an execution can also end CompletedWithFailures)
+FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.COMPLETED_WITH_FAILURES})
 RUNNING = frozenset({Status.EXECUTING, Status.STOPPING})  # an execution that has not ended yet

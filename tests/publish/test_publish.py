@@ -587,6 +587,17 @@ def test_failure_message_falls_back_to_the_execution_reason():
     assert failure_message("arn:x", stopped) == "execution arn:x Stopped: Stopped by user"
 
 
+def test_an_execution_that_completed_with_failures_has_ended():
+    from pipeline.publish.executions import failure_message, snapshot_of
+
+    ended = snapshot_of(execution("CompletedWithFailures", "Step failure: One or multiple steps failed."),
+                        [step("PrepareData", "Succeeded", 0, 5), step("TuneHyperparameters", "Failed", 5, 9, "no capacity")],
+                        ORDER)
+    assert ended.finished and [(r.name, r.status) for r in ended.rows][2:] == [
+        ("TrainSingleInstance", "Not run"), ("TrainMultiInstance", "Not run")]
+    assert failure_message("arn:x", ended) == "execution arn:x CompletedWithFailures: step TuneHyperparameters failed: no capacity"
+
+
 # ---------------------------------------------------------------- comparing definitions
 
 def test_definition_diff_names_steps_parameters_and_json_paths(manifest):
