@@ -4,12 +4,11 @@ One full run (module-scoped, about three minutes on two cores) backs most
 assertions: every step runs, the 7-instance training forms one 7-process
 torch.distributed group, a corrupt image planted in the data is dropped by
 PrepareData while the run succeeds, the endpoint checks reach the local data
-plane, and no socket connects anywhere but the loopback. Smaller runs check
-the Fail step and unresolvable references.
+plane, and no socket connects anywhere but the loopback. The smaller runs that
+check the Fail steps, failures and refusals are in ``test_local_run_failures.py``.
 """
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 import os
@@ -17,19 +16,16 @@ import re
 import shutil
 import socket
 import tarfile
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from sources import ROOT
-from pipeline import cli
 from pipeline.dag import steps_of
 from pipeline.local.sample import CORRUPT_NAME, make_sample, plant_corrupt_image
+from local_runs import SMALL_MODEL, local_run, steps_by_name, summary_of
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = ["--param", "Backbone=resnet18", "--param", "ImageSize=32"]
 SOCKET_RECORDER = '''
 import os, socket, sys
 _LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connections.log")
@@ -42,33 +38,6 @@ def connect(self, address):
     return _connect(self, address)
 socket.socket.connect = connect
 '''
-
-
-def local_run(*arguments: str) -> tuple[int, str, str]:
-    """``dogbreed local-run`` in this process: exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = cli.main(["local-run", "--no-progress", "--source-dir", str(ROOT), *arguments])
-    return status, out.getvalue(), err.getvalue()
-
-
-def run_edited(tmp_path: Path, document: dict, *arguments: str,
-               split_sizes: dict[str, int] | None = None) -> tuple[int, str, str, Path]:
-    """``local-run`` of an edited definition on a generated two-class sample: exit status, stdout, stderr, work dir."""
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(document))
-    sample = make_sample(tmp_path / "data", classes=2, split_sizes=split_sizes or {"train": 4, "valid": 2, "test": 2})
-    workdir = tmp_path / "work"
-    status, out, err = local_run("--definition", str(edited), "--data", str(sample.root), "--workdir", str(workdir), *arguments)
-    return status, out, err, workdir
-
-
-def summary_of(workdir: Path) -> dict:
-    return json.loads((workdir / "summary.json").read_text())
-
-
-def steps_by_name(summary: dict) -> dict[str, dict]:
-    return {step["name"]: step for step in summary["steps"]}
 
 
 def is_loopback(address) -> bool:
@@ -196,15 +165,6 @@ def test_training_jobs_run_through_the_training_toolkit(full_run):
         assert '"master_hostname": "algo-1"' in log and '"current_host": "algo-7"' in log
 
 
-def test_a_failing_script_gives_its_error_line_as_the_reason(tmp_path: Path):
-    document = _definition(tmp_path)
-    _step(document, "PrepareData")["Arguments"]["AppSpecification"]["ContainerArguments"] += ["--resize", "tiny"]
-    status, out, err, workdir = run_edited(tmp_path, document)
-    assert status == 1, out[-2000:] + err
-    reason = steps_by_name(summary_of(workdir))["PrepareData"]["reason"]
-    assert reason == "AlgorithmError: preprocess.py: error: argument --resize: invalid int value: 'tiny'", reason
-
-
 def test_corrupt_image_is_dropped_and_listed_in_the_manifest(full_run):
     manifest = full_run["summary"]["manifest"]
     dropped = {item["path"]: item["reason"] for item in manifest["dropped"]}
@@ -256,153 +216,3 @@ def test_no_connection_leaves_the_loopback(full_run):
     assert remote == []
 
 
-def test_raised_threshold_ends_in_the_fail_step(tmp_path: Path):
-    # A threshold no accuracy reaches; the AccuracyThreshold parameter itself is refused above 1.0.
-    document = _definition(tmp_path)
-    for suffix in ("SingleInstance", "MultiInstance"):
-        gate_model_at(document, suffix, 1.5)
-    status, out, err, workdir = run_edited(tmp_path, document, "--max-tuning-jobs", "1", "--param", "MultiInstanceCount=1",
-                                           *SMALL_MODEL, split_sizes={"train": 8, "valid": 2, "test": 2})
-    assert status == 1, out[-3000:] + err
-    summary = summary_of(workdir)
-    assert summary["status"] == "Failed"
-    steps = steps_by_name(summary)
-    failed = [name for name, step in steps.items() if step["status"] == "Failed"]
-    # Both models failed and neither deploys: each gate may fail the run at once, and whichever fails first names both.
-    assert 1 <= len(failed) <= 2 and all(name in ("AccuracyTooLowSingleInstance", "AccuracyTooLowMultiInstance") for name in failed)
-    variant = failed[0].removeprefix("AccuracyTooLow")
-    message = steps[failed[0]]["reason"]
-    accuracy = summary["test_accuracy"][f"Evaluate{variant}"]
-    twin = "MultiInstance" if variant == "SingleInstance" else "SingleInstance"
-    assert re.fullmatch(rf"The (single|multi) instance model's test accuracy {accuracy} is below AccuracyThreshold 1.5; "
-                        rf"it was not registered or deployed \(the (single|multi) instance model's is "
-                        rf"{summary['test_accuracy'][f'Evaluate{twin}']}\)\.", message)
-    assert message in summary["failure_reason"] and message in out
-    for skipped in (f"Register{variant}", f"CheckApproval{variant}", f"Deploy{variant}", f"Check{variant}"):
-        assert steps[skipped]["status"] == "Skipped"
-
-
-def gate_model_at(document: dict, suffix: str, threshold: float) -> None:
-    """Compare one model's test accuracy with ``threshold`` instead of AccuracyThreshold, wherever the definition does."""
-    accuracy = {"Std:JsonGet": {"Path": "multiclass_classification_metrics.accuracy.value",
-                                "PropertyFile": {"Get": f"Steps.Evaluate{suffix}.PropertyFiles.Evaluation{suffix}"}}}
-
-    def walk(value):
-        if isinstance(value, dict):
-            if value.get("Type") == "GreaterThanOrEqualTo" and value.get("LeftValue") == accuracy:
-                value["RightValue"] = threshold
-            values = value.get("Std:Join", {}).get("Values", [])
-            for index in range(len(values) - 2):
-                if values[index] == accuracy and values[index + 2] == {"Get": "Parameters.AccuracyThreshold"}:
-                    values[index + 2] = threshold
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(document)
-
-
-def test_a_twin_below_the_threshold_does_not_stop_the_other_and_fails_the_run_after_its_deployment(tmp_path: Path):
-    document = _definition(tmp_path)
-    gate_model_at(document, "MultiInstance", 1.5)  # out of reach; the single-instance model faces AccuracyThreshold=0.0
-    status, out, err, workdir = run_edited(tmp_path, document, "--max-tuning-jobs", "1", "--endpoint-delay", "3",
-                                           "--param", "MultiInstanceCount=1", "--param", "AccuracyThreshold=0.0",
-                                           *SMALL_MODEL, split_sizes={"train": 8, "valid": 2, "test": 2})
-    assert status == 1, out[-3000:] + err
-    summary = summary_of(workdir)
-    steps = steps_by_name(summary)
-    status_of = {name: step["status"] for name, step in steps.items()}
-    for name in ("EvaluateSingleInstance", "RegisterSingleInstance", "DeploySingleInstance",
-                 "WaitForSingleInstance", "CheckSingleInstance", "EvaluateMultiInstance", "CheckTwinDeploymentMultiInstance"):
-        assert status_of[name] == "Succeeded", (name, steps[name])
-    assert steps["DeploySingleInstance"]["details"]["outputs"]["action"] == "created"
-    assert steps["WaitForSingleInstance"]["details"]["callback"]["deliveries"] >= 2  # the endpoint was Creating at first
-    assert steps["CheckSingleInstance"]["details"]["outputs"]["status"] == "InService"
-    for name in ("RegisterMultiInstance", "DeployMultiInstance", "AccuracyTooLowMultiInstance"):
-        assert status_of[name] == "Skipped", (name, steps[name])
-    assert [name for name, value in status_of.items() if value == "Failed"] == ["AccuracyTooLowMultiInstanceAfterSingleInstance"]
-    accuracy = summary["test_accuracy"]["EvaluateMultiInstance"]
-    message = steps["AccuracyTooLowMultiInstanceAfterSingleInstance"]["reason"]
-    assert message == (f"The multi instance model's test accuracy {accuracy} is below AccuracyThreshold 1.5; it was not "
-                       "registered or deployed; the single instance model passed and was deployed.")
-    assert summary["status"] == "Failed" and message in summary["failure_reason"] and message in out
-
-
-def _definition(tmp_path: Path) -> dict:
-    status, out, err = _synth(tmp_path / "pipeline.json")
-    assert status == 0, err
-    return json.loads((tmp_path / "pipeline.json").read_text())
-
-
-def _synth(path: Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = cli.main(["synth", "--out", str(path), "--source-dir", str(ROOT)])
-    return status, out.getvalue(), err.getvalue()
-
-
-def _step(document: dict, name: str) -> dict:
-    for step in document["Steps"]:
-        if step["Name"] == name:
-            return step
-        for branch in ("IfSteps", "ElseSteps"):
-            for child in step.get("Arguments", {}).get(branch, []):
-                if child["Name"] == name:
-                    return child
-    raise KeyError(name)
-
-
-def test_reference_to_a_missing_property_fails_before_anything_runs(tmp_path: Path):
-    document = _definition(tmp_path)
-    evaluate = _step(document, "EvaluateSingleInstance")
-    model_input = next(item for item in evaluate["Arguments"]["ProcessingInputs"] if item["InputName"] == "model")
-    model_input["S3Input"]["S3Uri"] = {"Get": "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifactz"}
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(document))
-    status, out, err = local_run("--definition", str(edited), "--workdir", str(tmp_path / "work"))
-    assert status == 2
-    assert "EvaluateSingleInstance" in err and "Steps.TrainSingleInstance.ModelArtifacts.S3ModelArtifactz" in err
-    assert not (tmp_path / "work" / "jobs").exists()
-
-
-def test_reference_that_fails_at_run_time_names_step_and_path(tmp_path: Path):
-    document = _definition(tmp_path)
-    tune = _step(document, "TuneHyperparameters")
-    missing = "Steps.PrepareData.ProcessingOutputConfig.Outputs[9].S3Output.S3Uri"
-    tune["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]["data_hint"] = {"Get": missing}
-    status, out, err, workdir = run_edited(tmp_path, document)
-    assert status == 1, out[-2000:] + err
-    steps = steps_by_name(summary_of(workdir))
-    assert steps["PrepareData"]["status"] == "Succeeded"
-    assert steps["TuneHyperparameters"]["status"] == "Failed"
-    reason = steps["TuneHyperparameters"]["reason"]
-    assert reason.startswith(f"step TuneHyperparameters: cannot resolve {missing}")
-    assert "no item [9]" in reason
-    assert steps["TrainSingleInstance"]["status"] == "Not run"
-
-
-@pytest.mark.parametrize("param, message", [
-    ("Nonexistent=1", "the definition has no such parameter"),
-    ("ImageSize=large", "ImageSize is of type Integer"),
-    ("Backbone=vgg16", "Backbone takes one of resnet18, resnet34, resnet50"),
-    ("AccuracyThreshold", "is not NAME=VALUE"),
-])
-def test_bad_parameters_are_refused_before_the_run(tmp_path: Path, param: str, message: str):
-    status, out, err = local_run("--param", param, "--workdir", str(tmp_path / "work"))
-    assert status == 2
-    assert message in err
-    assert not (tmp_path / "work").exists()
-
-
-def test_definition_from_another_tree_is_refused(tmp_path: Path):
-    document = _definition(tmp_path)
-    text = json.dumps(document)
-    stale = re.sub(r"/assets/code/[0-9a-f]{16}/", "/assets/code/0123456789abcdef/", text)
-    assert stale != text
-    edited = tmp_path / "stale.json"
-    edited.write_text(stale)
-    status, out, err = local_run("--definition", str(edited), "--workdir", str(tmp_path / "work"))
-    assert status == 2
-    assert "assets/code/0123456789abcdef/sourcedir.tar.gz" in err and "synthesize the definition from this tree" in err
