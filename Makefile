@@ -10,8 +10,10 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 .PHONY: run test check synth golden clean
 
-$(STAMP): setup.py
+$(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py | $(VENV)/pyvenv.cfg
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
@@ -21,7 +23,8 @@ run: $(STAMP)
 	$(BIN)/dogbreed synth
 	$(BIN)/dogbreed local-run
 
-$(CHECKOV_STAMP): | $(STAMP)
+# Installed beside the main environment (`make test` builds the two at once), inside it so `rm -rf .venv` removes both.
+$(CHECKOV_STAMP): | $(VENV)/pyvenv.cfg
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
@@ -32,7 +35,8 @@ $(CHECKOV_STAMP): | $(STAMP)
 WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
-test: $(STAMP) $(CHECKOV_STAMP)
+test:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(PYTEST)
 
