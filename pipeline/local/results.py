@@ -13,6 +13,11 @@ from typing import Any
 SUMMARY_ONLY = {"details": False}  # a field the summary reads but that is not one of the step's details
 
 
+def name_value_pairs(values: dict[str, Any] | None, spec: str = "") -> str:
+    """``name=value`` for each item, each value formatted with ``spec``: a step's remark in the table."""
+    return " ".join(f"{name}={format(value, spec)}" for name, value in (values or {}).items())
+
+
 @dataclass
 class StepResult:
     @property
@@ -50,7 +55,7 @@ class TrainingResult(StepResult):
 
     @property
     def note(self) -> str:
-        return " ".join(f"{name}={value:.4g}" for name, value in (self.final_metrics or {}).items())
+        return name_value_pairs(self.final_metrics, ".4g")
 
 
 @dataclass
@@ -106,7 +111,7 @@ class OutputsResult(StepResult):
 
     @property
     def note(self) -> str:
-        return " ".join(f"{name}={value}" for name, value in (self.outputs or {}).items())
+        return name_value_pairs(self.outputs)
 
 
 @dataclass
